@@ -1,0 +1,39 @@
+"""anomaly: find and localize defects in images, trained on normal images only.
+
+The public API is re-exported lazily (``from anomaly import Runtime``) so that importing the
+package stays cheap and torch-free; torch is imported only by the training-side names.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "create_model": "anomaly.registry",
+    "list_models": "anomaly.registry",
+    "get_spec": "anomaly.registry",
+    "register_model": "anomaly.registry",
+    "ThresholdCalibrator": "anomaly.calibration",
+    "PixelThresholdCalibrator": "anomaly.calibration",
+    "Scorer": "anomaly.scoring",
+    "ReconstructionScorer": "anomaly.scoring",
+    "Preprocess": "data.preprocess",
+    "read_image": "data.io",
+    "Runtime": "deploy.runtime",
+    "ImageResult": "deploy.runtime",
+    "TrainConfig": "training.config",
+    "train": "training.run",
+    "export_run": "deploy.export",
+    "calibrate_bundle": "deploy.calibrate",
+    "run_audit": "deploy.audit",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'anomaly' has no attribute {name!r}")

@@ -1,0 +1,79 @@
+"""The ``anomaly`` command. Subcommands are defined beside their code and registered here.
+
+Each module in :data:`COMMAND_MODULES` has ``add_parsers(subparsers)``; handlers import heavy
+dependencies (torch) only when they run, so ``anomaly audit`` works on a torch-free install.
+User mistakes (missing folders, unreadable images, bad bundles, unknown models) print one clear
+line and exit with status 2; nothing else is caught.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+__all__ = ["main", "COMMAND_MODULES"]
+
+COMMAND_MODULES = ("training.cli", "deploy.cli", "anomaly.demo")
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model zoo", description="List registered models.")
+    p.set_defaults(func=_models)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from anomaly.registry import get_spec, list_models
+
+    rows = [(n, get_spec(n)) for n in list_models()]
+    print(f"{'name':<10} {'objective':<12} {'conditional':<11} {'reconstructs by':<34} paper")
+    for name, s in rows:
+        print(f"{name:<10} {s.objective:<12} {('yes' if s.conditional else 'no'):<11} {s.reconstruction:<34} {s.paper}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomaly", description="Find and localize defects in images; trained on normal images only.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parsers(sub)
+    _add_models(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from anomaly.registry import UnknownModelError
+    from data.folder import DatasetError
+    from data.io import ImageReadError
+    from deploy.bundle import BundleError
+
+    errors: list[type[BaseException]] = [UnknownModelError, DatasetError, ImageReadError, BundleError, FileNotFoundError]
+    try:
+        from deploy.calibrate import CalibrationError
+        errors.append(CalibrationError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anomaly`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        print(f"anomaly {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"anomaly {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Residual scoring: how an image and its reconstruction become an anomaly map and a score.
+
+Everything here is torch and traceable to ONNX: the exported graph is
+``reconstruct -> residual -> (per-pixel normalisation) -> Gaussian smoothing -> map + score``.
+Thresholds are *not* here; they live in the bundle's sidecar.
+
+Residual kinds:
+    ``l1``   mean over channels of |x - x_hat|
+    ``l2``   mean over channels of (x - x_hat)^2
+    ``ssim`` 1 - SSIM(x, x_hat) (Wang et al., 2004; 11x11 Gaussian window, sigma 1.5)
+    ``gms``  1 - gradient-magnitude similarity (Xue et al., 2014; Sobel gradients)
+    ``ms``   multi-scale GMS: mean of ``gms`` at scales 1, 1/2, 1/4, upsampled back (as in RIAD,
+             Zavrtanik et al., 2021)
+    ``l1_ssim`` mean of ``l1`` and ``ssim``
+
+Example::
+
+    scorer = Scorer(residual="ssim", smoothing_sigma=2.0, aggregate="topk")
+    amap, score = scorer(x, x_hat)      # (N, 1, H, W), (N,)
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = [
+    "RESIDUALS",
+    "AGGREGATES",
+    "ScoreOutput",
+    "gaussian_kernel",
+    "gaussian_blur",
+    "ssim_map",
+    "gms_map",
+    "residual_map",
+    "Scorer",
+    "ReconstructionScorer",
+]
+
+RESIDUALS = ("l1", "l2", "ssim", "gms", "ms", "l1_ssim")
+AGGREGATES = ("max", "mean", "topk")
+
+
+class ScoreOutput(NamedTuple):
+    """Outputs of the exported graph; the field names are the ONNX output names.
+
+    Attributes:
+        anomaly_map: ``(N, 1, H, W)`` float, higher = more anomalous.
+        score: ``(N,)`` raw image score (aggregate of the map).
+        reconstruction: ``(N, C, H, W)`` the model's ``x_hat`` ("what it should look like").
+    """
+
+    anomaly_map: torch.Tensor
+    score: torch.Tensor
+    reconstruction: torch.Tensor
+
+
+def gaussian_kernel(sigma: float, truncate: float = 3.0) -> torch.Tensor:
+    """1-D normalised Gaussian ``(K,)`` with ``K = 2 * ceil(truncate * sigma) + 1``."""
+    radius = max(1, int(math.ceil(truncate * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _separable(x: torch.Tensor, k1d: torch.Tensor, pad_mode: str = "reflect") -> torch.Tensor:
+    """Depthwise separable convolution of ``(N, C, H, W)`` with a 1-D kernel, same size out."""
+    c = x.shape[1]
+    r = k1d.numel() // 2
+    kx = k1d.view(1, 1, 1, -1).repeat(c, 1, 1, 1).to(x)
+    ky = k1d.view(1, 1, -1, 1).repeat(c, 1, 1, 1).to(x)
+    x = F.pad(x, (r, r, r, r), mode=pad_mode)
+    return F.conv2d(F.conv2d(x, kx, groups=c), ky, groups=c)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing of ``(N, C, H, W)`` with reflect padding; ``sigma <= 0`` is identity."""
+    if sigma <= 0:
+        return x
+    return _separable(x, gaussian_kernel(sigma))
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
+    """Per-pixel SSIM ``(N, 1, H, W)`` (mean over channels) of images in ``[0, data_range]``."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    k = gaussian_kernel(sigma, truncate=3.5)  # 11 taps for sigma 1.5, as in Wang et al.
+    mu_a, mu_b = _separable(a, k), _separable(b, k)
+    var_a = _separable(a * a, k) - mu_a**2
+    var_b = _separable(b * b, k) - mu_b**2
+    cov = _separable(a * b, k) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.mean(1, keepdim=True)
+
+
+def _gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    gx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]) / 4.0
+    k = torch.stack([gx, gx.t()]).unsqueeze(1).repeat(c, 1, 1, 1).to(x)  # (2C, 1, 3, 3)
+    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k, groups=c)
+    return torch.sqrt(g[:, 0::2] ** 2 + g[:, 1::2] ** 2 + 1e-12)
+
+
+def gms_map(a: torch.Tensor, b: torch.Tensor, c: float = 0.0026) -> torch.Tensor:
+    """Gradient-magnitude similarity ``(N, 1, H, W)`` in (0, 1]; 1 where the edges agree."""
+    ga, gb = _gradient_magnitude(a), _gradient_magnitude(b)
+    return ((2 * ga * gb + c) / (ga**2 + gb**2 + c)).mean(1, keepdim=True)
+
+
+def residual_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Raw residual ``(N, 1, H, W)`` of kind ``kind`` (see module docstring)."""
+    if kind == "l1":
+        return (x - x_hat).abs().mean(1, keepdim=True)
+    if kind == "l2":
+        return ((x - x_hat) ** 2).mean(1, keepdim=True)
+    if kind == "ssim":
+        return 1.0 - ssim_map(x, x_hat)
+    if kind == "gms":
+        return 1.0 - gms_map(x, x_hat)
+    if kind == "ms":
+        h, w = x.shape[-2:]
+        out = 1.0 - gms_map(x, x_hat)
+        for f in (2, 4):
+            a, b = F.avg_pool2d(x, f), F.avg_pool2d(x_hat, f)
+            out = out + F.interpolate(1.0 - gms_map(a, b), size=(h, w), mode="bilinear", align_corners=False)
+        return out / 3.0
+    if kind == "l1_ssim":
+        return 0.5 * ((x - x_hat).abs().mean(1, keepdim=True) + 1.0 - ssim_map(x, x_hat))
+    raise ValueError(f"unknown residual {kind!r}; expected one of {RESIDUALS}")
+
+
+class Scorer(nn.Module):
+    """Residual -> normalised, smoothed anomaly map -> image score.
+
+    Args:
+        residual: one of :data:`RESIDUALS`.
+        smoothing_sigma: Gaussian sigma in pixels of the model input (0 disables).
+        aggregate: ``max``, ``mean`` or ``topk`` (mean of the top ``topk_fraction`` of pixels).
+        topk_fraction: fraction of pixels averaged by ``topk``.
+        image_size: ``(H, W)``; needed for ``topk`` (k is fixed in the graph) and for per-pixel
+            normalisation.
+
+    The optional per-pixel normalisation (``set_normalization``) stores the mean and std of the
+    residual of *normal* validation images at each pixel; dividing by them removes the model's
+    own persistent reconstruction errors (edges, busbars) from the map.
+    """
+
+    def __init__(self, *, residual: str = "l1", smoothing_sigma: float = 4.0, aggregate: str = "max",
+                 topk_fraction: float = 0.01, image_size: tuple[int, int] = (64, 64)) -> None:
+        super().__init__()
+        if residual not in RESIDUALS:
+            raise ValueError(f"unknown residual {residual!r}; expected one of {RESIDUALS}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {aggregate!r}; expected one of {AGGREGATES}")
+        self.residual = residual
+        self.smoothing_sigma = float(smoothing_sigma)
+        self.aggregate = aggregate
+        self.topk_fraction = float(topk_fraction)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.register_buffer("pixel_mean", torch.zeros(1, 1, *self.image_size))
+        self.register_buffer("pixel_std", torch.ones(1, 1, *self.image_size))
+        self.normalized = False
+
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-3) -> None:
+        """Use per-pixel ``mean``/``std`` ``(1, 1, H, W)`` of normal residuals (before smoothing)."""
+        self.pixel_mean.copy_(mean.reshape(self.pixel_mean.shape))
+        self.pixel_std.copy_(std.reshape(self.pixel_std.shape).clamp_min(eps))
+        self.normalized = True
+
+    def raw_residual(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, H, W)`` residual before normalisation and smoothing."""
+        return residual_map(x, x_hat, self.residual)
+
+    def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.raw_residual(x, x_hat)
+        if self.normalized:
+            r = (r - self.pixel_mean) / self.pixel_std
+        amap = gaussian_blur(r, self.smoothing_sigma)
+        flat = amap.flatten(1)
+        if self.aggregate == "max":
+            score = flat.max(1).values
+        elif self.aggregate == "mean":
+            score = flat.mean(1)
+        else:
+            k = max(1, int(round(self.topk_fraction * self.image_size[0] * self.image_size[1])))
+            score = flat.topk(k, dim=1).values.mean(1)
+        return amap, score
+
+    def config(self) -> dict:
+        """The scorer's settings, as stored in checkpoints and the sidecar."""
+        return {"residual": self.residual, "smoothing_sigma": self.smoothing_sigma, "aggregate": self.aggregate,
+                "topk_fraction": self.topk_fraction, "normalized": self.normalized}
+
+
+class ReconstructionScorer(nn.Module):
+    """The exported graph: ``image (N, C, H, W) [, label (N,)] -> ScoreOutput``.
+
+    Args:
+        model: a zoo reconstructor with ``forward(x, cond=None) -> x_hat``.
+        scorer: a :class:`Scorer`.
+    """
+
+    def __init__(self, model: nn.Module, scorer: Scorer) -> None:
+        super().__init__()
+        self.model = model
+        self.scorer = scorer
+
+    def forward(self, image: torch.Tensor, label: torch.Tensor | None = None) -> ScoreOutput:
+        x_hat = self.model(image, label)
+        amap, score = self.scorer(image, x_hat)
+        return ScoreOutput(amap, score, x_hat)

@@ -1,0 +1,162 @@
+"""Dataset layouts: MVTec-AD-style category folders, several categories, or a plain folder.
+
+Accepted layouts (``discover``):
+
+* **MVTec-AD category**: ``ROOT/train/good/*``, ``ROOT/test/<type>/*`` (``good`` = normal),
+  optional ``ROOT/ground_truth/<type>/<name>_mask.png``.
+* **Several categories**: ``ROOT/<category>/train/good/*`` … (each an MVTec category); the
+  category index is the label that conditional models receive.
+* **Plain folder**: every image under ``ROOT`` (recursive) is normal training data.
+
+:class:`ImageDataset` is a plain map-style dataset returning numpy arrays: a torch
+``DataLoader`` collates it, while this module stays torch-free.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from data.io import list_images
+from data.preprocess import Preprocess
+
+__all__ = ["DatasetError", "Sample", "DatasetLayout", "discover", "ImageDataset"]
+
+
+class DatasetError(ValueError):
+    """The folder does not exist or holds no usable images; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image. ``label`` is 0 normal / 1 anomalous; ``category`` indexes ``DatasetLayout.categories``."""
+
+    path: Path
+    label: int = 0
+    defect_type: str = "good"
+    mask: Path | None = None
+    category: int = 0
+
+
+@dataclass
+class DatasetLayout:
+    """What :func:`discover` found: kind (``mvtec``, ``multi`` or ``folder``), categories, splits."""
+
+    root: Path
+    kind: str
+    categories: list[str]
+    train: list[Sample] = field(default_factory=list)
+    test: list[Sample] = field(default_factory=list)
+
+
+def _is_mvtec(root: Path) -> bool:
+    return (root / "train" / "good").is_dir()
+
+
+def _mvtec(root: Path, category: int) -> tuple[list[Sample], list[Sample]]:
+    train = [Sample(p, 0, "good", None, category) for p in list_images(root / "train" / "good")]
+    test: list[Sample] = []
+    test_root = root / "test"
+    if test_root.is_dir():
+        for type_dir in sorted(d for d in test_root.iterdir() if d.is_dir()):
+            kind = type_dir.name
+            for p in list_images(type_dir):
+                mask = root / "ground_truth" / kind / f"{p.stem}_mask.png"
+                test.append(Sample(p, int(kind != "good"), kind, mask if mask.is_file() else None, category))
+    return train, test
+
+
+def discover(root: str | os.PathLike) -> DatasetLayout:
+    """Find the layout of ``root`` (see module docstring).
+
+    Raises:
+        DatasetError: ``root`` is missing, or there are no training images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder (expected an MVTec-style category folder or a folder of images)")
+    if _is_mvtec(root):
+        train, test = _mvtec(root, 0)
+        layout = DatasetLayout(root, "mvtec", [root.name], train, test)
+    else:
+        cats = sorted(d for d in root.iterdir() if d.is_dir() and _is_mvtec(d))
+        if cats:
+            layout = DatasetLayout(root, "multi", [c.name for c in cats])
+            for i, c in enumerate(cats):
+                tr, te = _mvtec(c, i)
+                layout.train += tr
+                layout.test += te
+        else:
+            layout = DatasetLayout(root, "folder", [root.name], [Sample(p) for p in list_images(root)])
+    if not layout.train:
+        where = "train/good" if layout.kind != "folder" else "the folder (searched recursively)"
+        raise DatasetError(f"{root}: no training images in {where}; expected image files such as .png or .jpg")
+    return layout
+
+
+class ImageDataset:
+    """Map-style dataset of preprocessed images.
+
+    ``ds[i]`` is a dict: ``image`` ``(C, S, S)`` float32, ``label`` int64 (the category, for
+    conditional models), ``anomalous`` int64, and ``mask`` ``(1, S, S)`` float32 when
+    ``with_masks`` (zeros where an image has no mask file).
+
+    Args:
+        samples: the images.
+        preprocess: the shared :class:`Preprocess`.
+        augment: optional ``f(image (C,S,S), rng) -> image`` applied to training images only.
+        with_masks: also load ground-truth masks (resized with nearest neighbour).
+        seed: seeds the augmentation generator per index, so epochs differ but runs repeat.
+        cache: keep preprocessed images in memory after the first read (training reads every
+            image once per epoch; decoding again each time wastes most of a CPU's time).
+    """
+
+    def __init__(self, samples: Sequence[Sample], preprocess: Preprocess,
+                 augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+                 with_masks: bool = False, seed: int = 0, cache: bool = False) -> None:
+        self.samples = list(samples)
+        self.preprocess = preprocess
+        self.augment = augment
+        self.with_masks = with_masks
+        self.seed = seed
+        self.cache = cache
+        self._cached: dict[int, np.ndarray] = {}
+        self._calls = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_mask(self, sample: Sample) -> np.ndarray:
+        """Ground-truth mask ``(1, S, S)`` in {0, 1} (zeros without a mask file)."""
+        s = self.preprocess.image_size
+        if sample.mask is None:
+            return np.zeros((1, s, s), np.float32)
+        import cv2
+
+        from data.io import read_image
+
+        m = read_image(sample.mask)
+        if m.ndim == 3:
+            m = m.max(axis=2)
+        m = cv2.resize((m > 0.5).astype(np.float32), (s, s), interpolation=cv2.INTER_NEAREST)
+        return m[None]
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.samples[i]
+        if self.cache and i in self._cached:
+            image = self._cached[i]
+        else:
+            image = self.preprocess.load(sample.path)
+            if self.cache:
+                self._cached[i] = image
+        if self.augment is not None:
+            self._calls += 1
+            rng = np.random.default_rng((self.seed, i, self._calls))
+            image = np.ascontiguousarray(self.augment(image.copy(), rng))
+        item = {"image": image, "label": np.int64(sample.category), "anomalous": np.int64(sample.label)}
+        if self.with_masks:
+            item["mask"] = self.load_mask(sample)
+        return item

@@ -1,0 +1,128 @@
+"""Image decoding and listing with OpenCV, and atomic file writes.
+
+:func:`read_image` accepts 8- and 16-bit grayscale, RGB and RGBA files and returns a float32
+array in [0, 1], shape ``(H, W)`` or ``(H, W, 3|4)`` in RGB(A) order. Unreadable files raise
+:class:`ImageReadError` with the path and the reason.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "read_image", "decode_image", "list_images", "atomic_write", "write_image"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+
+class ImageReadError(ValueError):
+    """A file that is missing, empty or not a decodable image. The message names the file."""
+
+
+def decode_image(buffer: bytes | np.ndarray, name: str = "<bytes>") -> np.ndarray:
+    """Decode encoded image bytes to float32 in [0, 1]: ``(H, W)`` or ``(H, W, 3|4)`` RGB(A).
+
+    Raises:
+        ImageReadError: empty or undecodable bytes, or an unsupported bit depth.
+    """
+    data = np.frombuffer(buffer, dtype=np.uint8) if isinstance(buffer, (bytes, bytearray)) else buffer
+    if data.size == 0:
+        raise ImageReadError(f"{name}: file is empty (0 bytes), expected an image")
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageReadError(f"{name}: not a decodable image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+    return to_float(img, name)
+
+
+def to_float(img: np.ndarray, name: str = "<array>") -> np.ndarray:
+    """Convert a decoded OpenCV array (BGR order, any depth) to float32 RGB(A) in [0, 1]."""
+    if img.dtype == np.uint8:
+        out = img.astype(np.float32) / 255.0
+    elif img.dtype == np.uint16:
+        out = img.astype(np.float32) / 65535.0
+    elif img.dtype in (np.float32, np.float64):
+        out = np.clip(img.astype(np.float32), 0.0, 1.0)
+    else:
+        raise ImageReadError(f"{name}: unsupported pixel type {img.dtype}; expected 8-bit, 16-bit or float")
+    if out.ndim == 3:
+        if out.shape[2] == 1:
+            out = out[:, :, 0]
+        elif out.shape[2] == 3:
+            out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
+        elif out.shape[2] == 4:
+            out = cv2.cvtColor(out, cv2.COLOR_BGRA2RGBA)
+        else:
+            raise ImageReadError(f"{name}: {out.shape[2]} channels; expected 1, 3 or 4")
+    return np.ascontiguousarray(out)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file (see :func:`decode_image`). Works with non-ASCII paths.
+
+    Raises:
+        ImageReadError: missing, empty or undecodable file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ImageReadError(f"{p}: no such file")
+    try:
+        data = np.fromfile(str(p), dtype=np.uint8)
+    except OSError as exc:
+        raise ImageReadError(f"{p}: cannot read ({exc.strerror})") from exc
+    return decode_image(data, str(p))
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Sorted image files (by extension, case-insensitive) under ``folder``."""
+    root = Path(folder)
+    it = root.rglob("*") if recursive else root.glob("*")
+    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator:
+    """Open a temporary file beside ``path``; on success rename it over ``path``.
+
+    A crash leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **kwargs) as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write a uint8 image (``(H, W)`` gray or ``(H, W, 3)`` RGB) atomically; format from suffix."""
+    path = Path(path)
+    img = image
+    if img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(path.suffix or ".png", img)
+    if not ok:
+        raise ValueError(f"cannot encode image as {path.suffix!r}")
+    with atomic_write(path, "wb") as fh:
+        fh.write(buf.tobytes())
+
+
+def paths_from(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursive) into a sorted, de-duplicated list of image paths."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        out.extend(list_images(p) if p.is_dir() else [p])
+    seen: set[Path] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]

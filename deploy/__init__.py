@@ -1,0 +1,1 @@
+"""Deployment: export (torch -> ONNX + sidecar) and the torch-free runtime, audit and calibration."""

@@ -1,0 +1,77 @@
+"""Shared fixtures: small generated datasets, so tests never download anything."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth periodic texture with noise, uint8 (size, size)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi)
+    img = 0.5 + 0.2 * np.sin(2 * np.pi * xx / 16 + phase) * np.cos(2 * np.pi * yy / 16)
+    img += rng.normal(0, 0.02, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def make_mvtec(root: Path, n_train: int = 12, n_good: int = 4, n_bad: int = 4, size: int = 48, seed: int = 0) -> Path:
+    """Write an MVTec-style category: train/good, test/good, test/blob + ground_truth/blob masks."""
+    rng = np.random.default_rng(seed)
+    for sub in ("train/good", "test/good", "test/blob", "ground_truth/blob"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        cv2.imwrite(str(root / "train/good" / f"{i:03d}.png"), _texture(rng, size))
+    for i in range(n_good):
+        cv2.imwrite(str(root / "test/good" / f"{i:03d}.png"), _texture(rng, size))
+    for i in range(n_bad):
+        img = _texture(rng, size)
+        mask = np.zeros_like(img)
+        cx, cy = rng.integers(size // 4, 3 * size // 4, 2)
+        cv2.circle(mask, (int(cx), int(cy)), size // 8, 255, -1)
+        img[mask > 0] = 250
+        cv2.imwrite(str(root / "test/blob" / f"{i:03d}.png"), img)
+        cv2.imwrite(str(root / "ground_truth/blob" / f"{i:03d}_mask.png"), mask)
+    return root
+
+
+@pytest.fixture
+def mvtec_dir(tmp_path: Path) -> Path:
+    """A tiny MVTec-style category folder (48x48 grayscale textures, blob defects with masks)."""
+    return make_mvtec(tmp_path / "tiles")
+
+
+@pytest.fixture
+def plain_dir(tmp_path: Path) -> Path:
+    """A plain folder of 8 normal images, two of them in a subfolder."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "plain"
+    (root / "sub").mkdir(parents=True)
+    for i in range(8):
+        target = root / ("sub" if i < 2 else "") / f"img{i}.png"
+        cv2.imwrite(str(target), _texture(rng, 40))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory) -> dict:
+    """Train a tiny AAE on a generated category, export it; shared by export/runtime/CLI tests.
+
+    Returns a dict with ``data`` (category folder), ``run`` (run folder) and ``bundle`` paths.
+    """
+    import torch
+
+    from deploy.export import export_run
+    from training.config import TrainConfig
+    from training.run import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("trained")
+    data = make_mvtec(root / "tiles", n_train=24, size=48)
+    cfg = TrainConfig(data=str(data), out=str(root / "run"), model="aae", image_size=32, epochs=3, batch_size=8,
+                      model_kwargs={"latent_dim": 16, "base_channels": 8}, seed=0)
+    train(cfg)
+    bundle = export_run(root / "run", root / "bundle")
+    return {"data": data, "run": root / "run", "bundle": bundle}

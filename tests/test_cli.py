@@ -1,0 +1,85 @@
+"""The `anomaly` command: the by-hand happy path and the errors a user meets first."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from anomaly.cli import main
+
+
+def test_train_export_calibrate_audit(mvtec_dir: Path, tmp_path: Path, capsys) -> None:
+    run, bundle, out = tmp_path / "run", tmp_path / "bundle", tmp_path / "audit"
+    assert main(["train", "--data", str(mvtec_dir), "--model", "aae", "--out", str(run), "--image-size", "32",
+                 "--epochs", "2", "--batch-size", "4", "--model-kwargs", '{"latent_dim": 8, "base_channels": 8}']) == 0
+    assert (run / "checkpoints" / "best.pt").is_file() and (run / "losses.csv").is_file()
+    assert main(["export", str(run), "--out", str(bundle)]) == 0
+    assert (bundle / "model.onnx").is_file() and (bundle / "model.json").is_file()
+
+    normal = tmp_path / "held_out_normal"
+    normal.mkdir()
+    for p in sorted((mvtec_dir / "test" / "good").glob("*.png")):
+        (normal / p.name).write_bytes(p.read_bytes())
+    assert main(["calibrate", str(bundle), "--normal", str(normal), "--target-fpr", "0.25"]) == 0
+    printed = capsys.readouterr().out
+    assert "image threshold" in printed and "false-positive rate" in printed
+    cal = json.loads((bundle / "model.json").read_text())["calibration"]
+    assert cal["source"]["n_normal"] == 4 and cal["image"]["method"] == "fpr"
+
+    assert main(["audit", str(bundle), str(mvtec_dir / "test"), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 8 and {r["label"] for r in rows} <= {"0", "1"}
+    assert all(float(r["threshold"]) == pytest.approx(cal["image"]["threshold"], rel=1e-5) for r in rows)
+    assert len(list((out / "heatmaps").glob("*.png"))) == 8
+
+
+def test_train_missing_folder(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_train_empty_folder(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "no training images" in capsys.readouterr().err
+
+
+def test_train_unreadable_image(plain_dir: Path, tmp_path: Path, capsys) -> None:
+    (plain_dir / "broken.png").write_bytes(b"this is not a png")
+    assert main(["train", "--data", str(plain_dir), "--out", str(tmp_path / "r"), "--image-size", "32",
+                 "--epochs", "1", "--val-fraction", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "not a decodable image" in err
+
+
+def test_unknown_model(mvtec_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["train", "--data", str(mvtec_dir), "--model", "nope", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_audit_bad_inputs_do_not_stop_the_batch(trained_bundle: dict, tmp_path: Path, capsys) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = sorted((trained_bundle["data"] / "test" / "good").glob("*.png"))[0]
+    (inputs / "ok.png").write_bytes(good.read_bytes())
+    (inputs / "zero.png").write_bytes(b"")
+    (inputs / "text.png").write_text("hello")
+    assert main(["audit", str(trained_bundle["bundle"]), str(inputs), "--out", str(tmp_path / "o")]) == 0
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(tmp_path / "o" / "results.csv"))}
+    assert rows["ok.png"]["error"] == "" and rows["ok.png"]["score"] != ""
+    assert rows["zero.png"]["error"] and rows["text.png"]["error"]
+    assert "3 images" in capsys.readouterr().out
+
+
+def test_audit_missing_bundle_and_input(trained_bundle: dict, tmp_path: Path, capsys) -> None:
+    assert main(["audit", str(tmp_path / "nobundle"), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no such bundle" in capsys.readouterr().err
+    assert main(["audit", str(trained_bundle["bundle"]), str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_training_images(trained_bundle: dict, capsys) -> None:
+    assert main(["calibrate", str(trained_bundle["bundle"]), "--normal", str(trained_bundle["data"] / "train" / "good")]) == 2
+    assert "used to train" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""Export parity (onnxruntime vs torch), the self-checking bundle, and the torch-free runtime."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy.bundle import BundleError, load_sidecar
+
+# fp32 graph, same preprocessed batch: observed max differences are ~1e-6 (see the sidecar's
+# "parity" entry); 1e-4 leaves room for other CPUs while catching any real divergence.
+PARITY_ATOL = 1e-4
+
+
+def test_export_matches_torch(trained_bundle: dict) -> None:
+    import torch
+
+    from anomaly.scoring import ReconstructionScorer, Scorer
+    from data.folder import discover
+    from data.preprocess import Preprocess
+    from deploy.export import load_run
+    from deploy.runtime import Runtime
+
+    model, ckpt, cfg = load_run(trained_bundle["run"])
+    meta = load_sidecar(trained_bundle["bundle"])
+    sc = meta["scoring"]
+    scorer = Scorer(residual=sc["residual"], smoothing_sigma=sc["smoothing_sigma"], aggregate=sc["aggregate"],
+                    topk_fraction=sc["topk_fraction"], image_size=(cfg.image_size, cfg.image_size))
+    graph = ReconstructionScorer(model, scorer).eval()
+    pre = Preprocess(cfg.image_size, cfg.channels)
+    x = pre.load_batch([s.path for s in discover(trained_bundle["data"]).test])  # 8 images: batch axis is dynamic
+    with torch.no_grad():
+        ref = graph(torch.from_numpy(x))
+    out = Runtime(trained_bundle["bundle"], device="cpu").infer(x)
+    assert out["anomaly_map"].shape == (8, 1, 32, 32) and out["score"].shape == (8,)
+    assert np.abs(out["score"] - ref.score.numpy()).max() < PARITY_ATOL
+    assert np.abs(out["anomaly_map"] - ref.anomaly_map.numpy()).max() < PARITY_ATOL
+    assert np.abs(out["reconstruction"] - ref.reconstruction.numpy()).max() < PARITY_ATOL
+    assert meta["parity"]["max_abs_diff_score"] < PARITY_ATOL
+
+
+def test_sidecar_contents(trained_bundle: dict) -> None:
+    meta = load_sidecar(trained_bundle["bundle"])
+    assert meta["schema_version"] == 1
+    assert meta["preprocess"]["image_size"] == 32 and meta["preprocess"]["channels"] == 1
+    assert meta["model"]["name"] == "aae" and meta["inputs"] == ["image"]
+    assert meta["outputs"] == ["anomaly_map", "score", "reconstruction"]
+    assert meta["calibration"]["image"]["threshold"] > 0
+    assert meta["normal_stats"]["n"] >= 1 and len(meta["onnx"]["sha256"]) == 64
+    assert "onnxruntime" in meta["versions"]
+
+
+def test_modified_model_is_refused(trained_bundle: dict, tmp_path: Path) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(trained_bundle["bundle"], b)
+    with open(b / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(BundleError, match="sha256"):
+        load_sidecar(b)
+
+
+def test_other_schema_version_is_refused(trained_bundle: dict, tmp_path: Path) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(trained_bundle["bundle"], b)
+    meta = json.loads((b / "model.json").read_text())
+    meta["schema_version"] = 99
+    (b / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="schema version 99"):
+        load_sidecar(b)
+    with pytest.raises(BundleError, match="no such bundle"):
+        load_sidecar(tmp_path / "missing")
+
+
+def test_runtime_keeps_order_and_reports_bad_files(trained_bundle: dict, tmp_path: Path) -> None:
+    from deploy.runtime import Runtime
+
+    good = sorted((trained_bundle["data"] / "test" / "good").glob("*.png"))
+    bad = tmp_path / "zero.png"
+    bad.write_bytes(b"")
+    paths = [good[0], bad, good[1]]
+    res = list(Runtime(trained_bundle["bundle"]).score_paths(paths, batch_size=2))
+    assert [r.path for r in res] == [str(p) for p in paths]
+    assert res[1].error and "empty" in res[1].error and np.isnan(res[1].score)
+    assert res[0].error is None and res[0].label in (0, 1) and res[0].original_size == (48, 48)
+
+
+def test_runtime_rejects_unknown_device(trained_bundle: dict) -> None:
+    from deploy.runtime import Runtime
+
+    with pytest.raises(ValueError, match="unknown device"):
+        Runtime(trained_bundle["bundle"], device="tpu")
+
+
+def test_runtime_is_torch_free(trained_bundle: dict, tmp_path: Path) -> None:
+    """The deployed side (runtime, calibrate, audit, and the CLI's audit path) never imports torch."""
+    code = (
+        "import sys\n"
+        "from anomaly.cli import main\n"
+        "import deploy.runtime, deploy.audit, deploy.calibrate, anomaly.calibration, anomaly.metrics\n"
+        f"rc = main(['audit', {str(trained_bundle['bundle'])!r}, {str(trained_bundle['data'] / 'test')!r}, '--out', {str(tmp_path / 'o')!r}])\n"
+        "assert rc == 0, rc\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('torch-free ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "torch-free ok" in proc.stdout

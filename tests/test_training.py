@@ -1,0 +1,92 @@
+"""The trainer loop and the AAE objective on real (generated) images."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly.registry import create_model
+from training.config import TrainConfig
+from training.objectives import create_objective
+from training.run import split_normals, train
+from training.trainer import Trainer, load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _batch(n: int = 8, size: int = 32) -> dict:
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    base = 0.5 + 0.25 * torch.sin(xx / 3.0) * torch.cos(yy / 4.0)
+    x = (base + 0.02 * torch.randn(n, 1, size, size, generator=g)).clamp(0, 1)
+    return {"image": x}
+
+
+def test_training_steps_lower_the_reconstruction_loss(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("aae", in_channels=1, image_size=32, latent_dim=16, base_channels=8)
+    objective = create_objective("aae", model)
+    trainer = Trainer(objective, out_dir=tmp_path, epochs=1, device="cpu")
+    batch = _batch()
+    before = objective.loss("recon", batch)[0].item()
+    for _ in range(30):
+        logs = trainer.train_batch(batch)
+    assert set(logs) >= {"recon", "D_latent", "G_latent"}
+    after = objective.loss("recon", batch)[0].item()
+    assert after < 0.75 * before, (before, after)  # measured: 0.0156 -> 0.0094 after 30 steps
+
+
+def test_each_step_updates_only_its_group(tmp_path: Path) -> None:
+    model = create_model("aae", in_channels=1, image_size=32, latent_dim=16, base_channels=8)
+    objective = create_objective("aae", model)
+    trainer = Trainer(objective, out_dir=tmp_path, device="cpu")
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.steps = tuple(s for s in objective.steps if s.name == "D_latent")
+    trainer.train_batch(_batch())
+    changed = {k.split(".")[0] for k, v in model.state_dict().items()
+               if v.dtype.is_floating_point and not torch.equal(v, snapshot[k]) and "running" not in k}
+    assert changed == {"latent_discriminator"}
+
+
+def test_split_is_deterministic_and_disjoint(mvtec_dir: Path) -> None:
+    from data.folder import discover
+
+    samples = discover(mvtec_dir).train
+    a = split_normals(samples, 0.25, seed=3)
+    b = split_normals(samples, 0.25, seed=3)
+    assert a == b and len(a[1]) == 3
+    assert not {s.path for s in a[0]} & {s.path for s in a[1]}
+
+
+def test_train_writes_checkpoints_log_and_resumes(mvtec_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(data=str(mvtec_dir), out=str(tmp_path / "run"), image_size=32, epochs=2, batch_size=4,
+                      model_kwargs={"latent_dim": 8, "base_channels": 8})
+    result = train(cfg)
+    run = tmp_path / "run"
+    assert result.epochs_done == 2 and result.stopped == "epochs"
+    for f in ("config.json", "split.json", "losses.csv", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (run / f).is_file(), f
+    rows = list(csv.DictReader(open(run / "losses.csv")))
+    assert len(rows) == 2 and {"recon", "D_latent", "G_latent", "val_error"} <= set(rows[0])
+    assert np.isfinite(float(rows[-1]["val_error"]))
+    cfg.epochs = 3
+    result = train(cfg, resume=True)
+    assert result.epochs_done == 3
+    assert len(list(csv.DictReader(open(run / "losses.csv")))) == 3
+    assert load_checkpoint(run / "checkpoints/last.pt")["epoch"] == 3
+
+
+def test_time_budget_stops_cleanly_with_usable_checkpoint(mvtec_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(data=str(mvtec_dir), out=str(tmp_path / "run"), image_size=32, epochs=1000, batch_size=4,
+                      max_minutes=1e-6, model_kwargs={"latent_dim": 8, "base_channels": 8})
+    result = train(cfg)
+    assert result.stopped == "time" and result.epochs_done == 1
+    ckpt = load_checkpoint(result.last_checkpoint)
+    model = create_model("aae", in_channels=1, image_size=32, latent_dim=8, base_channels=8)
+    model.load_state_dict(ckpt["model_state"])

@@ -1,0 +1,1 @@
+"""Training side (needs torch): objectives (losses only), the one trainer loop, configuration."""

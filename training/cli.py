@@ -1,0 +1,85 @@
+"""``anomaly train``: argument parsing and a progress display around :func:`training.run.train`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+__all__ = ["add_parsers"]
+
+
+def _progress_printer(stream=sys.stderr):
+    last = [0.0]
+
+    def show(ev: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if ev["event"] == "batch":
+            if now - last[0] < 0.5:
+                return
+            last[0] = now
+            total = ev.get("batches") or "?"
+            logs = " ".join(f"{k}={v:.4f}" for k, v in ev["logs"].items())
+            stream.write(f"\r  epoch {ev['epoch']}/{ev['epochs']} batch {ev['batch']}/{total} {logs} [{ev['elapsed']:.0f}s]\033[K")
+        else:
+            logs = " ".join(f"{k}={v:.4f}" for k, v in ev["logs"].items())
+            mark = " (best)" if ev.get("improved") else ""
+            stream.write(f"\r  epoch {ev['epoch']}/{ev['epochs']} {logs} val_error={ev['val_error']:.5f}{mark} [{ev['elapsed']:.0f}s]\033[K\n")
+        stream.flush()
+
+    return show
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"latent_dim\": 64}}', got {text!r}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on normal images",
+                       description="Train a zoo model on normal images (MVTec-style category folder or a plain folder).")
+    p.add_argument("--data", required=True, help="category folder (train/good, test/<type>) or a folder of normal images")
+    p.add_argument("--model", default="aae", help="registry name (see `anomaly models`); default aae")
+    p.add_argument("--out", required=True, help="run folder for checkpoints, config and loss log")
+    p.add_argument("--image-size", type=int, default=128, help="model input side, a power of two (default 128)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 or 3 (default: detect)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; stops cleanly with a checkpoint")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--val-fraction", type=float, default=0.15, help="normal images held out for validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--augment", default="flip", choices=("none", "flip"))
+    p.add_argument("--model-kwargs", type=_json_arg, default={}, help="JSON object for the model factory")
+    p.add_argument("--objective-kwargs", type=_json_arg, default={}, help="JSON object for the objective")
+    p.add_argument("--residual", default=None, help="residual kind used at export (l1, l2, ssim, gms, ms, l1_ssim)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from training.config import DEFAULT_SCORING, TrainConfig
+    from training.run import train
+
+    scoring = dict(DEFAULT_SCORING)
+    if args.residual:
+        scoring["residual"] = args.residual
+    cfg = TrainConfig(
+        data=args.data, out=args.out, model=args.model, image_size=args.image_size, channels=args.channels,
+        epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
+        val_fraction=args.val_fraction, seed=args.seed, device=args.device, augment=args.augment,
+        model_kwargs=args.model_kwargs, objective_kwargs=args.objective_kwargs, scoring=scoring,
+    )
+    print(f"training {cfg.model} on {cfg.data} -> {cfg.out}", file=sys.stderr)
+    result = train(cfg, resume=args.resume, progress=_progress_printer())
+    print(f"done: {result.epochs_done} epochs, {result.steps_done} steps in {result.seconds:.0f}s "
+          f"(stopped by {result.stopped}); best validation error {result.best_val:.5f}")
+    print(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
+    return 0

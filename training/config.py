@@ -1,0 +1,83 @@
+"""Training configuration: one dataclass, saved resolved next to the checkpoints (``config.json``).
+
+The library sees explicit fields; option parsing stays in :mod:`training.cli`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "DEFAULT_SCORING"]
+
+DEFAULT_SCORING: dict[str, Any] = {"residual": "l1_ssim", "smoothing_sigma": 2.0, "aggregate": "topk", "topk_fraction": 0.01}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; ``config.json`` in the run folder is this, resolved.
+
+    Attributes:
+        data: MVTec-style category folder, a folder of categories, or a plain folder of normals.
+        out: run folder (checkpoints, config, loss log, split).
+        model: registry name (``anomaly models`` lists them).
+        image_size: model input side S (power of two).
+        channels: 1 or 3; ``None`` = detect from the first training image.
+        epochs, max_minutes: the budget (whichever ends first).
+        batch_size, lr: optimisation.
+        val_fraction: share of normal training images held out for validation (checkpoint choice,
+            default threshold, score statistics); never trained on.
+        seed: seeds the split, the initialisation and the data order.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        augment: ``none`` or ``flip`` (random horizontal/vertical flips, which keep normal normal
+            for symmetric parts; switch off for oriented products).
+        model_kwargs / objective_kwargs: passed to the model factory / the objective.
+        scoring: residual and map settings used by export (see :mod:`anomaly.scoring`).
+    """
+
+    data: str
+    out: str = "runs/default"
+    model: str = "aae"
+    image_size: int = 128
+    channels: int | None = None
+    epochs: int = 30
+    max_minutes: float | None = None
+    batch_size: int = 32
+    lr: float = 2e-4
+    val_fraction: float = 0.15
+    seed: int = 0
+    device: str = "auto"
+    augment: str = "flip"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    objective_kwargs: dict[str, Any] = field(default_factory=dict)
+    scoring: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCORING))
+
+    def __post_init__(self) -> None:
+        if self.augment not in ("none", "flip"):
+            raise ValueError(f"augment must be 'none' or 'flip', got {self.augment!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str | os.PathLike) -> None:
+        from data.io import atomic_write
+
+        with atomic_write(path) as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,131 @@
+"""A whole training run from a :class:`TrainConfig`: data -> split -> model -> objective -> trainer.
+
+Writes into ``config.out``: ``config.json`` (resolved), ``split.json`` (which images trained and
+which were held out for validation), ``losses.csv`` and ``checkpoints/{best,last}.pt``.
+
+Example::
+
+    from training.config import TrainConfig
+    from training.run import train
+    result = train(TrainConfig(data="data/tiles", out="runs/tiles", epochs=5))
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from anomaly.registry import create_model, get_spec
+from data.folder import DatasetLayout, ImageDataset, Sample, discover
+from data.io import atomic_write, read_image
+from data.preprocess import Preprocess
+from training.config import TrainConfig
+from training.objectives import create_objective
+from training.trainer import Trainer, TrainResult
+
+__all__ = ["train", "split_normals", "detect_channels", "build_model"]
+
+log = logging.getLogger(__name__)
+
+
+def split_normals(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic shuffle-split of normal training images into (train, validation).
+
+    At least one image stays for training; validation is empty only when ``val_fraction`` is 0
+    or there is a single image.
+    """
+    order = np.random.default_rng(seed).permutation(len(samples))
+    n_val = int(round(val_fraction * len(samples)))
+    n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(samples) - 1)
+    val = [samples[i] for i in sorted(order[:n_val])]
+    train = [samples[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def detect_channels(path: Path) -> int:
+    """1 when the image is grayscale (or RGB with equal channels), else 3."""
+    img = read_image(path)
+    if img.ndim == 2:
+        return 1
+    rgb = img[:, :, :3]
+    return 1 if np.allclose(rgb[:, :, 0], rgb[:, :, 1]) and np.allclose(rgb[:, :, 1], rgb[:, :, 2]) else 3
+
+
+def flip_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random horizontal and vertical flips of a ``(C, H, W)`` image."""
+    if rng.random() < 0.5:
+        image = image[:, :, ::-1]
+    if rng.random() < 0.5:
+        image = image[:, ::-1, :]
+    return image
+
+
+def build_model(name: str, *, in_channels: int, image_size: int, num_classes: int, **kwargs: Any) -> torch.nn.Module:
+    """Create a registry model with the data-derived arguments (conditional models get ``num_classes``)."""
+    spec = get_spec(name)
+    extra = {"num_classes": max(num_classes, 1)} if spec.conditional else {}
+    return create_model(name, in_channels=in_channels, image_size=image_size, **extra, **kwargs)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(config: TrainConfig, *, resume: bool = False,
+          progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run training as configured; returns the :class:`TrainResult`.
+
+    Raises:
+        data.folder.DatasetError: missing folder or no training images.
+        anomaly.registry.UnknownModelError: unknown model name.
+    """
+    spec = get_spec(config.model)  # fail fast on a bad name, before touching data
+    layout: DatasetLayout = discover(config.data)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _seed_everything(config.seed)
+
+    train_s, val_s = split_normals(layout.train, config.val_fraction, config.seed)
+    if config.channels is None:
+        config.channels = detect_channels(train_s[0].path)
+    pre = Preprocess(image_size=config.image_size, channels=config.channels)
+    num_classes = len(layout.categories)
+    model_kwargs = dict(config.model_kwargs)
+    model = build_model(config.model, in_channels=config.channels, image_size=config.image_size,
+                        num_classes=num_classes, **model_kwargs)
+    objective = create_objective(spec.objective, model, **config.objective_kwargs)
+    log.info("%s: %d training and %d validation images (%s layout, %d categor%s), model %s with %.2fM parameters",
+             layout.root, len(train_s), len(val_s), layout.kind, num_classes, "y" if num_classes == 1 else "ies",
+             config.model, sum(p.numel() for p in model.parameters()) / 1e6)
+
+    config.save(out / "config.json")
+    with atomic_write(out / "split.json") as fh:
+        json.dump({"layout": layout.kind, "root": str(layout.root), "categories": layout.categories,
+                   "train": [str(s.path) for s in train_s], "val": [str(s.path) for s in val_s],
+                   "val_categories": [s.category for s in val_s]}, fh, indent=1)
+
+    augment = flip_augment if config.augment == "flip" else None
+    train_ds = ImageDataset(train_s, pre, augment=augment, seed=config.seed, cache=True)
+    val_ds = ImageDataset(val_s, pre, cache=True) if val_s else None
+    g = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(train_ds, batch_size=min(config.batch_size, len(train_ds)), shuffle=True,
+                              drop_last=len(train_ds) > config.batch_size, generator=g)
+    val_loader = DataLoader(val_ds, batch_size=config.batch_size) if val_ds else None
+
+    trainer = Trainer(
+        objective, out_dir=out, epochs=config.epochs, max_minutes=config.max_minutes, lr=config.lr,
+        device=config.device, progress=progress,
+        extra_state={"config": config.to_dict(), "model_name": config.model, "model_kwargs": model_kwargs,
+                     "num_classes": num_classes, "categories": layout.categories, "preprocess": pre.to_dict()},
+    )
+    if resume and (trainer.checkpoint_dir / "last.pt").exists():
+        trainer.resume()
+    return trainer.fit(train_loader, val_loader)
