@@ -1,0 +1,233 @@
+"""Defect regions and heatmap overlays from an anomaly map, in original-image coordinates.
+
+Torch-free (numpy + OpenCV): used by the deployed runtime, the audit command and reports.
+
+How a map becomes regions (:func:`find_regions`):
+
+1. **resize first**: the ``(h, w)`` map (model input resolution) is resized bilinearly to the
+   original image size ``(H0, W0)`` with :func:`resize_map` *before* thresholding, so the mask and
+   the boxes are computed directly on the original pixel grid and line up with the image
+   (``cv2.resize`` maps pixel centres to pixel centres, no half-pixel shift);
+2. threshold: a pixel is defective where ``map > threshold`` (the calibrated pixel threshold,
+   same strict rule as :class:`anomaly.calibration.PixelThresholdCalibrator`);
+3. clean: ``cv2.morphologyEx`` opening (removes speckles) then closing (fills pinholes) with an
+   elliptical kernel. ``morphology`` is given in **map pixels** (the resolution the model sees,
+   where the noise lives) and scaled by the resize factor, so the same setting behaves the same
+   for any camera resolution;
+4. ``cv2.connectedComponentsWithStats`` (8-connectivity); components smaller than ``min_area``
+   **original** pixels are dropped.
+
+Example::
+
+    mask, regions = find_regions(result.anomaly_map, threshold=0.12, original_size=(1200, 1600))
+    for r in regions:                       # most anomalous first
+        print(r.x, r.y, r.w, r.h, r.area, r.peak)
+    vis = overlay_heatmap(image_rgb, result.anomaly_map, vmin=0.0, vmax=0.24, regions=regions)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+__all__ = ["Region", "resize_map", "find_regions", "overlay_heatmap"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected defect region, in original-image pixel coordinates.
+
+    Attributes:
+        x, y: top-left corner of the bounding box (column, row).
+        w, h: box width and height in pixels (the box covers columns ``x .. x + w - 1``).
+        area: number of pixels of the region (not of its box).
+        peak: maximum anomaly-map value inside the region.
+        mean: mean anomaly-map value inside the region.
+    """
+
+    x: int
+    y: int
+    w: int
+    h: int
+    area: int
+    peak: float
+    mean: float
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` with exclusive ``x1``, ``y1``."""
+        return self.x, self.y, self.x + self.w, self.y + self.h
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict."""
+        return asdict(self)
+
+
+def _as_map(anomaly_map: np.ndarray) -> np.ndarray:
+    a = np.asarray(anomaly_map)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2:
+        raise ValueError(f"anomaly_map must be (H, W) (or (1, H, W)); got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError("anomaly_map is empty")
+    a = a.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(a)):
+        raise ValueError("anomaly_map contains NaN or infinite values")
+    return a
+
+
+def _as_size(size: Sequence[int], name: str) -> tuple[int, int]:
+    if len(size) != 2 or int(size[0]) <= 0 or int(size[1]) <= 0:
+        raise ValueError(f"{name} must be (height, width) with positive values; got {tuple(size)}")
+    return int(size[0]), int(size[1])
+
+
+def resize_map(anomaly_map: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize an anomaly map bilinearly.
+
+    Args:
+        anomaly_map: ``(h, w)`` (or ``(1, h, w)``) float map.
+        size: target ``(H, W)`` - note: height first, unlike ``cv2.resize``.
+
+    Returns:
+        ``(H, W)`` float32 map (a copy even when the size is unchanged).
+    """
+    a = _as_map(anomaly_map)
+    h, w = _as_size(size, "size")
+    if a.shape == (h, w):
+        return a.copy()
+    return cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def find_regions(
+    anomaly_map: np.ndarray,
+    threshold: float,
+    original_size: Sequence[int] | None = None,
+    min_area: int = 16,
+    morphology: int = 3,
+) -> tuple[np.ndarray, list[Region]]:
+    """Segment an anomaly map into defect regions at the original image resolution.
+
+    Args:
+        anomaly_map: ``(h, w)`` float map (or ``(1, h, w)``), higher = more anomalous.
+        threshold: pixel threshold; defective where ``map > threshold``.
+        original_size: ``(H0, W0)`` of the original image; ``None`` = the map's own size.
+        min_area: regions with fewer pixels than this (in original pixels) are dropped.
+        morphology: kernel size in map pixels for the opening + closing clean-up (scaled to the
+            original resolution); ``0`` or ``1`` disables it.
+
+    Returns:
+        ``(mask, regions)``: ``mask`` uint8 ``(H0, W0)`` with 255 on kept regions and 0 elsewhere;
+        ``regions`` a list of :class:`Region` sorted by ``peak`` (most anomalous first).
+    """
+    a = _as_map(anomaly_map)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be finite; got {threshold}")
+    if min_area < 0 or morphology < 0:
+        raise ValueError(f"min_area and morphology must be >= 0; got {min_area}, {morphology}")
+    h, w = a.shape
+    H0, W0 = (h, w) if original_size is None else _as_size(original_size, "original_size")
+    full = resize_map(a, (H0, W0))
+    binary = (full > threshold).astype(np.uint8)
+
+    if morphology > 1:
+        scale = 0.5 * (H0 / h + W0 / w)
+        k = max(1, int(round(morphology * scale)))
+        k += 1 - k % 2  # odd, so the kernel is centred and the mask does not shift
+        if k > 1:
+            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+            binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel)
+            binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, kernel)
+
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    mask = np.zeros((H0, W0), dtype=np.uint8)
+    if n <= 1:
+        return mask, []
+    flat_lab = labels.ravel()
+    flat_val = full.ravel().astype(np.float64)
+    sums = np.bincount(flat_lab, weights=flat_val, minlength=n)
+    peaks = np.full(n, -np.inf)
+    np.maximum.at(peaks, flat_lab, flat_val)
+    keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(min_area, 1)]
+    regions = []
+    for i in keep:
+        x, y, bw, bh, area = (int(v) for v in stats[i, :5])
+        regions.append(Region(x=x, y=y, w=bw, h=bh, area=area, peak=float(peaks[i]), mean=float(sums[i] / area)))
+    if keep:
+        mask[np.isin(labels, keep)] = 255
+    regions.sort(key=lambda r: r.peak, reverse=True)
+    logger.debug("find_regions: %d component(s), %d kept (min_area=%d)", n - 1, len(regions), min_area)
+    return mask, regions
+
+
+def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[..., :3]
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
+        raise ValueError(f"image must be (H, W), (H, W, 3) RGB or (H, W, 4) RGBA; got shape {img.shape}")
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        if np.issubdtype(img.dtype, np.floating):
+            img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        else:
+            raise ValueError(f"image dtype must be uint8, uint16 or float in [0, 1]; got {img.dtype}")
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return np.ascontiguousarray(img)
+
+
+def overlay_heatmap(
+    image_rgb: np.ndarray,
+    anomaly_map: np.ndarray,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    alpha: float = 0.5,
+    regions: Sequence[Region] | None = None,
+    box_color: tuple[int, int, int] = (255, 255, 255),
+    thickness: int | None = None,
+) -> np.ndarray:
+    """Blend a JET-coloured anomaly map over an image, optionally drawing region boxes.
+
+    Args:
+        image_rgb: ``(H, W, 3)`` RGB uint8 (``(H, W)`` grey, RGBA, uint16 or float [0, 1] are
+            converted).
+        anomaly_map: ``(h, w)`` float map; resized bilinearly to ``(H, W)``.
+        vmin, vmax: map values drawn as the bottom / top of the colour scale (clipped outside).
+            ``None`` = the map's own min / max; pass fixed values (e.g. from the calibration) so
+            colours are comparable between images.
+        alpha: heatmap weight in ``[0, 1]``.
+        regions: boxes to draw, in the image's coordinates (from :func:`find_regions` with
+            ``original_size=(H, W)``).
+        box_color: RGB colour of the boxes.
+        thickness: box line width; ``None`` = about 0.4 % of the image size, at least 1.
+
+    Returns:
+        ``(H, W, 3)`` RGB uint8.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
+    img = _as_rgb_uint8(image_rgb)
+    H, W = img.shape[:2]
+    a = resize_map(anomaly_map, (H, W))
+    lo = float(a.min()) if vmin is None else float(vmin)
+    hi = float(a.max()) if vmax is None else float(vmax)
+    span = hi - lo if hi > lo else 1.0
+    norm = np.clip((a - lo) / span, 0.0, 1.0)
+    heat_bgr = cv2.applyColorMap((norm * 255.0 + 0.5).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB)
+    out = cv2.addWeighted(img, 1.0 - alpha, heat, alpha, 0.0)
+    if regions:
+        t = thickness if thickness is not None else max(1, int(round(0.004 * max(H, W))))
+        for r in regions:
+            cv2.rectangle(out, (r.x, r.y), (r.x + r.w - 1, r.y + r.h - 1), tuple(int(c) for c in box_color), t)
+    return out

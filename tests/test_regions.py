@@ -1,0 +1,110 @@
+"""Tests for deploy.regions: regions at original resolution, resizing, heatmap overlays."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from deploy.regions import Region, find_regions, overlay_heatmap, resize_map
+
+
+def _two_blob_map() -> np.ndarray:
+    """64x64 map with blob A (rows 10-19, cols 5-14, value 1.0) and B (rows 40-49, cols 30-44, 0.8)."""
+    m = np.zeros((64, 64), np.float32)
+    m[10:20, 5:15] = 1.0
+    m[40:50, 30:45] = 0.8
+    return m
+
+
+# With the map resized bilinearly to (256, 192) (x4 in y, x3 in x) and threshold 0.4, a blob
+# edge between map pixels i-1 (0) and i (v >= .8) crosses v/2 >= .4 at map coordinate i - .5, i.e.
+# original row 4i - .5 / column 3i - .5: the boxes are exactly the map boxes scaled.
+EXPECTED_A = (15, 40, 30, 40)   # x = 5*3, y = 10*4, w = 10*3, h = 10*4
+EXPECTED_B = (90, 160, 45, 40)  # x = 30*3, y = 40*4, w = 15*3, h = 10*4
+
+
+@pytest.mark.parametrize("morphology", [0, 3])
+def test_two_blobs_at_original_resolution(morphology):
+    mask, regions = find_regions(_two_blob_map(), threshold=0.4, original_size=(256, 192), morphology=morphology)
+    assert mask.shape == (256, 192) and mask.dtype == np.uint8
+    assert set(np.unique(mask).tolist()) == {0, 255}
+    assert len(regions) == 2
+    a, b = regions  # sorted by peak: A (1.0) before B (0.8)
+    assert (a.x, a.y, a.w, a.h) == EXPECTED_A
+    assert (b.x, b.y, b.w, b.h) == EXPECTED_B
+    assert a.peak == pytest.approx(1.0) and b.peak == pytest.approx(0.8)
+    assert 0.4 < a.mean <= 1.0 and 0.4 < b.mean <= 0.8
+    # the mask lines up with the boxes: every mask pixel lies in a box, box centres are set
+    for r in regions:
+        x0, y0, x1, y1 = r.box
+        assert mask[(y0 + y1) // 2, (x0 + x1) // 2] == 255
+        assert r.area <= r.w * r.h and r.area > 0.9 * r.w * r.h
+    inside = np.zeros_like(mask, bool)
+    for r in regions:
+        x0, y0, x1, y1 = r.box
+        inside[y0:y1, x0:x1] = True
+    assert not np.any(mask[~inside])
+    assert int((mask > 0).sum()) == a.area + b.area
+
+
+def test_no_resize_and_json():
+    m = _two_blob_map()
+    mask, regions = find_regions(m, threshold=0.4, morphology=0, min_area=1)
+    assert mask.shape == (64, 64)
+    assert [(r.x, r.y, r.w, r.h, r.area) for r in regions] == [(5, 10, 10, 10, 100), (30, 40, 15, 10, 150)]
+    json.dumps([r.to_dict() for r in regions])
+    assert isinstance(regions[0], Region)
+
+
+def test_speckles_removed_by_morphology_and_min_area():
+    m = _two_blob_map()
+    m[60, 60] = 1.0  # a one-pixel speckle: ~4x3 pixels at original resolution
+    _, raw = find_regions(m, 0.4, original_size=(256, 192), morphology=0, min_area=0)
+    assert len(raw) == 3
+    _, by_area = find_regions(m, 0.4, original_size=(256, 192), morphology=0, min_area=50)
+    assert len(by_area) == 2
+    _, by_opening = find_regions(m, 0.4, original_size=(256, 192), morphology=3, min_area=0)
+    assert len(by_opening) == 2
+
+
+def test_nothing_above_threshold():
+    mask, regions = find_regions(np.zeros((8, 8)), 0.5, original_size=(20, 30))
+    assert regions == [] and mask.shape == (20, 30) and not mask.any()
+
+
+def test_find_regions_errors():
+    with pytest.raises(ValueError, match="anomaly_map must be"):
+        find_regions(np.zeros((2, 3, 4)), 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        find_regions(np.full((4, 4), np.nan), 0.5)
+    with pytest.raises(ValueError, match="original_size"):
+        find_regions(np.zeros((4, 4)), 0.5, original_size=(0, 4))
+
+
+def test_resize_map():
+    m = np.arange(16, dtype=np.float64).reshape(4, 4)
+    r = resize_map(m, (8, 12))
+    assert r.shape == (8, 12) and r.dtype == np.float32
+    assert r.min() == pytest.approx(0.0) and r.max() == pytest.approx(15.0)
+    assert resize_map(m[None], (4, 4)).shape == (4, 4)  # (1, h, w) accepted
+
+
+def test_overlay_heatmap():
+    img = np.full((120, 90, 3), 100, np.uint8)
+    amap = np.zeros((30, 30), np.float32)
+    amap[:15] = 1.0  # top half hot
+    out = overlay_heatmap(img, amap, vmin=0.0, vmax=1.0, alpha=1.0)
+    assert out.shape == (120, 90, 3) and out.dtype == np.uint8
+    hot, cold = out[10, 45].astype(int), out[110, 45].astype(int)
+    assert hot[0] > hot[2] and cold[2] > cold[0]  # JET: high = red, low = blue (RGB order)
+    assert np.array_equal(overlay_heatmap(img, amap, 0.0, 1.0, alpha=0.0), img)
+    # grey input, default vmin/vmax, boxes drawn in the requested colour
+    region = Region(x=10, y=20, w=30, h=40, area=1200, peak=1.0, mean=1.0)
+    boxed = overlay_heatmap(img[..., 0], amap, regions=[region], box_color=(0, 255, 0), thickness=1)
+    assert boxed.shape == (120, 90, 3)
+    assert tuple(boxed[20, 10]) == (0, 255, 0) and tuple(boxed[59, 39]) == (0, 255, 0)
+    with pytest.raises(ValueError, match="alpha"):
+        overlay_heatmap(img, amap, alpha=2.0)
+    with pytest.raises(ValueError, match="image must be"):
+        overlay_heatmap(np.zeros((4, 4, 2), np.uint8), amap)
