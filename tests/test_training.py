@@ -90,3 +90,17 @@ def test_time_budget_stops_cleanly_with_usable_checkpoint(mvtec_dir: Path, tmp_p
     ckpt = load_checkpoint(result.last_checkpoint)
     model = create_model("aae", in_channels=1, image_size=32, latent_dim=8, base_channels=8)
     model.load_state_dict(ckpt["model_state"])
+
+
+def test_repair_training_with_synthetic_defects(mvtec_dir: Path, tmp_path: Path) -> None:
+    """With synthetic defects the objective sees (defective image, clean target) pairs."""
+    from data.folder import ImageDataset, discover
+    from data.preprocess import Preprocess
+    from data.synthetic import DefectSynthesizer, SyntheticDefectDataset
+
+    ds = SyntheticDefectDataset(ImageDataset(discover(mvtec_dir).train, Preprocess(32)), DefectSynthesizer(p_defect=1.0))
+    item = ds[0]
+    assert item["mask"].sum() > 0 and not np.array_equal(item["image"], item["target"])
+    cfg = TrainConfig(data=str(mvtec_dir), out=str(tmp_path / "run"), image_size=32, epochs=1, batch_size=4,
+                      synthetic_defects=0.5, model_kwargs={"latent_dim": 8, "base_channels": 8})
+    assert train(cfg).epochs_done == 1

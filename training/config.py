@@ -33,6 +33,9 @@ class TrainConfig:
         device: ``auto``, ``cpu`` or ``cuda``.
         augment: ``none`` or ``flip`` (random horizontal/vertical flips, which keep normal normal
             for symmetric parts; switch off for oriented products).
+        synthetic_defects: probability that a training image carries a synthetic defect
+            (:class:`data.synthetic.DefectSynthesizer`); the batch then holds the clean image as
+            ``target`` and the model learns to *repair* (DRAEM-style). 0 disables.
         model_kwargs / objective_kwargs: passed to the model factory / the objective.
         scoring: residual and map settings used by export (see :mod:`anomaly.scoring`).
     """
@@ -50,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     augment: str = "flip"
+    synthetic_defects: float = 0.0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     objective_kwargs: dict[str, Any] = field(default_factory=dict)
     scoring: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCORING))
@@ -61,6 +65,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0.0 <= self.synthetic_defects <= 1.0:
+            raise ValueError(f"synthetic_defects must be in [0, 1], got {self.synthetic_defects}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 

@@ -114,6 +114,10 @@ def train(config: TrainConfig, *, resume: bool = False,
 
     augment = flip_augment if config.augment == "flip" else None
     train_ds = ImageDataset(train_s, pre, augment=augment, seed=config.seed, cache=True)
+    if config.synthetic_defects > 0:
+        from data.synthetic import DefectSynthesizer, SyntheticDefectDataset
+
+        train_ds = SyntheticDefectDataset(train_ds, DefectSynthesizer(p_defect=config.synthetic_defects), seed=config.seed)
     val_ds = ImageDataset(val_s, pre, cache=True) if val_s else None
     g = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(train_ds, batch_size=min(config.batch_size, len(train_ds)), shuffle=True,
