@@ -15,7 +15,7 @@ from typing import Sequence
 
 __all__ = ["main", "COMMAND_MODULES"]
 
-COMMAND_MODULES = ("training.cli", "deploy.cli", "anomaly.demo")
+COMMAND_MODULES = ("training.cli", "deploy.cli", "deploy.bench", "anomaly.demo")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +26,17 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 def _models(args: argparse.Namespace) -> int:
     from anomaly.registry import get_spec, list_models
 
-    rows = [(n, get_spec(n)) for n in list_models()]
-    print(f"{'name':<10} {'objective':<12} {'conditional':<11} {'reconstructs by':<34} paper")
-    for name, s in rows:
-        print(f"{name:<10} {s.objective:<12} {('yes' if s.conditional else 'no'):<11} {s.reconstruction:<34} {s.paper}")
+    rows = [("name", "objective", "conditional", "family", "reconstructs x by")]
+    papers = []
+    for name in list_models():
+        s = get_spec(name)
+        rows.append((name, s.objective, "yes" if s.conditional else "no", s.family, s.reconstruction))
+        papers.append(f"  {name}: {s.paper}")
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    print("\npapers:")
+    print("\n".join(papers))
     return 0
 
 

@@ -74,7 +74,8 @@ def test_audit_bad_inputs_do_not_stop_the_batch(trained_bundle: dict, tmp_path: 
 
 
 def test_audit_missing_bundle_and_input(trained_bundle: dict, tmp_path: Path, capsys) -> None:
-    assert main(["audit", str(tmp_path / "nobundle"), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    images = str(trained_bundle["data"] / "test")
+    assert main(["audit", str(tmp_path / "nobundle"), images, "--out", str(tmp_path / "o")]) == 2
     assert "no such bundle" in capsys.readouterr().err
     assert main(["audit", str(trained_bundle["bundle"]), str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
@@ -83,3 +84,14 @@ def test_audit_missing_bundle_and_input(trained_bundle: dict, tmp_path: Path, ca
 def test_calibrate_refuses_training_images(trained_bundle: dict, capsys) -> None:
     assert main(["calibrate", str(trained_bundle["bundle"]), "--normal", str(trained_bundle["data"] / "train" / "good")]) == 2
     assert "used to train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["dcgan", "vae"])
+def test_train_generative_writes_sample_grid(model: str, mvtec_dir: Path, tmp_path: Path) -> None:
+    import cv2
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(mvtec_dir), "--model", model, "--out", str(run), "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "4", "--generative"]) == 0
+    grid = cv2.imread(str(run / "samples.png"))
+    assert grid is not None and grid.shape[0] > 32 and grid.shape[1] > 32 and grid.std() > 0

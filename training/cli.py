@@ -10,10 +10,12 @@ from typing import Any
 __all__ = ["add_parsers"]
 
 
-def _progress_printer(stream=sys.stderr):
+def _progress_printer(stream=None):
+    """A progress callback that rewrites one status line on ``stream`` (default: stderr)."""
     last = [0.0]
 
     def show(ev: dict[str, Any]) -> None:
+        out = stream or sys.stderr
         now = time.monotonic()
         if ev["event"] == "batch":
             if now - last[0] < 0.5:
@@ -21,12 +23,12 @@ def _progress_printer(stream=sys.stderr):
             last[0] = now
             total = ev.get("batches") or "?"
             logs = " ".join(f"{k}={v:.4f}" for k, v in ev["logs"].items())
-            stream.write(f"\r  epoch {ev['epoch']}/{ev['epochs']} batch {ev['batch']}/{total} {logs} [{ev['elapsed']:.0f}s]\033[K")
+            out.write(f"\r  epoch {ev['epoch']}/{ev['epochs']} batch {ev['batch']}/{total} {logs} [{ev['elapsed']:.0f}s]\033[K")
         else:
             logs = " ".join(f"{k}={v:.4f}" for k, v in ev["logs"].items())
             mark = " (best)" if ev.get("improved") else ""
-            stream.write(f"\r  epoch {ev['epoch']}/{ev['epochs']} {logs} val_error={ev['val_error']:.5f}{mark} [{ev['elapsed']:.0f}s]\033[K\n")
-        stream.flush()
+            out.write(f"\r  epoch {ev['epoch']}/{ev['epochs']} {logs} val_error={ev['val_error']:.5f}{mark} [{ev['elapsed']:.0f}s]\033[K\n")
+        out.flush()
 
     return show
 
@@ -63,6 +65,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective-kwargs", type=_json_arg, default={}, help="JSON object for the objective")
     p.add_argument("--residual", default=None, help="residual kind used at export (l1, l2, ssim, gms, ms, l1_ssim)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--generative", action="store_true",
+                   help="also write OUT/samples.png, a grid of what the model generates (see what it learned)")
     p.set_defaults(func=_run)
 
 
@@ -84,4 +88,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"done: {result.epochs_done} epochs, {result.steps_done} steps in {result.seconds:.0f}s "
           f"(stopped by {result.stopped}); best validation error {result.best_val:.5f}")
     print(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
+    if args.generative:
+        from training.run import save_samples
+
+        print(f"samples: {save_samples(cfg.out)}")
     return 0

@@ -27,9 +27,9 @@ from data.io import atomic_write, read_image
 from data.preprocess import Preprocess
 from training.config import TrainConfig
 from training.objectives import create_objective
-from training.trainer import Trainer, TrainResult
+from training.trainer import Trainer, TrainResult, load_checkpoint
 
-__all__ = ["train", "split_normals", "detect_channels", "build_model"]
+__all__ = ["train", "split_normals", "detect_channels", "build_model", "load_run", "save_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +133,35 @@ def train(config: TrainConfig, *, resume: bool = False,
     if resume and (trainer.checkpoint_dir / "last.pt").exists():
         trainer.resume()
     return trainer.fit(train_loader, val_loader)
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[torch.nn.Module, dict[str, Any], TrainConfig]:
+    """Rebuild the trained model of a run folder, in ``eval()`` mode.
+
+    Returns:
+        ``(model, checkpoint_dict, config)``.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder (expected the --out folder of `anomaly train`)")
+    ckpt = load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = build_model(ckpt["model_name"], in_channels=cfg.channels, image_size=cfg.image_size,
+                        num_classes=ckpt.get("num_classes", 1), **ckpt.get("model_kwargs", {}))
+    model.load_state_dict(ckpt["model_state"])
+    return model.eval(), ckpt, cfg
+
+
+def save_samples(run_dir: str | Path, n: int = 64, checkpoint: str = "best") -> Path:
+    """Write ``RUN/samples.png``: a grid of what the trained model generates (GANs: G(z); VAE/AAE:
+    decoded prior samples; AE/CycleGAN: outputs for validation images), one column per class
+    for conditional models."""
+    from training.generative import save_sample_grid
+
+    model, ckpt, cfg = load_run(run_dir, checkpoint)
+    split = json.loads((Path(run_dir) / "split.json").read_text())
+    paths = (split.get("val") or split.get("train", []))[: max(1, n // 2)]
+    pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
+    images = torch.from_numpy(pre.load_batch(paths)) if paths else None
+    with torch.no_grad():
+        return save_sample_grid(model, Path(run_dir) / "samples.png", n=n, images=images)
