@@ -33,9 +33,7 @@ import torch
 from anomaly.scoring import ReconstructionScorer, ScoreOutput, Scorer
 from data.preprocess import Preprocess
 from deploy.bundle import MODEL_FILE, SCHEMA_VERSION, sha256_file, write_sidecar
-from training.config import TrainConfig
-from training.run import build_model
-from training.trainer import load_checkpoint
+from training.run import load_run
 
 __all__ = ["export_run", "export_onnx", "load_run", "OPSET"]
 
@@ -51,24 +49,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> tuple[torch.nn.Module, dict[str, Any], TrainConfig]:
-    """Rebuild the trained model of a run folder, in ``eval()`` mode.
-
-    Returns:
-        ``(model, checkpoint_dict, config)``.
-    """
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise FileNotFoundError(f"{run}: no such run folder (expected the --out folder of `anomaly train`)")
-    ckpt_path = run / "checkpoints" / f"{checkpoint}.pt"
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(ckpt["model_name"], in_channels=cfg.channels, image_size=cfg.image_size,
-                        num_classes=ckpt.get("num_classes", 1), **ckpt.get("model_kwargs", {}))
-    model.load_state_dict(ckpt["model_state"])
-    return model.eval(), ckpt, cfg
 
 
 def export_onnx(graph: ReconstructionScorer, path: str | os.PathLike, example: torch.Tensor,
