@@ -20,7 +20,6 @@ Example::
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -59,8 +58,9 @@ class ScoreOutput(NamedTuple):
 
 
 def gaussian_kernel(sigma: float, truncate: float = 3.0) -> torch.Tensor:
-    """1-D normalised Gaussian ``(K,)`` with ``K = 2 * ceil(truncate * sigma) + 1``."""
-    radius = max(1, int(math.ceil(truncate * sigma)))
+    """1-D normalised Gaussian ``(K,)`` with radius ``int(truncate * sigma + 0.5)`` (SciPy's rule,
+    so ``sigma=1.5, truncate=3.5`` gives the 11-tap window of Wang et al.'s SSIM)."""
+    radius = max(1, int(truncate * sigma + 0.5))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return k / k.sum()
