@@ -1,0 +1,130 @@
+"""Sample grids of any zoo family: a quick look at what a generative model has learned.
+
+What is drawn depends on the family:
+
+- GANs (``gan``, ``dcgan``, ``cgan``, ``infogan``): ``G(z)`` for ``z`` from the prior.
+- VAEs (``vae``, ``cvae``): ``decoder(z)``, ``z ~ N(0, I)``.
+- AAEs (``aae``, ``cond_aae``): ``decoder(z)``, ``z`` from the AAE's chosen prior.
+- plain AE (``ae``): it has no prior, so a diagonal Gaussian is fitted to the codes of ``images``
+  and decoded samples of it are drawn (``images`` required).
+- CycleGAN: translations of ``images`` into the normal domain, shown next to the inputs
+  (``images`` required).
+
+Conditional models draw labels ``0, 1, …, K-1, 0, 1, …`` (one class per column with ``n`` a
+multiple of K) unless ``cond`` is given.
+
+Example::
+
+    from training.generative import save_sample_grid
+    save_sample_grid(model, "runs/x/samples.png", n=64)
+    save_sample_grid(cyclegan, "runs/y/repairs.png", images=batch["image"][:16])
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["generate_samples", "save_sample_grid"]
+
+log = logging.getLogger(__name__)
+
+
+def _labels(cond: torch.Tensor | int | None, n: int, num_classes: int, device: torch.device) -> torch.Tensor | None:
+    if num_classes == 0:
+        return None
+    if cond is None:
+        return torch.arange(n, device=device) % num_classes
+    if isinstance(cond, int):
+        return torch.full((n,), cond, dtype=torch.long, device=device)
+    return cond.long().to(device).reshape(-1)[:n]
+
+
+@torch.no_grad()
+def generate_samples(
+    model: nn.Module,
+    n: int = 64,
+    cond: torch.Tensor | int | None = None,
+    images: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Images ``(M, C, S, S)`` in [0, 1] that show what ``model`` generates (see module docstring).
+
+    Args:
+        model: a zoo model.
+        n: number of samples (for CycleGAN: at most ``n`` inputs, so ``2 * n`` tiles).
+        cond: label(s) for conditional models: an int or an ``(n,)`` tensor.
+        images: ``(N, C, S, S)`` inputs, needed by ``ae`` and ``cyclegan``.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        num_classes = int(getattr(model, "num_classes", 0))
+        y = _labels(cond, n, num_classes, device)
+        if hasattr(model, "generator_repair"):  # CycleGAN: inputs, then their repairs
+            if images is None:
+                raise ValueError("a CycleGAN translates images: pass images=(N, C, H, W) to sample from it")
+            x = images[:n].to(device)
+            return torch.cat([x, model.generator_repair(x)], 0)
+        if hasattr(model, "generator") and hasattr(model, "sample_code"):  # GAN families
+            return model.generate(model.sample_code(n, device).code, y)
+        if getattr(model, "variational", False):  # VAE / CVAE
+            return model.decode(torch.randn(n, model.latent_dim, device=device), y)
+        if hasattr(model, "sample_prior"):  # AAE: the chosen prior (per-class cluster when conditional)
+            return model.decode(model.sample_prior(n, y, device=device), y)
+        if hasattr(model, "encode") and hasattr(model, "decode"):  # plain AE: Gaussian fitted to codes
+            if images is None:
+                raise ValueError("a plain autoencoder has no prior: pass images=(N, C, H, W) "
+                                 "to fit its code distribution")
+            x = images.to(device)
+            codes = model.encode(x, _labels(None, x.shape[0], num_classes, device))
+            mean = codes.mean(0)
+            std = codes.std(0, unbiased=False) if codes.shape[0] > 1 else torch.ones_like(mean)
+            return model.decode(mean + std * torch.randn(n, codes.shape[1], device=device), y)
+        raise TypeError(f"don't know how to sample from {type(model).__name__}")
+    finally:
+        model.train(was_training)
+
+
+def save_sample_grid(
+    model: nn.Module,
+    path: str | os.PathLike,
+    n: int = 64,
+    cond: torch.Tensor | int | None = None,
+    images: torch.Tensor | None = None,
+    nrow: int | None = None,
+) -> Path:
+    """Write a PNG grid (``torchvision.utils.make_grid``) of :func:`generate_samples`.
+
+    Args:
+        model, n, cond, images: as :func:`generate_samples`.
+        path: the PNG to write (parent folders are created; written to a temp file, then renamed).
+        nrow: tiles per row. Default: ``ceil(sqrt(n))``; the class count for conditional models
+            (one class per column); for CycleGAN the number of inputs, so each repair sits under
+            its input.
+
+    Returns:
+        The path written.
+    """
+    from torchvision.utils import make_grid, save_image
+
+    samples = generate_samples(model, n=n, cond=cond, images=images).float().clamp(0, 1).cpu()
+    if nrow is None:
+        if hasattr(model, "generator_repair"):
+            nrow = samples.shape[0] // 2
+        elif int(getattr(model, "num_classes", 0)) > 0 and cond is None:
+            nrow = int(model.num_classes)
+        else:
+            nrow = max(1, math.ceil(math.sqrt(samples.shape[0])))
+    grid = make_grid(samples, nrow=nrow, padding=2, pad_value=1.0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    save_image(grid, tmp)
+    os.replace(tmp, path)
+    log.info("wrote %d samples to %s", samples.shape[0], path)
+    return path

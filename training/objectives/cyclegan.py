@@ -1,0 +1,124 @@
+"""CycleGAN objective (Zhu et al., 2017, eq. 3) with identity and paired-repair terms.
+
+Domains: A = ``batch["image"]`` (may carry defects), B = ``batch["target"]`` (clean) when present.
+``G_r`` = ``generator_repair`` (A -> B), ``G_d`` = ``generator_defect`` (B -> A), ``D_B`` =
+``discriminator_normal``, ``D_A`` = ``discriminator_defect``.
+
+Steps, every batch:
+
+1. ``G`` (both generators)::
+
+       L_G = GAN(D_B(G_r(A)), real) + GAN(D_A(G_d(B)), real)                  # least squares
+           + lambda_cyc * (||G_d(G_r(A)) - A||_1 + ||G_r(G_d(B)) - B||_1)     # cycle consistency
+           + lambda_cyc * lambda_id * (||G_r(B) - B||_1 + ||G_d(A) - A||_1)   # identity (Taesung Park's term)
+           + lambda_pair * ||G_r(A) - B||_1                                   # only when A and B are pairs
+
+2. ``D`` (both discriminators)::
+
+       L_D = 1/2 [GAN(D_B(B), real) + GAN(D_B(G_r(A)), fake)] + 1/2 [GAN(D_A(A), real) + GAN(D_A(G_d(B)), fake)]
+
+Fallback without ``target`` (a folder of normal images only): B = ``image`` and A = ``image`` with a
+light synthetic corruption made here (:func:`corrupt`: one random rectangle per image filled with a
+random grey level, plus faint Gaussian noise). A and B are then pairs, so the paired term applies.
+A richer defect generator lives in ``data`` (the lead can pass its output as ``image``/``target``).
+
+Example::
+
+    objective = create_objective("cyclegan", model, lambda_cyc=10.0)
+    loss, logs = objective.loss("G", {"image": defective, "target": clean})
+"""
+from __future__ import annotations
+
+import torch
+
+from training.losses import GANLoss
+from training.objectives.base import Batch, Objective, Step, register_objective
+
+__all__ = ["CycleGANObjective", "corrupt"]
+
+
+def corrupt(x: torch.Tensor, max_fraction: float = 0.25, noise_std: float = 0.02) -> torch.Tensor:
+    """Light synthetic defects for the no-target fallback: ``(N, C, H, W)`` -> same shape in [0, 1].
+
+    Each image gets one axis-aligned rectangle (sides between 1/8 and ``max_fraction`` of the
+    image) filled with a uniform random grey level, plus Gaussian noise of ``noise_std``.
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+    lo = 1.0 / 8
+    rh = (lo + (max_fraction - lo) * torch.rand(n, device=dev)) * h
+    rw = (lo + (max_fraction - lo) * torch.rand(n, device=dev)) * w
+    top = torch.rand(n, device=dev) * (h - rh)
+    left = torch.rand(n, device=dev) * (w - rw)
+    yy = torch.arange(h, device=dev).view(1, h, 1).float()
+    xx = torch.arange(w, device=dev).view(1, 1, w).float()
+    inside = ((yy >= top.view(n, 1, 1)) & (yy < (top + rh).view(n, 1, 1))
+              & (xx >= left.view(n, 1, 1)) & (xx < (left + rw).view(n, 1, 1))).unsqueeze(1)
+    level = torch.rand(n, 1, 1, 1, device=dev).expand_as(x)
+    out = torch.where(inside, level, x) + noise_std * torch.randn_like(x)
+    return out.clamp(0.0, 1.0)
+
+
+@register_objective("cyclegan")
+class CycleGANObjective(Objective):
+    """Args:
+        gan_mode: adversarial loss (``lsgan`` as in the paper).
+        lambda_cyc: cycle-consistency weight (10 in the paper).
+        lambda_id: identity weight, relative to ``lambda_cyc`` (0.5 in the paper).
+        lambda_pair: weight of the direct ``||G_r(A) - B||_1`` term when pairs are known (0 disables).
+        lr: learning rate of both steps (2e-4, Adam betas (0.5, 0.999) as in the paper).
+    """
+
+    def __init__(self, model, *, gan_mode: str = "lsgan", lambda_cyc: float = 10.0, lambda_id: float = 0.5,
+                 lambda_pair: float = 10.0, lr: float = 2e-4) -> None:
+        super().__init__(model)
+        self.gan = GANLoss(gan_mode)
+        self.lambda_cyc = lambda_cyc
+        self.lambda_id = lambda_id
+        self.lambda_pair = lambda_pair
+        self.steps = (
+            Step("G", ("generator_repair", "generator_defect"), lr=lr, betas=(0.5, 0.999)),
+            Step("D", ("discriminator_normal", "discriminator_defect"), lr=lr, betas=(0.5, 0.999)),
+        )
+
+    @staticmethod
+    def domains(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(A, B, paired)`` from a batch (see the module docstring for the fallback)."""
+        if "target" in batch:
+            return batch["image"], batch["target"], True
+        b = batch["image"]
+        return corrupt(b), b, True
+
+    def loss(self, step: str, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        m = self.model
+        real_a, real_b, paired = self.domains(batch)
+        if step == "G":
+            fake_b = m.generator_repair(real_a)       # G_r(A)
+            fake_a = m.generator_defect(real_b)       # G_d(B)
+            adv = (self.gan(m.discriminator_normal(fake_b), True, for_discriminator=False)
+                   + self.gan(m.discriminator_defect(fake_a), True, for_discriminator=False))
+            cyc = ((m.generator_defect(fake_b) - real_a).abs().mean()     # || G_d(G_r(A)) - A ||
+                   + (m.generator_repair(fake_a) - real_b).abs().mean())  # || G_r(G_d(B)) - B ||
+            loss = adv + self.lambda_cyc * cyc
+            logs = {"G_adv": adv.item(), "cycle": cyc.item()}
+            if self.lambda_id > 0:
+                idt = ((m.generator_repair(real_b) - real_b).abs().mean()    # || G_r(B) - B ||
+                       + (m.generator_defect(real_a) - real_a).abs().mean())  # || G_d(A) - A ||
+                loss = loss + self.lambda_cyc * self.lambda_id * idt
+                logs["identity"] = idt.item()
+            if paired and self.lambda_pair > 0:
+                pair = (fake_b - real_b).abs().mean()                    # || G_r(A) - B ||
+                loss = loss + self.lambda_pair * pair
+                logs["repair"] = pair.item()
+            logs["G"] = loss.item()
+            return loss, logs
+        if step == "D":
+            with torch.no_grad():
+                fake_b = m.generator_repair(real_a)
+                fake_a = m.generator_defect(real_b)
+            d_b, d_a = m.discriminator_normal, m.discriminator_defect
+            loss_b = 0.5 * (self.gan(d_b(real_b), True) + self.gan(d_b(fake_b), False))  # D_B: B real, G_r(A) fake
+            loss_a = 0.5 * (self.gan(d_a(real_a), True) + self.gan(d_a(fake_a), False))  # D_A: A real, G_d(B) fake
+            loss = loss_a + loss_b
+            return loss, {"D_normal": loss_b.item(), "D_defect": loss_a.item(), "D": loss.item()}
+        raise KeyError(f"cyclegan objective has no step {step!r}")
