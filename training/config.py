@@ -26,7 +26,9 @@ class TrainConfig:
         image_size: model input side S (power of two).
         channels: 1 or 3; ``None`` = detect from the first training image.
         epochs, max_minutes: the budget (whichever ends first).
-        batch_size, lr: optimisation.
+        batch_size: optimisation batch size.
+        lr: learning rate of every step; ``None`` keeps the objective's own default (e.g. 2e-4 for
+            adversarial families, 1e-3 for AE/VAE).
         val_fraction: share of normal training images held out for validation (checkpoint choice,
             default threshold, score statistics); never trained on.
         seed: seeds the split, the initialisation and the data order.
@@ -48,7 +50,7 @@ class TrainConfig:
     epochs: int = 30
     max_minutes: float | None = None
     batch_size: int = 32
-    lr: float = 2e-4
+    lr: float | None = None
     val_fraction: float = 0.15
     seed: int = 0
     device: str = "auto"

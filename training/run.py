@@ -101,7 +101,10 @@ def train(config: TrainConfig, *, resume: bool = False,
     model_kwargs = dict(config.model_kwargs)
     model = build_model(config.model, in_channels=config.channels, image_size=config.image_size,
                         num_classes=num_classes, **model_kwargs)
-    objective = create_objective(spec.objective, model, **config.objective_kwargs)
+    objective_kwargs = dict(config.objective_kwargs)
+    if config.lr is not None:
+        objective_kwargs.setdefault("lr", config.lr)
+    objective = create_objective(spec.objective, model, **objective_kwargs)
     log.info("%s: %d training and %d validation images (%s layout, %d categor%s), model %s with %.2fM parameters",
              layout.root, len(train_s), len(val_s), layout.kind, num_classes, "y" if num_classes == 1 else "ies",
              config.model, sum(p.numel() for p in model.parameters()) / 1e6)
@@ -125,7 +128,7 @@ def train(config: TrainConfig, *, resume: bool = False,
     val_loader = DataLoader(val_ds, batch_size=config.batch_size) if val_ds else None
 
     trainer = Trainer(
-        objective, out_dir=out, epochs=config.epochs, max_minutes=config.max_minutes, lr=config.lr,
+        objective, out_dir=out, epochs=config.epochs, max_minutes=config.max_minutes, lr=config.lr or 2e-4,
         device=config.device, progress=progress,
         extra_state={"config": config.to_dict(), "model_name": config.model, "model_kwargs": model_kwargs,
                      "num_classes": num_classes, "categories": layout.categories, "preprocess": pre.to_dict()},
