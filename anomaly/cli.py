@@ -15,7 +15,7 @@ from typing import Sequence
 
 __all__ = ["main", "COMMAND_MODULES"]
 
-COMMAND_MODULES = ("training.cli", "deploy.cli", "deploy.bench", "anomaly.demo")
+COMMAND_MODULES = ("training.cli", "deploy.cli", "deploy.bench", "deploy.evaluate", "anomaly.demo")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -58,11 +58,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from deploy.bundle import BundleError
 
     errors: list[type[BaseException]] = [UnknownModelError, DatasetError, ImageReadError, BundleError, FileNotFoundError]
-    try:
-        from deploy.calibrate import CalibrationError
-        errors.append(CalibrationError)
-    except ImportError:
-        pass
+    from deploy.audit import AuditError
+    from deploy.calibrate import CalibrationError
+    from deploy.evaluate import EvaluationError
+    from deploy.review import ReviewError
+
+    errors += [AuditError, CalibrationError, EvaluationError, ReviewError]
     return tuple(errors)
 
 

@@ -71,7 +71,7 @@ def run_demo(out: Path, *, cell_type: str = "mono", model: str = "aae", image_si
     say(f"[4/5] calibrating on held-out normal cells: {data / 'calibrate' / 'good'}")
     cal = calibrate_bundle(bundle, data / "calibrate" / "good", method="fpr", target_fpr=0.05)
     say(f"[5/5] auditing {data / 'test'} with onnxruntime")
-    summary = run_audit(bundle, [data / "test"], out / "audit")
+    summary = run_audit(bundle, [data / "test"], out / "audit", force=True)  # a rerun retrains: start the audit over
     labels, scores = [], []
     with open(summary["results"], newline="") as fh:
         for row in csv.DictReader(fh):

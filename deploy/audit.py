@@ -1,29 +1,275 @@
-"""Batch audit: score many images with the deployed runtime and write results and heatmaps.
+"""Batch audit: score many images with the deployed runtime; resumable, written incrementally.
 
-Outputs in ``OUT/``: ``results.csv`` (path, score, label, threshold, error) and, with heatmaps
-on, ``heatmaps/<n>_<name>.png`` — the anomaly map over the original image at its original
-resolution. Unreadable files become rows with an error; the batch goes on. Files are written
-atomically (temporary file, then rename).
+``run_audit(bundle, inputs, out)`` scores files, folders (recursive), globs and list files
+(``.txt`` / ``.lst``: one path per line) with onnxruntime — no torch — and writes into ``OUT/``:
+
+==========================  ============================================================================
+``audit.json``              what this folder was audited with: the bundle's path, ``bundle_sha256`` (the
+                            ONNX model's sha256, i.e. the model that made the scores),
+                            ``calibration_sha256`` (hash of the sidecar's ``calibration`` section), the
+                            calibration in force (threshold, pixel threshold, normal-score histogram)
+                            and the options. Written before the first image.
+``results.jsonl``           **the journal**: one JSON object per image, appended and flushed as each
+                            image finishes (after its image files are written), so a killed run leaves
+                            only complete lines (a truncated last line is dropped on resume).
+``results.csv``             the same rows as a table, rewritten atomically from the journal every
+                            ``csv_every`` images and at the end: it is always a consistent prefix of
+                            the journal, never half a file.
+``summary.json``            counts (images, scored, flagged, passed, failed), score histogram, timing,
+                            images/s; written at the end.
+``thumbs/<id>.jpg``         the input downscaled to ``thumbnail`` px (for the review page), if > 0.
+``heatmaps/<id>.png``       anomaly map over the input, original resolution (``heatmaps=True``).
+``masks/<id>.png``          binary region mask 0/255, original resolution (``masks=True``).
+``maps/<id>.npy``           raw float32 anomaly map ``(S, S)`` at model resolution (``save_maps=True``).
+``reconstructions/<id>.png`` the model's reconstruction ``x_hat`` (``reconstructions=True``).
+==========================  ============================================================================
+
+``<id>`` is ``<stem>-<10 hex of sha1(absolute path)>``: unique even when two inputs share a file name,
+and the same on every rerun. A row (journal and CSV) holds ``id``, ``path`` (absolute), ``score``,
+``probability`` (when the bundle has a probability model), ``label`` (1 flagged, 0 passed, -1
+uncalibrated), ``threshold``, ``width``/``height`` of the input, ``regions`` (``x, y, w, h, area, peak,
+mean`` in original pixels, most anomalous first), the relative paths of the files written for it and
+``error`` (why the image could not be scored; such rows have no score).
+
+Resume: rerunning with the same ``OUT`` skips every path already in the journal (errors included), so a
+killed audit loses nothing and duplicates nothing. A different model or calibration is refused
+(:class:`AuditError`) unless ``force=True``, which deletes this module's outputs and starts over.
+
+Each image is decoded once: ``Runtime.score_paths(keep_image=True)`` decodes ahead of inference in its
+worker threads and hands the decoded original back for the thumbnail and overlay (a runtime without
+``keep_image`` costs one more read). Image files are encoded in a thread pool and journal lines are
+appended in input order.
+
+Example::
+
+    summary = run_audit("bundle/", ["line3/*.png", "todo.txt"], "audit_out/", masks=True)
+    print(summary["flagged"], summary["failed"], summary["images_per_second"])
 """
 from __future__ import annotations
 
 import csv
+import glob
+import hashlib
+import inspect
+import json
 import logging
+import math
 import os
+import shutil
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
 
-from data.io import atomic_write, paths_from, read_image, write_image
+from data.io import IMAGE_EXTENSIONS, ImageReadError, atomic_write, list_images, read_image, write_image
 from deploy.runtime import ImageResult, Runtime
 
-__all__ = ["run_audit", "heatmap_overlay", "RESULT_FIELDS"]
+__all__ = ["run_audit", "expand_inputs", "output_id", "load_journal", "heatmap_overlay", "AuditError",
+           "AuditProgress", "format_duration", "RESULT_FIELDS", "AUDIT_SCHEMA", "OUTPUT_DIRS"]
 
 log = logging.getLogger(__name__)
-RESULT_FIELDS = ("path", "score", "label", "threshold", "error")
+
+AUDIT_SCHEMA = "anomaly.audit/1"
+#: Columns of ``results.csv`` (``regions`` holds the JSON list of regions).
+RESULT_FIELDS = ("path", "id", "score", "probability", "label", "threshold", "n_regions", "regions", "width",
+                 "height", "thumbnail", "heatmap", "mask", "map", "reconstruction", "error")
+#: Sub-folders of ``OUT`` this module writes (removed by ``force=True``).
+OUTPUT_DIRS = ("thumbs", "heatmaps", "masks", "maps", "reconstructions")
+OUTPUT_FILES = ("results.jsonl", "results.csv", "summary.json", "audit.json", "report.html")
+LIST_SUFFIXES = (".txt", ".lst")
+_GLOB_CHARS = set("*?[")
+
+
+class AuditError(ValueError):
+    """A usage problem with an audit folder or its inputs (e.g. resuming with another bundle)."""
+
+
+@dataclass(frozen=True)
+class AuditProgress:
+    """Progress of one run: ``done`` of ``total`` new images after ``seconds``; ``skipped`` were
+    already in the journal."""
+
+    done: int
+    total: int
+    skipped: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Images per second in this run (0 before the first image)."""
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the current rate (``None`` before the first image)."""
+        return (self.total - self.done) / self.rate if self.rate > 0 else None
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def _read_list(path: Path) -> list[Path]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuditError(f"{path}: cannot read the list file ({exc}); expected one image path per line") from exc
+    out = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        p = Path(line).expanduser()
+        out.append(p if p.is_absolute() else path.parent / p)
+    return out
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand audit inputs into a de-duplicated list of absolute paths, in the order given.
+
+    Args:
+        inputs: image files; folders (searched recursively for image extensions); globs (anything
+            containing ``* ? [``, expanded with :func:`glob.glob`, ``**`` recursive); list files
+            (``.txt``/``.lst``: one path per line, blank and ``#`` lines ignored, relative paths
+            relative to the list file). A listed path that does not exist is kept: it becomes an
+            error row, like any unreadable file.
+
+    Returns:
+        Absolute paths (not symlink-resolved); folder contents and glob matches sorted.
+
+    Raises:
+        FileNotFoundError: an input that is neither an existing path nor a glob with matches.
+    """
+    found: list[Path] = []
+    missing: list[str] = []
+    for item in inputs:
+        s = os.fspath(item)
+        p = Path(s).expanduser()
+        if p.is_dir():
+            found.extend(list_images(p))
+        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
+            found.extend(_read_list(p))
+        elif p.exists():
+            found.append(p)
+        elif _GLOB_CHARS & set(s):
+            matches = sorted(glob.glob(os.path.expanduser(s), recursive=True))
+            files = [Path(m) for m in matches if Path(m).is_file()]
+            dirs = [Path(m) for m in matches if Path(m).is_dir()]
+            if not files and not dirs:
+                missing.append(f"{s} (glob matched nothing)")
+            found.extend(files)
+            for d in dirs:
+                found.extend(list_images(d))
+        else:
+            missing.append(s)
+    if missing:
+        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
+    seen: set[str] = set()
+    out = []
+    for p in found:
+        a = os.path.abspath(p)
+        if a not in seen:
+            seen.add(a)
+            out.append(Path(a))
+    return out
+
+
+def output_id(path: str | os.PathLike) -> str:
+    """File-name stem of the outputs of ``path``: ``<stem>-<sha1 of the absolute path, 10 hex>``.
+
+    Stable across runs and unique per input even when inputs share a file name.
+    """
+    a = os.path.abspath(path)
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(a).stem)[:48] or "image"
+    return f"{stem}-{hashlib.sha1(a.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
+
+
+# -- journal -----------------------------------------------------------------------------------
+def load_journal(path: str | os.PathLike, repair: bool = False) -> list[dict[str, Any]]:
+    """Read ``results.jsonl``; a truncated or unparsable line (a killed run) is dropped.
+
+    Args:
+        repair: rewrite the file (atomically) without the dropped lines, so appending continues
+            from a clean line boundary.
+
+    Returns:
+        The records, in journal order.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return []
+    raw = p.read_bytes()
+    records: list[dict[str, Any]] = []
+    good: list[bytes] = []
+    dropped = 0
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and "path" in rec:
+            records.append(rec)
+            good.append(line)
+        else:
+            dropped += 1
+    # a last line without its newline was being written when the run stopped
+    if raw and not raw.endswith(b"\n") and good and raw.rsplit(b"\n", 1)[-1] == good[-1]:
+        records.pop()
+        good.pop()
+        dropped += 1
+    if dropped:
+        log.warning("%s: dropped %d incomplete line(s) left by an interrupted run", p, dropped)
+    if repair and (dropped or (raw and not raw.endswith(b"\n"))):
+        with atomic_write(p, "wb") as fh:
+            fh.write(b"".join(line + b"\n" for line in good))
+    return records
+
+
+def _csv_row(rec: dict[str, Any]) -> dict[str, Any]:
+    def num(v: Any) -> str:
+        return "" if v is None else f"{v:.6g}"
+
+    regions = rec.get("regions") or []
+    row = {k: rec.get(k) for k in RESULT_FIELDS}
+    row.update(score=num(rec.get("score")), probability=num(rec.get("probability")),
+               threshold=num(rec.get("threshold")), label="" if rec.get("label") is None else rec["label"],
+               n_regions=len(regions) if rec.get("error") is None else "",
+               regions=json.dumps(regions, separators=(",", ":")) if regions else "",
+               error=rec.get("error") or "")
+    return {k: ("" if v is None else v) for k, v in row.items()}
+
+
+def _write_csv(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    with atomic_write(path, newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=RESULT_FIELDS)
+        writer.writeheader()
+        for rec in records:
+            writer.writerow(_csv_row(rec))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_write(path, encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+
+
+# -- images ------------------------------------------------------------------------------------
+def _rgb8(image: np.ndarray) -> np.ndarray:
+    """float ``(H, W[, 1|3|4])`` in [0, 1] -> uint8 ``(H, W, 3)`` RGB."""
+    img = image
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float, alpha: float = 0.5) -> np.ndarray:
@@ -39,11 +285,181 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float, alp
     """
     from deploy.regions import overlay_heatmap
 
-    rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
-    rgb8 = (np.clip(rgb[:, :, :3], 0, 1) * 255).astype(np.uint8)
-    return overlay_heatmap(rgb8, anomaly_map, 0.0, vmax, alpha=alpha)
+    return overlay_heatmap(_rgb8(image), anomaly_map, 0.0, vmax, alpha=alpha)
 
 
+def _thumbnail(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = min(1.0, size / max(h, w))
+    if scale < 1.0:  # shrink the float image first: converting the full-size image would cost more
+        small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        return _rgb8(small[:, :, None] if small.ndim == 2 and image.ndim == 3 else small)
+    return _rgb8(image)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_write(path, "wb") as fh:
+        np.save(fh, np.asarray(array, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class _Options:
+    out: Path
+    heatmaps: bool
+    masks: bool
+    save_maps: bool
+    reconstructions: bool
+    thumbnail: int
+    pixel_threshold: float | None
+    vmax: float
+    min_area: int
+
+    @property
+    def needs_image(self) -> bool:
+        return self.thumbnail > 0 or self.heatmaps
+
+
+def _finish(r: ImageResult, o: _Options) -> dict[str, Any]:
+    """Regions and image files of one scored image -> its journal record (files written first)."""
+    from deploy.regions import find_regions
+
+    oid = output_id(r.path)
+    image = getattr(r, "image", None)
+    try:
+        if image is None and o.needs_image:  # a runtime without ``keep_image``: read the file again
+            image = read_image(r.path)
+    except ImageReadError as exc:
+        return _error_record(str(r.path), f"scored, then could not be read again for its outputs: {exc}")
+    amap, recon = r.anomaly_map, r.reconstruction
+    h, w = r.original_size if r.original_size else image.shape[:2]
+    rec: dict[str, Any] = {"id": oid, "path": str(r.path), "score": r.score, "probability": r.probability,
+                           "label": r.label, "threshold": r.threshold, "width": int(w), "height": int(h), "regions": []}
+    files: dict[str, str | None] = dict.fromkeys(("thumbnail", "heatmap", "mask", "map", "reconstruction"))
+    try:
+        mask = None
+        # bilinear resizing never exceeds the map's maximum: a map below the pixel threshold has no
+        # regions, which spares the full-resolution work for most (normal) images
+        if o.pixel_threshold is not None and float(amap.max()) > o.pixel_threshold:
+            mask, regions = find_regions(amap, o.pixel_threshold, original_size=(h, w), min_area=o.min_area)
+            rec["regions"] = [{"x": g.x, "y": g.y, "w": g.w, "h": g.h, "area": g.area, "peak": round(g.peak, 6),
+                               "mean": round(g.mean, 6)} for g in regions]
+        if o.thumbnail > 0:
+            files["thumbnail"] = f"thumbs/{oid}.jpg"
+            write_image(o.out / files["thumbnail"], _thumbnail(image, o.thumbnail))
+        if o.heatmaps:
+            files["heatmap"] = f"heatmaps/{oid}.png"
+            write_image(o.out / files["heatmap"], heatmap_overlay(image, amap, o.vmax))
+        if o.masks:
+            files["mask"] = f"masks/{oid}.png"
+            write_image(o.out / files["mask"], mask if mask is not None else np.zeros((h, w), np.uint8))
+        if o.save_maps:
+            files["map"] = f"maps/{oid}.npy"
+            _save_npy(o.out / files["map"], amap)
+        if o.reconstructions and recon is not None:
+            files["reconstruction"] = f"reconstructions/{oid}.png"
+            x = np.asarray(recon, dtype=np.float32)  # (C, S, S) in [0, 1]
+            write_image(o.out / files["reconstruction"], _rgb8(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)))
+    except (ValueError, cv2.error) as exc:  # image-specific; disk errors (OSError) stop the run
+        rec["error"] = f"{r.path}: scored, but its outputs could not be made: {exc}"
+    rec.update(files)
+    rec.setdefault("error", None)
+    return rec
+
+
+def _error_record(path: str, error: str) -> dict[str, Any]:
+    return {"id": output_id(path), "path": path, "score": None, "probability": None, "label": None,
+            "threshold": None, "width": None, "height": None, "regions": [], "thumbnail": None, "heatmap": None,
+            "mask": None, "map": None, "reconstruction": None, "error": error}
+
+
+# -- folder state ------------------------------------------------------------------------------
+def _calibration_snapshot(rt: Runtime) -> dict[str, Any]:
+    cal = rt.meta.get("calibration") or {}
+    image = cal.get("image") or {}
+    return {"threshold": rt.threshold, "method": image.get("method"), "pixel_threshold": rt.pixel_threshold,
+            "normal_histogram": image.get("normal_histogram") or image.get("normal_histogram_"),
+            "normal_stats": image.get("normal_stats"), "n_normal": image.get("n_normal"),
+            "probability": bool(image.get("probability_model")), "source": cal.get("source")}
+
+
+def _calibration_sha256(rt: Runtime) -> str:
+    blob = json.dumps(rt.meta.get("calibration"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _clear(out: Path) -> None:
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in OUTPUT_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
+def _prepare(out: Path, rt: Runtime, manifest: dict[str, Any], resume: bool, force: bool) -> list[dict[str, Any]]:
+    """Check / reset ``out``; returns the records already in its journal."""
+    journal = out / "results.jsonl"
+    if force:
+        _clear(out)
+        return []
+    old_manifest_path = out / "audit.json"
+    has_results = journal.is_file() and journal.stat().st_size > 0
+    if not has_results:
+        return []
+    if not resume:
+        raise AuditError(f"{out} already holds an audit ({journal.name}); pass --resume to continue it "
+                         "or --force to start over")
+    old: dict[str, Any] = {}
+    if old_manifest_path.is_file():
+        try:
+            old = json.loads(old_manifest_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+    if old.get("bundle_sha256") != manifest["bundle_sha256"]:
+        raise AuditError(f"{out} was audited with another model (bundle sha256 {str(old.get('bundle_sha256'))[:12]}…, "
+                         f"this bundle {manifest['bundle_sha256'][:12]}…, {manifest['bundle']}); resuming would mix "
+                         "scores of two models. Use another --out, or --force to start over")
+    if old.get("calibration_sha256") != manifest["calibration_sha256"]:
+        raise AuditError(f"{out} was audited with a different calibration of this bundle (the threshold changed "
+                         f"since: {old.get('calibration', {}).get('threshold')} -> {manifest['calibration']['threshold']}); "
+                         "resuming would mix labels of two thresholds. Use another --out, or --force to start over")
+    return load_journal(journal, repair=True)
+
+
+def _histogram(values: Sequence[float], bins: int = 30) -> dict[str, list] | None:
+    if not values:
+        return None
+    counts, edges = np.histogram(np.asarray(values, dtype=np.float64), bins=bins)
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def _summary(records: list[dict[str, Any]], manifest: dict[str, Any], new: int, skipped: int, seconds: float,
+             out: Path, opts: _Options) -> dict[str, Any]:
+    scored = [r for r in records if r.get("error") is None and r.get("score") is not None]
+    scores = [float(r["score"]) for r in scored]
+    failed = len(records) - len(scored)
+    flagged = sum(1 for r in scored if r.get("label") == 1)
+    passed = sum(1 for r in scored if r.get("label") == 0)
+    return {
+        "schema": AUDIT_SCHEMA,
+        "images": len(records), "scored": len(scored), "flagged": flagged, "passed": passed,
+        "uncalibrated": len(scored) - flagged - passed, "failed": failed,
+        "threshold": manifest["calibration"]["threshold"], "pixel_threshold": manifest["calibration"]["pixel_threshold"],
+        "score_stats": None if not scores else {"min": min(scores), "max": max(scores), "mean": float(np.mean(scores)),
+                                                "median": float(np.median(scores))},
+        "score_histogram": _histogram(scores),
+        "new": new, "skipped": skipped, "seconds": seconds,
+        "images_per_second": new / seconds if seconds > 0 and new else None,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bundle": manifest["bundle"], "bundle_sha256": manifest["bundle_sha256"],
+        "results": str(out / "results.csv"), "journal": str(out / "results.jsonl"),
+        "heatmaps": str(out / "heatmaps") if opts.heatmaps else None,
+        "masks": str(out / "masks") if opts.masks else None,
+        "maps": str(out / "maps") if opts.save_maps else None,
+        "reconstructions": str(out / "reconstructions") if opts.reconstructions else None,
+    }
+
+
+# -- the run -----------------------------------------------------------------------------------
 def run_audit(
     bundle: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
@@ -51,48 +467,124 @@ def run_audit(
     *,
     batch_size: int = 16,
     heatmaps: bool = True,
+    masks: bool = False,
+    save_maps: bool = False,
+    reconstructions: bool = False,
+    thumbnail: int = 256,
+    resume: bool = True,
+    force: bool = False,
     device: str = "auto",
     category: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
+    csv_every: int = 256,
+    min_area: int = 16,
+    progress: Callable[[AuditProgress], None] | None = None,
 ) -> dict[str, Any]:
-    """Audit ``inputs`` (files and folders) with ``bundle``; returns a summary dict.
+    """Audit ``inputs`` with ``bundle`` into ``out`` (see the module docstring); returns the summary.
+
+    Args:
+        bundle: bundle folder (``model.onnx`` + ``model.json``).
+        inputs: files, folders, globs and ``.txt``/``.lst`` list files (see :func:`expand_inputs`).
+        out: output folder (created).
+        batch_size: images per inference call.
+        heatmaps, masks, save_maps, reconstructions: which per-image files to write.
+        thumbnail: longest side of ``thumbs/<id>.jpg`` for the review page; 0 = none.
+        resume: skip inputs already in ``out/results.jsonl``; if False and there are results, refuse.
+        force: delete previous outputs of this module in ``out`` and start over.
+        workers: threads that write image files (default ``min(4, cpu count)``).
+        csv_every: rewrite ``results.csv`` after this many new images (and at the end).
+        min_area: smallest region kept, in original pixels.
+        progress: called with an :class:`AuditProgress` after each image.
+
+    Returns:
+        The dict also written to ``summary.json`` (``images``, ``flagged``, ``failed``, ``threshold``,
+        ``seconds``, ``images_per_second``, ``results`` (CSV path), ``heatmaps`` (folder or None), ...).
 
     Raises:
         deploy.bundle.BundleError: the bundle is missing or inconsistent.
-        FileNotFoundError: an input path does not exist.
+        FileNotFoundError: an input path does not exist (or a glob matches nothing).
+        AuditError: no images in the inputs, or ``out`` belongs to another bundle / calibration.
     """
-    missing = [str(p) for p in inputs if not Path(p).exists()]
-    if missing:
-        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
-    paths = paths_from(inputs)
+    if batch_size < 1:
+        raise AuditError(f"batch size must be >= 1, got {batch_size}")
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise AuditError(f"no images found in {', '.join(map(str, inputs))} "
+                         f"(looked for {', '.join(IMAGE_EXTENSIONS)} in folders)")
     rt = Runtime(bundle, device=device, category=category)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vmax = 2.0 * (rt.pixel_threshold or 1.0)
-    heat_dir = out / "heatmaps"
+    manifest = {
+        "schema": AUDIT_SCHEMA, "bundle": str(Path(bundle).resolve()),
+        "bundle_sha256": str(rt.meta.get("onnx", {}).get("sha256")), "calibration_sha256": _calibration_sha256(rt),
+        "model": rt.meta.get("model", {}).get("name"), "calibration": _calibration_snapshot(rt),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "options": {"heatmaps": heatmaps, "masks": masks, "save_maps": save_maps, "reconstructions": reconstructions,
+                    "thumbnail": thumbnail, "min_area": min_area},
+    }
+    records = _prepare(out, rt, manifest, resume, force)
+    if (out / "audit.json").is_file() and records:
+        manifest["created"] = json.loads((out / "audit.json").read_text()).get("created", manifest["created"])
+    _write_json(out / "audit.json", manifest)
+
+    done_paths = {r["path"] for r in records}
+    todo = [str(p) for p in paths if str(p) not in done_paths]
+    skipped = len(paths) - len(todo)
+    if skipped:
+        log.info("resuming %s: %d of %d images already audited", out, skipped, len(paths))
+    if rt.pixel_threshold is None:
+        log.warning("the bundle has no pixel threshold: no regions or masks (run `anomaly calibrate`)")
+    opts = _Options(out=out, heatmaps=heatmaps, masks=masks, save_maps=save_maps, reconstructions=reconstructions,
+                    thumbnail=int(thumbnail), pixel_threshold=rt.pixel_threshold,
+                    vmax=2.0 * (rt.pixel_threshold or 1.0), min_area=min_area)
+    nworkers = workers or max(1, min(4, os.cpu_count() or 1))
     t0 = time.monotonic()
-    counts = {"images": 0, "flagged": 0, "failed": 0}
-    with atomic_write(out / "results.csv", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=RESULT_FIELDS)
-        writer.writeheader()
-        for i, r in enumerate(rt.score_paths(paths, batch_size=batch_size)):
-            counts["images"] += 1
-            counts["failed"] += r.error is not None
-            counts["flagged"] += r.label == 1
-            writer.writerow({"path": r.path, "score": "" if r.error else f"{r.score:.6g}", "label": "" if r.error else r.label,
-                             "threshold": "" if r.threshold is None else f"{r.threshold:.6g}", "error": r.error or ""})
-            if heatmaps and r.error is None:
-                _write_heatmap(heat_dir / f"{i:06d}_{Path(r.path).stem}.png", r, vmax)
+    new = 0
+    journal_path = out / "results.jsonl"
+
+    # the runtime decodes each image once and hands it back (keep_image) for the overlays
+    keep = {"keep_image": True} if "keep_image" in inspect.signature(rt.score_paths).parameters else {}
+    with open(journal_path, "a", encoding="utf-8") as journal, \
+            ThreadPoolExecutor(nworkers, thread_name_prefix="audit-write") as write_pool:
+        pending: deque[Future] = deque()
+
+        def commit(rec: dict[str, Any]) -> None:
+            nonlocal new
+            journal.write(json.dumps(rec, allow_nan=False) + "\n")
+            journal.flush()
+            records.append(rec)
+            new += 1
+            if csv_every > 0 and new % csv_every == 0:
+                _write_csv(out / "results.csv", records)
             if progress:
-                progress(i + 1, len(paths))
+                progress(AuditProgress(new, len(todo), skipped, time.monotonic() - t0))
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit or (pending and pending[0].done()):
+                commit(pending.popleft().result())
+
+        for r in rt.score_paths(todo, batch_size=batch_size, keep_reconstruction=reconstructions, **keep):
+            if r.error is not None:
+                f: Future = Future()
+                f.set_result(_error_record(str(r.path), r.error))
+                pending.append(f)
+            else:
+                pending.append(write_pool.submit(_finish, r, opts))
+            drain(limit=2 * batch_size)  # bounds the decoded images held for writing
+        drain(limit=0)
+
     seconds = time.monotonic() - t0
-    summary = {**counts, "threshold": rt.threshold, "seconds": seconds,
-               "images_per_second": counts["images"] / seconds if seconds > 0 else None,
-               "results": str(out / "results.csv"), "heatmaps": str(heat_dir) if heatmaps else None}
-    log.info("audited %d images in %.1fs: %d flagged, %d failed", counts["images"], seconds, counts["flagged"], counts["failed"])
+    _write_csv(out / "results.csv", records)
+    summary = _summary(records, manifest, new, skipped, seconds, out, opts)
+    _write_json(out / "summary.json", summary)
+    log.info("audited %d new images (%d skipped) in %.1fs: %d flagged, %d failed of %d", new, skipped, seconds,
+             summary["flagged"], summary["failed"], summary["images"])
     return summary
 
 
-def _write_heatmap(path: Path, r: ImageResult, vmax: float) -> None:
-    image = read_image(r.path)
-    write_image(path, heatmap_overlay(image, r.anomaly_map, vmax))
+def format_duration(s: float | None) -> str:
+    """``m:ss`` or ``h:mm:ss`` for progress lines; ``?`` when unknown."""
+    if s is None or not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

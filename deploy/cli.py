@@ -1,5 +1,5 @@
-"""``anomaly export | calibrate | audit``. Export imports torch when it runs; calibrate and audit
-never do (they run on a line PC with the base install)."""
+"""``anomaly export | calibrate | audit | review``. Export imports torch when it runs; calibrate, audit and
+review never do (they run on a line PC with the base install)."""
 from __future__ import annotations
 
 import argparse
@@ -19,12 +19,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smoothing-sigma", type=float, default=None)
     p.add_argument("--aggregate", default=None, choices=("max", "mean", "topk"))
     p.add_argument("--normalize", action="store_true", help="per-pixel normalisation by validation residual statistics")
+    p.add_argument("--int8", metavar="CALIB_DIR", default=None,
+                   help="also write OUT_int8/: int8 static quantisation for CPUs, activation ranges calibrated on the "
+                        "normal images in CALIB_DIR (e.g. the training folder)")
+    p.add_argument("--fp16", action="store_true", help="also write OUT_fp16/: float16 reconstructor for CUDA/TensorRT")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("calibrate", help="fit thresholds on held-out images into the bundle's sidecar",
                        description="Score held-out images with the bundle and write calibrated thresholds into model.json.")
     p.add_argument("bundle")
-    p.add_argument("--normal", required=True, help="folder of held-out normal images")
+    p.add_argument("--normal", default=None, help="folder of held-out normal images (required unless --reviews)")
+    p.add_argument("--reviews", default=None, help="decisions JSON from `anomaly review` (defect / false alarm): refit the threshold")
     p.add_argument("--defects", default=None, help="folder of defective images (enables f1/youden and probabilities)")
     p.add_argument("--masks", default=None, help="folder of masks <name>_mask.png for the defective images")
     p.add_argument("--method", default="fpr", choices=("fpr", "sigma", "percentile", "f1", "youden"))
@@ -36,16 +41,42 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_calibrate)
 
-    p = sub.add_parser("audit", help="score images with a bundle; write results.csv and heatmaps",
-                       description="Score files and folders with onnxruntime (no torch needed).")
+    p = sub.add_parser("audit", help="score images with a bundle; write results (csv + jsonl), heatmaps, masks",
+                       description="Score files, folders, globs and list files with onnxruntime (no torch needed). "
+                                   "Results are journaled to OUT/results.jsonl as each image finishes; rerunning with the "
+                                   "same --out resumes where a killed run stopped.")
     p.add_argument("bundle")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (recursive), globs ('line3/**/*.png') or list files (.txt/.lst: one path a line)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--heatmaps", dest="heatmaps", action="store_true", default=True,
+                   help="heatmap overlays at original resolution in OUT/heatmaps (default on)")
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", help="skip heatmap overlays")
+    p.add_argument("--masks", action="store_true", help="binary region masks (PNG, original resolution) in OUT/masks")
+    p.add_argument("--save-maps", action="store_true", help="raw float32 anomaly maps (.npy, model resolution) in OUT/maps")
+    p.add_argument("--reconstructions", action="store_true", help="the model's reconstruction (PNG) in OUT/reconstructions")
+    p.add_argument("--thumbnail-size", type=int, default=256, help="longest side of OUT/thumbs/*.jpg for `anomaly review` (0: none)")
+    p.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help="skip images already in OUT/results.jsonl (default)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to run if OUT already holds results")
+    p.add_argument("--force", action="store_true", help="delete previous audit outputs in OUT and start over")
+    p.add_argument("--fail-on-anomaly", action="store_true", help="exit with status 1 when any image is flagged")
+    p.add_argument("--workers", type=int, default=None, help="threads for decoding and writing files (default: up to 4)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or tensorrt")
     p.add_argument("--category", default=None, help="category for conditional models")
     p.set_defaults(func=_audit)
+
+    p = sub.add_parser("review", help="write (and optionally serve) OUT/report.html to review an audit",
+                       description="Build a self-contained HTML report of an `anomaly audit` folder: images sorted by score, "
+                                   "heatmap overlays, regions, the normal-score histogram with the threshold, a live "
+                                   "threshold slider, and defect / false-alarm decisions saved as JSON for "
+                                   "`anomaly calibrate --reviews`.")
+    p.add_argument("out", help="folder written by `anomaly audit`")
+    p.add_argument("--serve", action="store_true", help="serve the report on http://127.0.0.1:PORT; decisions are saved to OUT/decisions.json")
+    p.add_argument("--port", type=int, default=8765, help="port for --serve (0: any free port)")
+    p.add_argument("--open", action="store_true", help="open the report in the default browser")
+    p.set_defaults(func=_review)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -63,15 +94,43 @@ def _export(args: argparse.Namespace) -> int:
     if meta.get("calibration"):
         print(f"default threshold {meta['calibration']['image']['threshold']:.6g} (1% FPR on validation images); "
               "run `anomaly calibrate` on held-out normal images to replace it")
+    if args.int8 or args.fp16:
+        from deploy.quantize import convert_fp16, quantize_int8
+
+        if args.int8:
+            q = quantize_int8(out, out.parent / f"{out.name}_int8", args.int8)
+            agree = json.loads((q / "model.json").read_text())["quantization"]["agreement_on_calibration_images"]
+            print(f"int8 bundle {q} (calibrated on {agree['images']} images from {args.int8}; max |score diff| vs fp32 "
+                  f"{agree['max_abs_score_diff']:.2e}" + (f", Spearman {agree['score_spearman']:.4f}" if "score_spearman" in agree else "")
+                  + "); thresholds copied from fp32: refit with `anomaly calibrate`")
+        if args.fp16:
+            h = convert_fp16(out, out.parent / f"{out.name}_fp16")
+            print(f"fp16 bundle {h} (for --device cuda/tensorrt; on a CPU use the fp32 or int8 bundle)")
     return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from deploy.calibrate import calibrate_bundle
+    from deploy.calibrate import CalibrationError, calibrate_bundle
 
+    if args.normal is None and args.reviews is None:
+        raise CalibrationError("calibrate needs --normal (a folder of held-out normal images) and/or --reviews "
+                               "(decisions JSON from `anomaly review`)")
     rep = calibrate_bundle(args.bundle, args.normal, defects=args.defects, masks=args.masks, method=args.method,
                            target_fpr=args.target_fpr, k=args.k, percentile=args.percentile,
-                           probability=args.probability, pixel_fpr=args.pixel_fpr, device=args.device)
+                           probability=args.probability, pixel_fpr=args.pixel_fpr, device=args.device,
+                           reviews=args.reviews)
+    if rep.get("reviews"):
+        rv = rep["reviews"]
+        old = "none" if rv["previous_threshold"] is None else f"{rv['previous_threshold']:.6g}"
+        change = "unchanged" if not rv["changed"] else f"{old} -> {rep['threshold']:.6g}"
+        print(f"reviews {args.reviews}: {rv['n_defect']} defect(s), {rv['n_false_alarm']} false alarm(s); rule: {rv['rule']}")
+        print(f"image threshold: {change}")
+        print(f"on the reviewed images: {rv['defects_flagged']}/{rv['n_defect']} defects still flagged, "
+              f"{rv['false_alarms_flagged']}/{rv['n_false_alarm']} false alarms still flagged "
+              f"(before: {rv['defects_flagged_before']}/{rv['n_defect']} and {rv['false_alarms_flagged_before']}/{rv['n_false_alarm']})")
+        if args.normal is None:
+            print(f"wrote {args.bundle}/model.json (pixel threshold and normal-score histogram kept)")
+            return 0
     print(f"calibrated {args.bundle}/model.json with method {rep['method']} on {rep['n_normal']} normal images from {rep['normal']}"
           + (f" and {rep['n_defects']} defective images from {rep['defects']}" if rep["defects"] else ""))
     print(f"image threshold: {rep['threshold']:.6g}; false-positive rate on these normal images: {rep['expected_fpr']:.2%}")
@@ -85,19 +144,74 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from deploy.audit import run_audit
+    import time
 
-    def progress(done: int, total: int) -> None:
-        if done == total or done % 16 == 0:
-            sys.stderr.write(f"\r  {done}/{total} images\033[K")
-            if done == total:
+    from deploy.audit import AuditError, AuditProgress, format_duration, run_audit
+
+    last = [0.0]
+
+    def progress(p: AuditProgress) -> None:
+        now = time.monotonic()
+        if p.done == p.total or now - last[0] >= 0.5:
+            last[0] = now
+            skipped = f" ({p.skipped} done before)" if p.skipped else ""
+            sys.stderr.write(f"\r  {p.done}/{p.total} images{skipped}  {p.rate:.1f} images/s  "
+                             f"ETA {format_duration(p.eta if p.done < p.total else 0)}\033[K")
+            if p.done == p.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
 
-    s = run_audit(args.bundle, args.inputs, args.out, batch_size=args.batch_size, heatmaps=args.heatmaps,
-                  device=args.device, category=args.category, progress=progress)
+    try:
+        s = run_audit(args.bundle, args.inputs, args.out, batch_size=args.batch_size, heatmaps=args.heatmaps,
+                      masks=args.masks, save_maps=args.save_maps, reconstructions=args.reconstructions,
+                      thumbnail=args.thumbnail_size, resume=args.resume, force=args.force, workers=args.workers,
+                      device=args.device, category=args.category, progress=progress)
+    except AuditError as exc:
+        print(f"anomaly audit: error: {exc}", file=sys.stderr)
+        return 2
     thr = "uncalibrated" if s["threshold"] is None else f"{s['threshold']:.6g}"
-    print(f"{s['images']} images, {s['flagged']} flagged, {s['failed']} failed; threshold {thr}; "
+    resumed = f" ({s['skipped']} from an earlier run)" if s["skipped"] else ""
+    print(f"{s['images']} images{resumed}, {s['flagged']} flagged, {s['failed']} failed; threshold {thr}; "
           f"{s['images_per_second'] or 0:.1f} images/s")
-    print(f"results: {s['results']}" + (f"; heatmaps: {s['heatmaps']}" if s["heatmaps"] else ""))
+    if s["failed"]:
+        print(f"{s['failed']} image(s) could not be scored: see the error column of {s['results']}", file=sys.stderr)
+    made = [k for k in ("heatmaps", "masks", "maps", "reconstructions") if s[k]]
+    print(f"results: {s['results']} and {s['journal']}" + (f"; {', '.join(made)} in {args.out}" if made else ""))
+    if args.fail_on_anomaly and s["flagged"]:
+        return 1
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    from deploy.review import ReviewError, build_report, serve_report
+
+    try:
+        report = build_report(args.out)
+    except ReviewError as exc:
+        print(f"anomaly review: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {report}")
+    if not args.serve:
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(report.resolve().as_uri())
+        return 0
+    try:
+        server = serve_report(args.out, port=args.port, build=False)
+    except OSError as exc:
+        print(f"anomaly review: error: cannot serve on 127.0.0.1:{args.port} ({exc}); try --port 0", file=sys.stderr)
+        return 2
+    url = f"http://127.0.0.1:{server.server_address[1]}/report.html"
+    print(f"serving {url} (decisions are saved to {args.out}/decisions.json); Ctrl-C to stop")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # the normal way to stop serving
+        print("stopped")
+    finally:
+        server.server_close()
     return 0

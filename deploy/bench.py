@@ -1,0 +1,326 @@
+"""``anomaly bench``: how fast a bundle scores images, engine by engine, and what the audit keeps.
+
+For batch 1 and batch N it times the exported graph on the same preprocessed inputs with
+
+* **torch eager** — the run's model rebuilt from the run folder recorded in the sidecar
+  (:func:`deploy.export.load_run`, the same :class:`anomaly.scoring.Scorer` settings); only when
+  torch is installed and that folder is still there;
+* **onnxruntime** — the float32 bundle, and its int8 / fp16 variants (``--variants`` or the
+  sibling folders ``<bundle>_int8`` / ``<bundle>_fp16`` that ``anomaly export --int8/--fp16``
+  write), on the CPU and, where onnxruntime-gpu and a GPU are there, CUDA / TensorRT (fp16 only
+  on a GPU: a CPU has no float16 kernels worth timing);
+
+and reports images/s and per-call latency p50/p99. Then it runs the whole audit
+(:func:`deploy.audit.run_audit`: decode -> score -> results.csv + heatmap PNGs) on a folder of
+images and gives its rate as a fraction of the float32 graph's images/s at batch N.
+
+Library functions return rows; the CLI handler prints them. Torch is imported only for the
+torch row.
+
+Example::
+
+    anomaly bench bundle/ --images data/test --batch-size 16 --iterations 30
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+__all__ = ["add_parsers", "BenchRow", "time_calls", "bench_bundle", "bench_audit", "format_table", "find_variants"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchRow:
+    """One line of the table.
+
+    Attributes:
+        engine: ``torch eager``, ``onnxruntime`` or ``audit (end to end)``.
+        precision: ``fp32``, ``int8`` or ``fp16``.
+        device: ``cpu``, ``cuda`` or ``tensorrt``.
+        batch: images per call.
+        images_per_s: images / second over the timed calls.
+        p50_ms, p99_ms: per-call latency percentiles (a call scores ``batch`` images).
+        note: e.g. the audit's fraction of pure inference, or why a row is missing.
+    """
+
+    engine: str
+    precision: str
+    device: str
+    batch: int
+    images_per_s: float | None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    note: str = ""
+
+
+def time_calls(fn: Callable[[], Any], batch: int, iterations: int, warmup: int) -> tuple[float, float, float]:
+    """Time ``fn`` (scoring ``batch`` images per call) after ``warmup`` untimed calls.
+
+    Returns:
+        ``(images_per_s, p50_ms, p99_ms)``.
+    """
+    for _ in range(warmup):
+        fn()
+    lat = []
+    for _ in range(max(1, iterations)):
+        t = time.perf_counter()
+        fn()
+        lat.append(time.perf_counter() - t)
+    arr = np.asarray(lat)
+    return batch * len(arr) / float(arr.sum()), float(np.percentile(arr, 50) * 1e3), float(np.percentile(arr, 99) * 1e3)
+
+
+def _inputs(pre: Any, n: int, images: str | os.PathLike | None, seed: int = 0) -> np.ndarray:
+    """``(n, C, S, S)`` float32: preprocessed files from ``images`` (cycled), or seeded noise."""
+    if images is not None:
+        from data.io import paths_from
+
+        paths = paths_from([images])[: max(n, 1)]
+        if paths:
+            xs = [pre.load(p) for p in paths]
+            return np.stack([xs[i % len(xs)] for i in range(n)])
+    rng = np.random.default_rng(seed)
+    return rng.random((n, pre.channels, pre.image_size, pre.image_size), dtype=np.float32)
+
+
+def find_variants(bundle: str | os.PathLike) -> list[Path]:
+    """Sibling bundles ``<bundle>_int8`` / ``<bundle>_fp16`` (as ``anomaly export --int8/--fp16`` writes)."""
+    b = Path(bundle)
+    return [p for p in (b.parent / f"{b.name}_int8", b.parent / f"{b.name}_fp16") if (p / "model.onnx").is_file()]
+
+
+def _torch_graph(meta: dict[str, Any], threads: int) -> tuple[Callable[[np.ndarray], Any] | None, str]:
+    """The eager torch graph of the bundle's run, or ``(None, why not)``."""
+    # Idle OpenMP threads sleep instead of spinning (set before torch loads its OpenMP runtime):
+    # on a few shared cores spinning made torch 2-5x slower and erratic, which would flatter
+    # onnxruntime (whose threads do not spin there either, see deploy.runtime).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import torch
+    except ImportError:
+        return None, "torch not installed"
+    run = meta.get("model", {}).get("run")
+    if not run or not (Path(run) / "checkpoints").is_dir():
+        return None, f"run folder {run!r} not found"
+    from anomaly.scoring import ReconstructionScorer, Scorer
+    from deploy.export import load_run
+
+    model, _ckpt, cfg = load_run(run, meta["model"].get("checkpoint", "best"))
+    sc = meta["scoring"]
+    scorer = Scorer(residual=sc["residual"], smoothing_sigma=sc["smoothing_sigma"], aggregate=sc["aggregate"],
+                    topk_fraction=sc.get("topk_fraction", 0.01), image_size=(cfg.image_size, cfg.image_size))
+    if sc.get("normalized"):  # same arithmetic as the export (values do not change the timing)
+        s = cfg.image_size
+        scorer.set_normalization(torch.zeros(1, 1, s, s), torch.ones(1, 1, s, s))
+    graph = ReconstructionScorer(model, scorer).eval()
+    torch.set_num_threads(threads)
+    conditional = bool(meta["model"].get("conditional"))
+
+    def run_graph(x: np.ndarray) -> Any:
+        with torch.inference_mode():
+            t = torch.from_numpy(x)
+            return graph(t, torch.zeros(len(x), dtype=torch.int64) if conditional else None)
+
+    return run_graph, ""
+
+
+def bench_bundle(bundle: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 16), iterations: int = 20,
+                 warmup: int = 3, device: str = "auto", images: str | os.PathLike | None = None,
+                 variants: Sequence[str | os.PathLike] | None = None, threads: int | None = None,
+                 torch_eager: bool = True) -> list[BenchRow]:
+    """Time the bundle's graph with each available engine, precision and device.
+
+    Args:
+        bundle: float32 bundle folder.
+        batch_sizes: batch sizes to time.
+        iterations, warmup: timed and untimed calls per row.
+        device: ``auto`` (every installed provider), or one of ``cpu``, ``cuda``, ``tensorrt``.
+        images: folder of images to feed (preprocessed); ``None``: seeded noise of the same shape.
+        variants: other bundles of the same model (int8, fp16); ``None``: the sibling folders.
+        threads: intra-op threads for onnxruntime and torch (``None``: physical cores).
+        torch_eager: include the torch row when possible.
+
+    Returns:
+        one :class:`BenchRow` per engine/precision/device/batch.
+    """
+    from deploy.runtime import Runtime, available_devices, physical_cores
+
+    threads = threads or physical_cores()
+    base = Runtime(bundle, device="cpu", threads=threads)
+    xs = {b: _inputs(base.preprocess, b, images) for b in batch_sizes}
+    rows: list[BenchRow] = []
+    if torch_eager:
+        fn, why = _torch_graph(base.meta, threads)
+        for b in batch_sizes:
+            if fn is None:
+                rows.append(BenchRow("torch eager", "fp32", "cpu", b, None, note=why))
+                continue
+            ips, p50, p99 = time_calls(lambda: fn(xs[b]), b, iterations, warmup)
+            rows.append(BenchRow("torch eager", "fp32", "cpu", b, ips, p50, p99,
+                                 note=f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}"))
+    devices = available_devices() if device == "auto" else [device]
+    bundles = [Path(bundle)] + [Path(v) for v in (find_variants(bundle) if variants is None else variants)]
+    for dev in devices:
+        for bpath in bundles:
+            precision = "fp32"
+            try:
+                rt = base if (bpath == Path(bundle) and dev == "cpu") else Runtime(bpath, device=dev, threads=threads)
+                precision = rt.precision
+            except (RuntimeError, ValueError) as exc:
+                rows.append(BenchRow("onnxruntime", precision, dev, batch_sizes[0], None, note=str(exc).split(";")[0]))
+                continue
+            if precision == "fp16" and dev == "cpu":
+                continue  # float16 is for GPUs; on a CPU onnxruntime casts back to float32
+            for b in batch_sizes:
+                ips, p50, p99 = time_calls(lambda: rt.infer(xs[b]), b, iterations, warmup)
+                rows.append(BenchRow("onnxruntime", precision, dev, b, ips, p50, p99))
+    return rows
+
+
+def _synthetic_folder(root: Path, n: int, size: int, channels: int, seed: int = 0) -> Path:
+    """``n`` PNGs of a noisy texture at ``size`` x ``size`` (when no --images folder is given)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for i in range(n):
+        img = 0.5 + 0.2 * np.sin(2 * np.pi * xx / 16 + rng.uniform(0, 6.3)) * np.cos(2 * np.pi * yy / 16)
+        img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
+        img8 = (img * 255).astype(np.uint8)
+        if channels == 3:
+            img8 = np.repeat(img8[:, :, None], 3, axis=2)
+        cv2.imwrite(str(root / f"{i:05d}.png"), img8)
+    return root
+
+
+def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str = "auto",
+                images: str | os.PathLike | None = None, max_images: int = 256, repeats: int = 2,
+                heatmaps: bool = True) -> tuple[float, int, str]:
+    """Run the end-to-end audit (decode -> score -> results.csv + heatmaps) and time it.
+
+    Args:
+        images: folder of images (at most ``max_images`` are used); ``None``: 64 synthetic PNGs
+            at twice the model's input size.
+        repeats: audits run; the fastest counts (the first also warms the file cache).
+
+    Returns:
+        ``(images_per_s, n_images, source description)``.
+    """
+    from data.io import paths_from
+    from deploy.audit import run_audit
+    from deploy.bundle import load_sidecar
+
+    meta = load_sidecar(bundle)
+    with tempfile.TemporaryDirectory(prefix="anomaly-bench-") as tmp:
+        if images is None:
+            pre = meta["preprocess"]
+            size = 2 * int(pre["image_size"])
+            src = Path(tmp) / "images"
+            src.mkdir()
+            paths, source = paths_from([_synthetic_folder(src, 64, size, int(pre["channels"]))]), f"64 synthetic {size}px PNGs"
+        else:
+            paths = paths_from([images])[:max_images]
+            source = f"{len(paths)} images from {images}"
+        if not paths:
+            raise FileNotFoundError(f"{images}: no images to audit")
+        best = 0.0
+        for k in range(max(1, repeats)):
+            out = Path(tmp) / f"audit{k}"
+            t = time.perf_counter()
+            summary = run_audit(bundle, [str(p) for p in paths], out, batch_size=batch_size, heatmaps=heatmaps,
+                                device=device)
+            wall = time.perf_counter() - t
+            ips = summary.get("images_per_second") or len(paths) / wall
+            best = max(best, float(ips))
+    return best, len(paths), source
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    """The rows as an aligned text table (images/s, latency p50/p99 per call)."""
+    head = f"{'engine':<20} {'precision':<9} {'device':<8} {'batch':>5} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8}  note"
+    lines = [head, "-" * len(head)]
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for r in rows:
+        lines.append(f"{r.engine:<20} {r.precision:<9} {r.device:<8} {r.batch:>5} {num(r.images_per_s, '9.1f'):>9} "
+                     f"{num(r.p50_ms, '8.2f'):>8} {num(r.p99_ms, '8.2f'):>8}  {r.note}".rstrip())
+    return "\n".join(lines)
+
+
+def run_all(bundle: str | os.PathLike, *, batch_size: int = 16, iterations: int = 20, warmup: int = 3,
+            device: str = "auto", images: str | os.PathLike | None = None,
+            variants: Sequence[str | os.PathLike] | None = None, threads: int | None = None,
+            audit: bool = True, audit_images: int = 256, torch_eager: bool = True) -> list[BenchRow]:
+    """Every row of ``anomaly bench``: the graph timings, then the audit against pure inference."""
+    sizes = (1, batch_size) if batch_size != 1 else (1,)
+    rows = bench_bundle(bundle, batch_sizes=sizes, iterations=iterations, warmup=warmup, device=device,
+                        images=images, variants=variants, threads=threads, torch_eager=torch_eager)
+    if audit:
+        audit_device = "cpu" if device == "auto" else device
+        if device == "auto":
+            from deploy.runtime import available_devices
+
+            gpus = [d for d in available_devices() if d != "cpu"]
+            audit_device = "cuda" if "cuda" in gpus else "cpu"
+        ref = next((r for r in rows if r.engine == "onnxruntime" and r.precision == "fp32" and r.device == audit_device
+                    and r.batch == batch_size and r.images_per_s), None)
+        ips, n, source = bench_audit(bundle, batch_size=batch_size, device=audit_device, images=images,
+                                     max_images=audit_images)
+        frac = f"{ips / ref.images_per_s:.0%} of onnxruntime fp32 batch {batch_size}" if ref else ""
+        rows.append(BenchRow("audit (end to end)", "fp32", audit_device, batch_size, ips,
+                             note=f"{frac}; {source}, heatmaps on".lstrip("; ")))
+    return rows
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``anomaly bench``."""
+    p = sub.add_parser("bench", help="time a bundle: images/s and latency per engine, and the end-to-end audit",
+                       description="Time the bundle's graph with torch eager (if the run folder and torch are there), "
+                                   "onnxruntime fp32 and its int8/fp16 variants on each available device, at batch 1 "
+                                   "and batch N; then the end-to-end audit rate as a fraction of pure inference.")
+    p.add_argument("bundle", help="float32 bundle folder written by `anomaly export`")
+    p.add_argument("--batch-size", type=int, default=16, help="batch N (batch 1 is always timed; default 16)")
+    p.add_argument("--iterations", type=int, default=20, help="timed calls per row (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
+    p.add_argument("--device", default="auto", help="auto (every installed provider), cpu, cuda or tensorrt")
+    p.add_argument("--images", default=None, help="folder of images to feed and audit (default: generated)")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="int8/fp16 bundles of the same model (default: BUNDLE_int8 and BUNDLE_fp16 if present)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    p.add_argument("--audit-images", type=int, default=256, help="images audited at most (default 256)")
+    p.add_argument("--no-audit", dest="audit", action="store_false", help="skip the end-to-end audit row")
+    p.add_argument("--no-torch", dest="torch_eager", action="store_false", help="skip the torch eager rows")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from deploy.runtime import physical_cores
+
+    if args.batch_size < 1 or args.iterations < 1 or args.warmup < 0:
+        print("anomaly bench: error: --batch-size and --iterations must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    rows = run_all(args.bundle, batch_size=args.batch_size, iterations=args.iterations, warmup=args.warmup,
+                   device=args.device, images=args.images, variants=args.variants, threads=args.threads,
+                   audit=args.audit, audit_images=args.audit_images, torch_eager=args.torch_eager)
+    print(f"anomaly bench {args.bundle}: {args.iterations} timed calls after {args.warmup} warm-up, "
+          f"{args.threads or physical_cores()} intra-op threads; latency is per call (batch images)")
+    print(format_table(rows))
+    return 0
+
+
+def rows_as_dicts(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
+    """Rows as plain dicts (for JSON)."""
+    return [asdict(r) for r in rows]

@@ -1,0 +1,195 @@
+"""`anomaly audit`: inputs (folders, globs, list files), journaled outputs, resume, bad files, exit codes."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from anomaly.cli import main
+from deploy.audit import expand_inputs, load_journal, output_id
+
+
+def _audit(bundle: Path, *args: str) -> int:
+    return main(["audit", str(bundle), *args])
+
+
+def _journal(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _csv(out: Path) -> list[dict]:
+    with open(out / "results.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _test_images(data: Path) -> list[Path]:
+    return sorted((data / "test").rglob("*.png"))
+
+
+def test_outputs_at_original_resolution_and_summary(trained_bundle: dict, tmp_path: Path, capsys) -> None:
+    src = _test_images(trained_bundle["data"])
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    # non-square inputs of different sizes and colour modes: outputs must follow each input's (H, W)
+    sizes = {"wide.png": (40, 72), "tall.png": (90, 50)}
+    for (name, (h, w)), p in zip(sizes.items(), src[-2:]):
+        img = cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), (w, h))
+        cv2.imwrite(str(inputs / name), cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if name == "wide.png" else img)
+    out = tmp_path / "out"
+    assert _audit(trained_bundle["bundle"], str(inputs), "--out", str(out), "--masks", "--save-maps",
+                  "--reconstructions") == 0
+    printed = capsys.readouterr()
+    assert "2 images" in printed.out and "images/s" in printed.err  # progress with rate on stderr
+
+    recs = {Path(r["path"]).name: r for r in _journal(out)}
+    assert set(recs) == set(sizes)
+    for name, (h, w) in sizes.items():
+        r = recs[name]
+        assert r["error"] is None and (r["width"], r["height"]) == (w, h)
+        assert cv2.imread(str(out / r["heatmap"])).shape[:2] == (h, w)
+        mask = cv2.imread(str(out / r["mask"]), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+        amap = np.load(out / r["map"])
+        assert amap.shape == (32, 32) and amap.dtype == np.float32
+        assert cv2.imread(str(out / r["reconstruction"])).shape[:2] == (32, 32)
+        assert (out / r["thumbnail"]).is_file()
+        for reg in r["regions"]:
+            assert 0 <= reg["x"] < w and 0 <= reg["y"] < h and reg["area"] > 0 and "peak" in reg
+
+    rows = _csv(out)
+    assert [r["path"] for r in rows] == [r["path"] for r in _journal(out)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 2 and summary["failed"] == 0
+    assert summary["flagged"] + summary["passed"] + summary["uncalibrated"] == 2
+    assert summary["score_histogram"]["counts"] and sum(summary["score_histogram"]["counts"]) == 2
+    assert summary["seconds"] > 0 and summary["images_per_second"] > 0
+    audit = json.loads((out / "audit.json").read_text())
+    meta = json.loads((Path(trained_bundle["bundle"]) / "model.json").read_text())
+    assert audit["bundle_sha256"] == meta["onnx"]["sha256"]
+
+
+def test_same_file_names_get_distinct_outputs(trained_bundle: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _audit(trained_bundle["bundle"], str(trained_bundle["data"] / "test"), "--out", str(out)) == 0
+    recs = _journal(out)
+    assert len(recs) == 8 and len({Path(r["path"]).name for r in recs}) == 4  # good/000.png and blob/000.png ...
+    assert len({r["id"] for r in recs}) == 8 and len(list((out / "heatmaps").glob("*.png"))) == 8
+    assert all(r["id"] == output_id(r["path"]) for r in recs)  # stable: derived from the path only
+
+
+def test_resume_after_a_kill_loses_and_duplicates_nothing(trained_bundle: dict, tmp_path: Path) -> None:
+    bundle, test = trained_bundle["bundle"], trained_bundle["data"] / "test"
+    out = tmp_path / "out"
+    assert _audit(bundle, str(test), "--out", str(out), "--no-heatmaps") == 0
+    full = {r["path"]: r["score"] for r in _journal(out)}
+    # simulate a kill in the middle of writing the 4th line
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    assert len(load_journal(out / "results.jsonl")) == 3
+
+    assert _audit(bundle, str(test), "--out", str(out), "--no-heatmaps") == 0
+    recs = _journal(out)
+    assert len(recs) == 8 and {r["path"] for r in recs} == set(full)
+    assert all(r["score"] == pytest.approx(full[r["path"]]) for r in recs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == 3 and summary["new"] == 5 and summary["images"] == 8
+    assert sorted(r["path"] for r in _csv(out)) == sorted(full)
+
+    # a run on a subset, then on everything: only the rest is scored
+    out2 = tmp_path / "out2"
+    assert _audit(bundle, str(test / "good"), "--out", str(out2), "--no-heatmaps") == 0
+    assert _audit(bundle, str(test), "--out", str(out2), "--no-heatmaps") == 0
+    assert len(_journal(out2)) == 8 and json.loads((out2 / "summary.json").read_text())["skipped"] == 4
+
+
+def test_force_no_resume_and_other_bundle(trained_bundle: dict, tmp_path: Path, capsys) -> None:
+    bundle, good = trained_bundle["bundle"], trained_bundle["data"] / "test" / "good"
+    out = tmp_path / "out"
+    assert _audit(bundle, str(good), "--out", str(out)) == 0
+    assert _audit(bundle, str(good), "--out", str(out), "--no-resume") == 2
+    assert "--force" in capsys.readouterr().err
+
+    # same model, recalibrated: labels would mix two thresholds
+    other = tmp_path / "bundle2"
+    shutil.copytree(bundle, other)
+    meta = json.loads((other / "model.json").read_text())
+    meta["calibration"]["image"]["threshold"] += 1.0
+    (other / "model.json").write_text(json.dumps(meta))
+    assert _audit(other, str(good), "--out", str(out)) == 2
+    assert "different calibration" in capsys.readouterr().err
+    # another model
+    audit = json.loads((out / "audit.json").read_text())
+    (out / "audit.json").write_text(json.dumps({**audit, "bundle_sha256": "0" * 64}))
+    assert _audit(bundle, str(good), "--out", str(out)) == 2
+    assert "another model" in capsys.readouterr().err
+
+    assert _audit(other, str(good), "--out", str(out), "--force") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["new"] == 4 and summary["skipped"] == 0 and summary["images"] == 4
+    assert json.loads((out / "audit.json").read_text())["calibration"]["threshold"] == meta["calibration"]["image"]["threshold"]
+
+
+def test_globs_and_list_files(trained_bundle: dict, tmp_path: Path) -> None:
+    data = trained_bundle["data"]
+    found = expand_inputs([str(data / "test" / "*" / "00[01].png")])
+    assert len(found) == 4 and all(p.is_absolute() for p in found)
+    lst = data / "todo.txt"
+    lst.write_text("# parts to check\n\ntest/good/000.png\n  test/blob/001.png  \n/nonexistent/part.png\ntest/good/000.png\n")
+    out = tmp_path / "out"
+    assert _audit(trained_bundle["bundle"], str(lst), str(data / "test" / "good" / "00[23].png"), "--out", str(out)) == 0
+    recs = {r["path"]: r for r in _journal(out)}
+    assert len(recs) == 5  # duplicates removed
+    assert recs[str(data / "test" / "blob" / "001.png")]["error"] is None
+    assert "no such file" in recs["/nonexistent/part.png"]["error"]
+    with pytest.raises(FileNotFoundError, match="matched nothing"):
+        expand_inputs([str(data / "*.nothing")])
+
+
+def test_bad_files_are_error_rows(trained_bundle: dict, tmp_path: Path, capsys) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = sorted((trained_bundle["data"] / "test" / "good").glob("*.png"))[0].read_bytes()
+    (inputs / "ok.png").write_bytes(good)
+    (inputs / "zero.png").write_bytes(b"")
+    (inputs / "text.jpg").write_text("not an image")
+    (inputs / "truncated.png").write_bytes(good[: len(good) // 3])
+    out = tmp_path / "out"
+    assert _audit(trained_bundle["bundle"], str(inputs), "--out", str(out)) == 0
+    captured = capsys.readouterr()
+    rows = {Path(r["path"]).name: r for r in _csv(out)}
+    assert set(rows) == {"ok.png", "zero.png", "text.jpg", "truncated.png"}
+    assert rows["ok.png"]["error"] == "" and rows["ok.png"]["score"] != ""
+    for name in ("zero.png", "text.jpg", "truncated.png"):
+        assert rows[name]["error"] and rows[name]["score"] == "", name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == 3 and summary["images"] == 4
+    assert "3 failed" in captured.out and "could not be scored" in captured.err
+    assert len(list((out / "heatmaps").glob("*.png"))) == 1
+
+
+def test_fail_on_anomaly_exit_code(trained_bundle: dict, tmp_path: Path) -> None:
+    bundle, data = trained_bundle["bundle"], trained_bundle["data"]
+    out = tmp_path / "out"
+    assert _audit(bundle, str(data / "test"), "--out", str(out), "--no-heatmaps") == 0
+    flagged = json.loads((out / "summary.json").read_text())["flagged"]
+    assert flagged > 0  # the blob images are far above the threshold
+    assert _audit(bundle, str(data / "test"), "--out", str(out), "--no-heatmaps", "--fail-on-anomaly") == 1
+    passed = [Path(r["path"]) for r in _journal(out) if r["label"] == 0]
+    lst = tmp_path / "passed.lst"
+    lst.write_text("\n".join(map(str, passed)))
+    assert _audit(bundle, str(lst), "--out", str(tmp_path / "o2"), "--fail-on-anomaly") == 0
+
+
+def test_usage_errors_exit_2(trained_bundle: dict, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _audit(trained_bundle["bundle"], str(empty), "--out", str(tmp_path / "o")) == 2
+    assert "no images found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        _audit(trained_bundle["bundle"], str(empty))  # --out missing: argparse
+    assert exc.value.code == 2

@@ -1,0 +1,141 @@
+"""`anomaly review` (report.html, local server) and `anomaly calibrate --reviews`."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from anomaly.cli import main
+
+
+@pytest.fixture
+def audited(trained_bundle: dict, tmp_path: Path) -> dict:
+    """A private copy of the bundle (calibrate rewrites it) and an audit of the test images."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_bundle["bundle"], bundle)
+    out = tmp_path / "audit"
+    assert main(["audit", str(bundle), str(trained_bundle["data"] / "test"), "--out", str(out), "--reconstructions"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return {"bundle": bundle, "out": out, "records": records,
+            "sha": json.loads((bundle / "model.json").read_text())["onnx"]["sha256"]}
+
+
+def _threshold(bundle: Path) -> float:
+    return json.loads((bundle / "model.json").read_text())["calibration"]["image"]["threshold"]
+
+
+def test_report_is_complete_and_self_contained(audited: dict, capsys) -> None:
+    out = audited["out"]
+    assert main(["review", str(out)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    for r in audited["records"]:
+        assert json.dumps(r["path"])[1:-1] in page
+    data = json.loads(re.search(r'<script type="application/json" id="review-data">(.*?)</script>', page, re.S).group(1))
+    assert len(data["rows"]) == len(audited["records"])
+    scores = [r["score"] for r in data["rows"]]
+    assert scores == sorted(scores, reverse=True)
+    # histogram of the normal calibration scores with the threshold, as inline SVG
+    assert '<svg id="histogram"' in page and 'class="h-normal"' in page and 'id="thr-cal"' in page
+    assert data["threshold"] == pytest.approx(_threshold(audited["bundle"]))
+    # no network: no absolute URLs, no external scripts or stylesheets; images are files inside OUT
+    assert "http://" not in page and "https://" not in page
+    assert "<link" not in page and "<script src" not in page
+    for row in data["rows"]:
+        for key in ("thumb", "heatmap", "recon"):
+            assert row[key] and (out / row[key]).is_file() and not Path(row[key]).is_absolute()
+    assert 'id="thr-slider"' in page and 'id="flagged-count"' in page and 'data-filter="errors"' in page
+
+
+def test_review_of_a_non_audit_folder(tmp_path: Path, capsys) -> None:
+    assert main(["review", str(tmp_path)]) == 2
+    assert "not a folder written by `anomaly audit`" in capsys.readouterr().err
+
+
+def test_calibrate_with_reviews_refits_the_threshold(audited: dict, tmp_path: Path, capsys) -> None:
+    bundle, recs = audited["bundle"], audited["records"]
+    before = _threshold(bundle)
+    flagged = [r for r in recs if r["label"] == 1]
+    good_flagged = [r for r in flagged if "/good/" in r["path"]]
+    defects = [r for r in flagged if "/blob/" in r["path"]]
+    assert defects, "the blob images should be flagged"
+    if not good_flagged:  # make sure there is a false alarm to learn from
+        good_flagged = [max((r for r in recs if "/good/" in r["path"]), key=lambda r: r["score"])]
+
+    # only false alarms: the threshold goes just above the highest one
+    fa = tmp_path / "fa.json"
+    fa.write_text(json.dumps({"bundle_sha256": audited["sha"], "decisions": [
+        {"path": r["path"], "score": r["score"], "decision": "false_alarm"} for r in good_flagged]}))
+    assert main(["calibrate", str(bundle), "--reviews", str(fa)]) == 0
+    printed = capsys.readouterr().out
+    top_fa = max(r["score"] for r in good_flagged)
+    after = _threshold(bundle)
+    assert after >= top_fa and after == pytest.approx(max(before, top_fa), rel=1e-9)
+    assert "false alarm" in printed and "image threshold" in printed
+
+    # both classes: a labelled method (f1) separates them
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"bundle_sha256": audited["sha"], "decisions": [
+        {"path": r["path"], "score": r["score"], "decision": "false_alarm"} for r in good_flagged] + [
+        {"path": r["path"], "score": r["score"], "decision": "defect"} for r in defects]}))
+    assert main(["calibrate", str(bundle), "--reviews", str(both)]) == 0
+    cal = json.loads((bundle / "model.json").read_text())["calibration"]
+    thr = cal["image"]["threshold"]
+    assert cal["image"]["method"] == "f1" and cal["source"]["reviews"]["n_defect"] == len(defects)
+    assert all(r["score"] > thr for r in defects) and all(r["score"] <= thr for r in good_flagged)
+    assert cal["image"]["normal_histogram"] and cal["pixel"]["threshold"] is not None  # kept
+    assert f"{len(defects)}/{len(defects)} defects still flagged" in capsys.readouterr().out
+
+    # decisions about another model are refused; --normal or --reviews is required
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"bundle_sha256": "f" * 64, "decisions": []}))
+    assert main(["calibrate", str(bundle), "--reviews", str(other)]) == 2
+    assert "another model" in capsys.readouterr().err
+    assert main(["calibrate", str(bundle)]) == 2
+
+
+def test_server_writes_decisions_atomically(audited: dict) -> None:
+    from deploy.review import serve_report
+
+    server = serve_report(audited["out"], port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert urllib.request.urlopen(f"{base}/report.html").status == 200
+        r0 = audited["records"][0]
+        assert urllib.request.urlopen(f"{base}/original/{r0['id']}").read() == Path(r0["path"]).read_bytes()
+        doc = {"bundle_sha256": audited["sha"], "decisions": [{"path": r0["path"], "score": r0["score"], "decision": "defect"}]}
+
+        def post(body: bytes, ctype: str = "application/json") -> int:
+            req = urllib.request.Request(f"{base}/decisions", data=body, headers={"Content-Type": ctype}, method="POST")
+            try:
+                return urllib.request.urlopen(req).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert post(json.dumps(doc).encode(), "text/plain") == 415
+        assert post(b"{not json") == 400
+        assert post(json.dumps({**doc, "bundle_sha256": "0" * 64}).encode()) == 409
+        assert not (audited["out"] / "decisions.json").exists()
+        assert post(json.dumps(doc).encode()) == 200
+        assert json.loads((audited["out"] / "decisions.json").read_text())["decisions"] == doc["decisions"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    # the report picks saved decisions up again
+    from deploy.review import build_report
+
+    assert '"decisions":{' + json.dumps(r0["path"]) + ':"defect"}' in build_report(audited["out"]).read_text()
+
+
+def test_review_is_torch_free(tmp_path: Path) -> None:
+    code = "import sys, deploy.review, deploy.audit, deploy.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

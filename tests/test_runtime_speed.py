@@ -1,0 +1,193 @@
+"""The fast paths stay correct: threaded batching, reduced-precision bundles, ``anomaly bench``.
+
+Nothing here is timed (timings live in ``benchmarks/speed.py``); these tests check that the
+pipeline returns what sequential inference returns, in order, with bounded memory, and that the
+int8 / fp16 bundles are valid, self-checking bundles whose scores agree with float32.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy.bundle import load_sidecar, sha256_file
+
+# Measured on the fixture's 8 test images: int8 vs fp32 Spearman 1.0, max |score diff| ~2e-6
+# (scores ~0.7, spread ~0.09); fp16 ~2e-7. On a trained ELPV model (benchmarks/speed.py) int8
+# keeps Spearman > 0.99. The bars leave a wide margin for other CPUs' integer kernels.
+INT8_MIN_SPEARMAN = 0.9
+INT8_MAX_REL_DIFF = 0.05
+FP16_MAX_REL_DIFF = 0.01
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _test_paths(trained_bundle: dict) -> list[Path]:
+    return sorted((trained_bundle["data"] / "test").rglob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(trained_bundle: dict, tmp_path_factory) -> Path:
+    from deploy.quantize import quantize_int8
+
+    out = tmp_path_factory.mktemp("int8") / "bundle_int8"
+    return quantize_int8(trained_bundle["bundle"], out, trained_bundle["data"] / "train" / "good")
+
+
+def test_pipeline_matches_sequential_infer_in_order(trained_bundle: dict, tmp_path: Path) -> None:
+    from deploy.runtime import Runtime
+
+    good = _test_paths(trained_bundle)
+    empty, garbage = tmp_path / "empty.png", tmp_path / "garbage.png"
+    empty.write_bytes(b"")
+    garbage.write_bytes(b"not an image")
+    paths = [good[0], empty, *good[1:4], tmp_path / "missing.png", *good[4:], garbage]
+    rt = Runtime(trained_bundle["bundle"], device="cpu", decode_workers=2, prefetch=1)
+    res = list(rt.score_paths(paths, batch_size=3, keep_image=True))
+
+    assert [r.path for r in res] == [str(p) for p in paths]
+    bad = {1, 5, len(paths) - 1}
+    assert [i for i, r in enumerate(res) if r.error] == sorted(bad)
+    assert "empty" in res[1].error and "no such file" in res[5].error and np.isnan(res[5].score)
+    ok = [p for i, p in enumerate(paths) if i not in bad]
+    ref = rt.infer(rt.preprocess.load_batch(ok))  # one sequential batch of every readable image
+    got = [r for r in res if r.error is None]
+    np.testing.assert_allclose([r.score for r in got], ref["score"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.stack([r.anomaly_map for r in got]), ref["anomaly_map"][:, 0], rtol=1e-5, atol=1e-6)
+    # keep_image hands back the decoded original: what the audit draws heatmaps on
+    from data.io import read_image
+
+    np.testing.assert_array_equal(got[0].image, read_image(ok[0]))
+    assert got[0].original_size == got[0].image.shape[:2] == (48, 48)
+    # the sequential mode (decode_workers=0) gives the same rows
+    seq = list(Runtime(trained_bundle["bundle"], device="cpu", decode_workers=0).score_paths(paths, batch_size=3))
+    assert [r.path for r in seq] == [r.path for r in res] and [bool(r.error) for r in seq] == [bool(r.error) for r in res]
+    np.testing.assert_allclose([r.score for r in seq if not r.error], [r.score for r in got], rtol=1e-5, atol=1e-6)
+    assert all(r.image is None for r in seq)
+
+
+def test_pipeline_memory_is_bounded(trained_bundle: dict) -> None:
+    """However many paths, at most (prefetch + 1) * batch_size are taken and decoded ahead."""
+    from deploy.runtime import Runtime
+
+    good = _test_paths(trained_bundle)
+    n, batch, prefetch = 60, 4, 1
+    bound = (prefetch + 1) * batch
+    consumed = 0
+
+    def source():
+        nonlocal consumed
+        for p in itertools.islice(itertools.cycle(good), n):
+            consumed += 1
+            yield p
+
+    decoded = 0
+    lock = threading.Lock()
+
+    def on_decode(_path: str) -> None:
+        nonlocal decoded
+        with lock:
+            decoded += 1
+
+    rt = Runtime(trained_bundle["bundle"], device="cpu", decode_workers=3, prefetch=prefetch)
+    rt._on_decode = on_decode
+    yielded = 0
+    for _ in rt.score_paths(source(), batch_size=batch):
+        yielded += 1
+        assert consumed - yielded < bound, (consumed, yielded)  # paths taken but not yet returned
+        with lock:
+            assert decoded - yielded < bound
+    assert yielded == consumed == n
+    assert rt.stats.bound == bound and 0 < rt.stats.peak_in_flight <= bound
+    assert rt.stats.batches == n // batch
+
+    # stopping early leaves nothing running and takes no more than the bound
+    consumed = 0
+    it = rt.score_paths(source(), batch_size=batch)
+    next(it)
+    it.close()
+    assert consumed <= bound
+
+
+def test_int8_bundle_is_valid_and_agrees_with_fp32(trained_bundle: dict, int8_bundle: Path) -> None:
+    from deploy.runtime import Runtime
+
+    meta = load_sidecar(int8_bundle)  # checks schema and sha256
+    assert meta["precision"] == "int8"
+    assert meta["onnx"]["sha256"] == sha256_file(int8_bundle / "model.onnx")
+    q = meta["quantization"]
+    assert q["format"] == "QDQ" and q["per_channel"] and q["quantized_nodes"] > 0 and q["calibration_images"] > 0
+    assert q["source_sha256"] == load_sidecar(trained_bundle["bundle"])["onnx"]["sha256"]
+
+    paths = _test_paths(trained_bundle)
+    fp32 = np.array([r.score for r in Runtime(trained_bundle["bundle"], device="cpu").score_paths(paths)])
+    rt8 = Runtime(int8_bundle, device="cpu")
+    assert rt8.precision == "int8" and rt8.threshold is not None
+    int8 = np.array([r.score for r in rt8.score_paths(paths)])
+    assert _spearman(fp32, int8) > INT8_MIN_SPEARMAN
+    assert np.abs(int8 - fp32).max() < INT8_MAX_REL_DIFF * np.abs(fp32).max()
+
+
+def test_int8_graph_scores_the_unquantised_input(int8_bundle: Path) -> None:
+    """Only the reconstructor is quantised: the residual must compare x_hat with the float input."""
+    import onnx
+
+    from deploy.quantize import reconstructor_nodes
+
+    g = onnx.load(str(int8_bundle / "model.onnx")).graph
+    recon = reconstructor_nodes(g)
+    readers = [n for n in g.node if "image" in n.input]
+    assert any(n.op_type == "QuantizeLinear" for n in readers)  # the encoder's copy
+    assert any(n.name not in recon and n.op_type != "QuantizeLinear" for n in readers)  # the scoring tail's
+    tail_q = [n for n in g.node if n.name not in recon and n.op_type in ("QuantizeLinear", "DequantizeLinear")
+              and not any(o in {i for m in g.node if m.name in recon for i in m.input} for o in n.output)]
+    assert not tail_q
+
+
+def test_fp16_bundle_keeps_float32_io(trained_bundle: dict, tmp_path: Path) -> None:
+    from deploy.quantize import convert_fp16
+    from deploy.runtime import Runtime
+
+    out = convert_fp16(trained_bundle["bundle"], tmp_path / "b16")
+    meta = load_sidecar(out)
+    assert meta["precision"] == "fp16" and meta["onnx"]["sha256"] == sha256_file(out / "model.onnx")
+    rt = Runtime(out, device="cpu")  # the CPU provider runs it (casting back), which is enough to check it
+    x = rt.preprocess.load_batch(_test_paths(trained_bundle))
+    ref = Runtime(trained_bundle["bundle"], device="cpu").infer(x)
+    got = rt.infer(x)
+    assert got["score"].dtype == np.float32 and got["anomaly_map"].shape == ref["anomaly_map"].shape
+    assert np.abs(got["score"] - ref["score"]).max() < FP16_MAX_REL_DIFF * np.abs(ref["score"]).max()
+    with pytest.raises(ValueError, match="new folder"):
+        convert_fp16(trained_bundle["bundle"], trained_bundle["bundle"])
+
+
+def test_missing_provider_is_a_clear_error(trained_bundle: dict) -> None:
+    from deploy.runtime import Runtime, available_devices
+
+    for device, provider in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")):
+        if device in available_devices():
+            continue
+        with pytest.raises(RuntimeError, match=f"no {provider}.*available here: cpu"):
+            Runtime(trained_bundle["bundle"], device=device)
+
+
+def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path, capsys) -> None:
+    from anomaly.cli import main
+
+    rc = main(["bench", str(trained_bundle["bundle"]), "--iterations", "2", "--warmup", "1", "--batch-size", "4",
+               "--device", "cpu", "--images", str(trained_bundle["data"] / "test"), "--audit-images", "8",
+               "--variants", str(int8_bundle)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.splitlines()
+    assert any(line.startswith("torch eager") and "   1 " in line for line in lines)  # the run folder is there
+    ort = [line for line in lines if line.startswith("onnxruntime")]
+    assert len(ort) == 4 and sum("int8" in line for line in ort) == 2
+    audit = [line for line in lines if line.startswith("audit (end to end)")]
+    assert len(audit) == 1 and "of onnxruntime fp32 batch 4" in audit[0]
