@@ -104,3 +104,15 @@ def test_repair_training_with_synthetic_defects(mvtec_dir: Path, tmp_path: Path)
     cfg = TrainConfig(data=str(mvtec_dir), out=str(tmp_path / "run"), image_size=32, epochs=1, batch_size=4,
                       synthetic_defects=0.5, model_kwargs={"latent_dim": 8, "base_channels": 8})
     assert train(cfg).epochs_done == 1
+
+
+def test_config_lr_overrides_objective_and_zero_is_honoured(mvtec_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(data=str(mvtec_dir), out=str(tmp_path / "run"), image_size=32, epochs=1, batch_size=4, lr=0.0,
+                      augment="none", model_kwargs={"latent_dim": 8, "base_channels": 8})
+    torch.manual_seed(cfg.seed)
+    train(cfg)
+    trained = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model_state"]
+    torch.manual_seed(cfg.seed)
+    init = create_model("aae", in_channels=1, image_size=32, latent_dim=8, base_channels=8).state_dict()
+    weights = [k for k in init if k.endswith("weight")]
+    assert weights and all(torch.equal(init[k], trained[k]) for k in weights)

@@ -128,7 +128,7 @@ def train(config: TrainConfig, *, resume: bool = False,
     val_loader = DataLoader(val_ds, batch_size=config.batch_size) if val_ds else None
 
     trainer = Trainer(
-        objective, out_dir=out, epochs=config.epochs, max_minutes=config.max_minutes, lr=config.lr or 2e-4,
+        objective, out_dir=out, epochs=config.epochs, max_minutes=config.max_minutes, lr=config.lr if config.lr is not None else 2e-4,
         device=config.device, progress=progress,
         extra_state={"config": config.to_dict(), "model_name": config.model, "model_kwargs": model_kwargs,
                      "num_classes": num_classes, "categories": layout.categories, "preprocess": pre.to_dict()},

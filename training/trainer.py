@@ -114,7 +114,7 @@ class Trainer:
             raise ValueError(f"objective {objective.name!r} declares no steps")
         self.params = {s.name: objective.parameters(s) for s in self.steps}
         self.optimizers = {
-            s.name: torch.optim.Adam(self.params[s.name], lr=s.lr or lr, betas=s.betas) for s in self.steps
+            s.name: torch.optim.Adam(self.params[s.name], lr=s.lr if s.lr is not None else lr, betas=s.betas) for s in self.steps
         }
         self._all_params = list(self.model.parameters())
         self.epoch = 0

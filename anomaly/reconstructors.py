@@ -1,0 +1,94 @@
+"""Reconstructor presets: named, benchmarked training + scoring recipes.
+
+A preset is a model from the zoo plus the objective/model keyword arguments, the synthetic-defect
+("repair") setting and one or more scorings to export with. ``benchmarks/quality.py`` trains and
+evaluates them; ``get_preset(name).train_config(data=..., out=...)`` returns the
+:class:`training.config.TrainConfig` to pass to :func:`training.run.train`.
+
+Example::
+
+    from anomaly.reconstructors import get_preset
+    from training.run import train
+    cfg = get_preset("aae_repair").train_config(data="cache/elpv_mono", out="runs/mono", epochs=15)
+    train(cfg)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Preset", "PRESETS", "get_preset"]
+
+Scoring = tuple[dict[str, Any], bool]  # (scoring overrides, per-pixel normalisation at export)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe. ``scorings`` maps a label to (scoring overrides, normalize) for export."""
+
+    name: str
+    model: str
+    description: str
+    synthetic_defects: float = 0.0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    objective_kwargs: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 32
+    lr: float = 2e-4
+    scorings: dict[str, Scoring] = field(default_factory=lambda: {"default": ({}, False)})
+    fixed_epochs: int | None = None  # a reference that ignores the epoch budget (untrained control)
+
+    def train_config(self, *, data: str, out: str, epochs: int = 15, image_size: int = 64, seed: int = 0,
+                     **overrides: Any):
+        """The :class:`training.config.TrainConfig` of this preset (``overrides`` win)."""
+        from training.config import TrainConfig
+
+        kw: dict[str, Any] = dict(data=data, out=out, model=self.model, epochs=self.fixed_epochs or epochs, image_size=image_size,
+                                  seed=seed, batch_size=self.batch_size, lr=self.lr,
+                                  synthetic_defects=self.synthetic_defects, model_kwargs=dict(self.model_kwargs),
+                                  objective_kwargs=dict(self.objective_kwargs), device="cpu")
+        kw.update(overrides)
+        return TrainConfig(**kw)
+
+
+_RESIDUALS: dict[str, Scoring] = {
+    "l1_ssim": ({"residual": "l1_ssim"}, False),
+    "l1": ({"residual": "l1"}, False),
+    "ssim": ({"residual": "ssim"}, False),
+    "ms": ({"residual": "ms"}, False),
+    "l1_ssim+norm": ({"residual": "l1_ssim"}, True),
+    "mean": ({"residual": "l1_ssim", "aggregate": "mean"}, False),
+}
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("ae", "ae", "floor: plain convolutional autoencoder (exported with every residual kind)",
+           scorings=dict(_RESIDUALS)),
+    Preset("aae", "aae", "adversarial autoencoder (latent discriminator), defaults as `anomaly train`; "
+           "exported with every residual kind and with per-pixel normalisation (one training run)",
+           scorings=dict(_RESIDUALS)),
+    # Negative control: learning rate 0 (random weights; only BatchNorm statistics see the data).
+    # Shows how much of a score comes from training rather than from the scoring pipeline.
+    Preset("untrained_aae", "aae", "negative control: aae with lr=0 (random init), 1 epoch",
+           lr=0.0, objective_kwargs={"lr": 0.0}, fixed_epochs=1,
+           scorings={"l1_ssim": _RESIDUALS["l1_ssim"], "l1_ssim+norm": _RESIDUALS["l1_ssim+norm"]}),
+    Preset("aae_norm", "aae", "aae, per-pixel residual normalisation from validation images at export",
+           scorings={"l1_ssim+norm": _RESIDUALS["l1_ssim+norm"]}),
+    Preset("aae_residuals", "aae", "aae, exported with every residual kind (one training run)",
+           scorings=dict(_RESIDUALS)),
+    Preset("aae_repair", "aae", "aae trained to repair DRAEM-style synthetic defects (p=0.5)",
+           synthetic_defects=0.5, scorings=dict(_RESIDUALS)),
+    Preset("ae_repair", "ae", "plain AE trained to repair synthetic defects (p=0.5)",
+           synthetic_defects=0.5, scorings=dict(_RESIDUALS)),
+    Preset("cyclegan_repair", "cyclegan", "CycleGAN-style repair generator (small U-Net), synthetic defects p=0.5",
+           synthetic_defects=0.5, batch_size=8,
+           model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16},
+           scorings={"l1_ssim": _RESIDUALS["l1_ssim"], "l1": _RESIDUALS["l1"], "ms": _RESIDUALS["ms"],
+                     "l1_ssim+norm": _RESIDUALS["l1_ssim+norm"]}),
+]}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a clear error lists the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown reconstructor preset {name!r}; expected one of {sorted(PRESETS)}") from None

@@ -1,0 +1,257 @@
+"""Quality benchmark: train -> export (ONNX) -> score through the deployed runtime -> metrics.
+
+For every dataset x config x seed this script trains a reconstructor with
+:func:`training.run.train`, exports it with :func:`deploy.export.export_run` (optionally several
+times with different scoring settings: re-exporting is cheap, no retraining), scores the held-out
+test split with :class:`deploy.runtime.Runtime` (the path a line PC runs) and reports
+
+* image AUROC / AP / F1-max (every dataset),
+* pixel AUROC / AUPRO at model resolution (datasets with masks: the synthetic textures),
+* train CPU seconds (``time.process_time`` of this process) and wall seconds.
+
+Every trial is recorded, not only the winner. Output: a markdown table on stdout and
+``OUT/results.md`` + ``OUT/results.json`` with the exact command line, machine and date.
+
+Example (what ``benchmarks/results/quality.md`` holds)::
+
+    python benchmarks/quality.py --datasets elpv_mono,elpv_poly --configs ae,aae,aae_repair \\
+        --epochs 15 --image-size 64 --out bench_out
+
+Datasets: ``elpv_mono``, ``elpv_poly`` (real EL solar-cell images, :func:`data.elpv.prepare_elpv`;
+train = functional cells of ``train/good``, test = ``test/good`` vs ``test/defective``) and
+``brick``, ``grass``, ``gravel`` (:func:`data.textures.make_texture_dataset`, masks from the
+evaluation defect generator, which differs from the training ``DefectSynthesizer``).
+
+Configs are the presets of :mod:`anomaly.reconstructors` (``--list-configs``); a config may carry
+several *scorings* (exports of the same run), each reported as its own row ``config/scoring``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+TEXTURES = ("brick", "grass", "gravel")
+ELPV = ("elpv_mono", "elpv_poly")
+
+
+def prepare_dataset(name: str, cache: Path, image_size: int, seed: int = 0) -> Path:
+    """The MVTec-style folder of dataset ``name`` under ``cache`` (created once, then reused)."""
+    if name in ELPV:
+        from data.elpv import prepare_elpv
+
+        return prepare_elpv(cache, cell_type=name.split("_", 1)[1], seed=seed)
+    if name in TEXTURES:
+        from data.textures import make_texture_dataset
+
+        root = cache / f"{name}_{image_size}"
+        if not (root / "train" / "good").is_dir():
+            make_texture_dataset(root, name, image_size=image_size, seed=seed)
+        return root
+    raise ValueError(f"unknown dataset {name!r}; expected one of {ELPV + TEXTURES}")
+
+
+def test_samples(root: Path, limit_per_class: int | None = None, seed: int = 0) -> list[Any]:
+    """Test samples of an MVTec-style folder (optionally a class-balanced deterministic subset)."""
+    from data.folder import discover
+
+    test = discover(root).test
+    if limit_per_class:
+        rng = np.random.default_rng(seed)
+        out = []
+        for label in (0, 1):
+            items = [s for s in test if s.label == label]
+            idx = sorted(rng.permutation(len(items))[:limit_per_class])
+            out += [items[i] for i in idx]
+        test = out
+    return test
+
+
+def _mask_at(path: Path | None, size: int) -> np.ndarray:
+    import cv2
+
+    if path is None:
+        return np.zeros((size, size), np.uint8)
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
+    return (m > 127).astype(np.uint8)
+
+
+def evaluate_bundle(bundle: Path, samples: list[Any], threads: int = 1) -> dict[str, float]:
+    """Score ``samples`` through the ONNX runtime; image (and pixel, when masks exist) metrics."""
+    from anomaly.metrics import aupro, image_metrics, pixel_metrics
+    from deploy.runtime import Runtime
+
+    rt = Runtime(bundle, device="cpu", threads=threads, decode_workers=1)
+    t0 = time.perf_counter()
+    results = list(rt.score_paths([str(s.path) for s in samples]))
+    infer_s = time.perf_counter() - t0
+    bad = [r for r in results if r.error]
+    if bad:
+        raise RuntimeError(f"{len(bad)} test images failed: {bad[0].path}: {bad[0].error}")
+    labels = np.array([s.label for s in samples])
+    scores = np.array([r.score for r in results], np.float64)
+    m = image_metrics(labels, scores)
+    out = {"image_auroc": m["auroc"], "image_ap": m["ap"], "image_f1_max": m["f1_max"],
+           "n_test_good": int((labels == 0).sum()), "n_test_bad": int((labels == 1).sum()),
+           "infer_ms_per_image": 1000 * infer_s / len(samples)}
+    if any(s.mask is not None for s in samples):
+        size = results[0].anomaly_map.shape[0]
+        masks = np.stack([_mask_at(s.mask, size) for s in samples])
+        maps = np.stack([r.anomaly_map for r in results]).astype(np.float32)
+        out.update(pixel_metrics(masks, maps))
+        out["aupro"] = aupro(masks, maps)
+    return out
+
+
+def run_trial(dataset: str, root: Path, config_name: str, seed: int, epochs: int, image_size: int,
+              out: Path, threads: int, test_limit: int | None, train_limit: int | None) -> list[dict[str, Any]]:
+    """Train one config once; export + evaluate each of its scorings. Returns one row per scoring."""
+    import torch
+
+    from anomaly.reconstructors import get_preset
+    from deploy.export import export_run
+    from training.run import train
+
+    torch.set_num_threads(threads)
+    preset = get_preset(config_name)
+    run_dir = out / "runs" / f"{dataset}__{config_name}__s{seed}"
+    data_root = root
+    if train_limit:
+        data_root = subset_train(root, out / "subsets" / f"{dataset}_n{train_limit}_s{seed}", train_limit, seed)
+    cfg = preset.train_config(data=str(data_root), out=str(run_dir), epochs=epochs, image_size=image_size, seed=seed)
+    c0, w0 = time.process_time(), time.perf_counter()
+    res = train(cfg)
+    train_cpu, train_wall = time.process_time() - c0, time.perf_counter() - w0
+    samples = test_samples(root, test_limit, seed)
+    rows = []
+    for scoring_name, (scoring, normalize) in preset.scorings.items():
+        bundle = out / "bundles" / f"{dataset}__{config_name}__{scoring_name}__s{seed}"
+        c1 = time.process_time()
+        export_run(run_dir, bundle, scoring=scoring, normalize=normalize)
+        metrics = evaluate_bundle(bundle, samples, threads)
+        rows.append({"dataset": dataset, "config": config_name, "scoring": scoring_name, "seed": seed,
+                     "model": cfg.model, "epochs": cfg.epochs, "image_size": image_size,
+                     "synthetic_defects": cfg.synthetic_defects, "train_cpu_s": round(train_cpu, 1),
+                     "train_wall_s": round(train_wall, 1), "eval_cpu_s": round(time.process_time() - c1, 1),
+                     "scoring_settings": {**cfg.scoring, **scoring}, "normalize": normalize,
+                     "best_epoch": getattr(res, "best_epoch", None), **metrics})
+    return rows
+
+
+def subset_train(root: Path, dest: Path, n: int, seed: int) -> Path:
+    """A copy of ``root`` whose train/good holds ``n`` images (deterministic); test is symlinked."""
+    import shutil
+
+    if (dest / "train" / "good").is_dir():
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    files = sorted((root / "train" / "good").iterdir())
+    pick = sorted(np.random.default_rng(seed).permutation(len(files))[:n])
+    (tmp / "train" / "good").mkdir(parents=True)
+    for i in pick:
+        shutil.copyfile(files[i], tmp / "train" / "good" / files[i].name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(dest)
+    return dest
+
+
+COLUMNS = [("dataset", "dataset"), ("config", "config"), ("scoring", "scoring"), ("seed", "seed"),
+           ("epochs", "ep"), ("image_auroc", "img AUROC"), ("image_ap", "img AP"), ("image_f1_max", "F1-max"),
+           ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"), ("train_cpu_s", "train CPU s"),
+           ("train_wall_s", "train wall s")]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k, "")
+            cells.append(f"{v:.3f}" if isinstance(v, float) and k not in ("train_cpu_s", "train_wall_s") else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def header(argv: list[str], rows: list[dict[str, Any]] = ()) -> str:
+    cmds = [f"python benchmarks/quality.py {shlex.join(argv)}"]
+    cmds += [c for c in dict.fromkeys(r.get("command") for r in rows) if c and c not in cmds]
+    return ("Command(s) (a resumed run keeps earlier trials):\n\n" + "".join(f"    {c}\n" for c in cmds) + "\n"
+            f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} logical CPUs (shared), Python {platform.python_version()}; "
+            f"date {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="elpv_mono,elpv_poly", help="comma list of " + ",".join(ELPV + TEXTURES))
+    p.add_argument("--configs", default="ae,aae,aae_repair", help="comma list of anomaly.reconstructors presets")
+    p.add_argument("--seeds", default="0", help="comma list of seeds")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads")
+    p.add_argument("--train-limit", type=int, default=None, help="use only N training images (subset)")
+    p.add_argument("--test-limit", type=int, default=None, help="at most N test images per class")
+    p.add_argument("--cache", default=None, help="dataset cache folder (default OUT/data)")
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--list-configs", action="store_true")
+    args = p.parse_args(argv)
+
+    from anomaly.reconstructors import PRESETS
+
+    if args.list_configs:
+        for name, preset in PRESETS.items():
+            print(f"{name:18s} {preset.description}")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache) if args.cache else out / "data"
+    rows: list[dict[str, Any]] = []
+    json_path = out / "results.json"
+    if json_path.is_file():  # resume: keep finished trials
+        rows = json.loads(json_path.read_text()).get("rows", [])
+    done = {(r["dataset"], r["config"], r["seed"]) for r in rows}
+    for dataset in args.datasets.split(","):
+        root = prepare_dataset(dataset, cache, args.image_size)
+        for config in args.configs.split(","):
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                if (dataset, config, seed) in done:
+                    continue
+                print(f"# {dataset} / {config} / seed {seed}", file=sys.stderr, flush=True)
+                try:
+                    new = run_trial(dataset, root, config, seed, args.epochs, args.image_size, out, args.threads,
+                                    args.test_limit, args.train_limit)
+                except Exception as exc:  # record the failure, carry on
+                    new = [{"dataset": dataset, "config": config, "scoring": "-", "seed": seed,
+                            "error": f"{type(exc).__name__}: {exc}"}]
+                for r in new:
+                    r["command"] = "python benchmarks/quality.py " + shlex.join(argv)
+                rows += new
+                for r in new:
+                    print(json.dumps({k: v for k, v in r.items() if k != "scoring_settings"}), flush=True)
+                json_path.write_text(json.dumps({"argv": argv, "rows": rows}, indent=1))
+    text = header(argv, rows) + "\n" + markdown_table(rows) + "\n"
+    (out / "results.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
