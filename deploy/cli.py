@@ -18,7 +18,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--residual", default=None, help="override the residual kind (l1, l2, ssim, gms, ms, l1_ssim)")
     p.add_argument("--smoothing-sigma", type=float, default=None)
     p.add_argument("--aggregate", default=None, choices=("max", "mean", "topk"))
-    p.add_argument("--normalize", action="store_true", help="per-pixel normalisation by validation residual statistics")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-pixel normalisation by validation residual statistics (default: on with >= 16 validation images)")
     p.add_argument("--int8", metavar="CALIB_DIR", default=None,
                    help="also write OUT_int8/: int8 static quantisation for CPUs, activation ranges calibrated on the "
                         "normal images in CALIB_DIR (e.g. the training folder)")
