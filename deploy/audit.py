@@ -18,7 +18,8 @@
 ``summary.json``            counts (images, scored, flagged, passed, failed), score histogram, timing,
                             images/s; written at the end.
 ``thumbs/<id>.jpg``         the input downscaled to ``thumbnail`` px (for the review page), if > 0.
-``heatmaps/<id>.png``       anomaly map over the input, original resolution (``heatmaps=True``).
+``heatmaps/<id>.jpg``       anomaly map over the input, original resolution (``heatmaps=True``; JPEG:
+                            PNG encoding cost as much as inference at 128 px).
 ``masks/<id>.png``          binary region mask 0/255, original resolution (``masks=True``).
 ``maps/<id>.npy``           raw float32 anomaly map ``(S, S)`` at model resolution (``save_maps=True``).
 ``reconstructions/<id>.png`` the model's reconstruction ``x_hat`` (``reconstructions=True``).
@@ -347,7 +348,7 @@ def _finish(r: ImageResult, o: _Options) -> dict[str, Any]:
             files["thumbnail"] = f"thumbs/{oid}.jpg"
             write_image(o.out / files["thumbnail"], _thumbnail(image, o.thumbnail))
         if o.heatmaps:
-            files["heatmap"] = f"heatmaps/{oid}.png"
+            files["heatmap"] = f"heatmaps/{oid}.jpg"
             write_image(o.out / files["heatmap"], heatmap_overlay(image, amap, o.vmax))
         if o.masks:
             files["mask"] = f"masks/{oid}.png"

@@ -78,7 +78,7 @@ def test_same_file_names_get_distinct_outputs(trained_bundle: dict, tmp_path: Pa
     assert _audit(trained_bundle["bundle"], str(trained_bundle["data"] / "test"), "--out", str(out)) == 0
     recs = _journal(out)
     assert len(recs) == 8 and len({Path(r["path"]).name for r in recs}) == 4  # good/000.png and blob/000.png ...
-    assert len({r["id"] for r in recs}) == 8 and len(list((out / "heatmaps").glob("*.png"))) == 8
+    assert len({r["id"] for r in recs}) == 8 and len(list((out / "heatmaps").glob("*.jpg"))) == 8
     assert all(r["id"] == output_id(r["path"]) for r in recs)  # stable: derived from the path only
 
 
@@ -169,7 +169,7 @@ def test_bad_files_are_error_rows(trained_bundle: dict, tmp_path: Path, capsys) 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == 3 and summary["images"] == 4
     assert "3 failed" in captured.out and "could not be scored" in captured.err
-    assert len(list((out / "heatmaps").glob("*.png"))) == 1
+    assert len(list((out / "heatmaps").glob("*.jpg"))) == 1
 
 
 def test_fail_on_anomaly_exit_code(trained_bundle: dict, tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ def test_train_export_calibrate_audit(mvtec_dir: Path, tmp_path: Path, capsys) -
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 8 and {r["label"] for r in rows} <= {"0", "1"}
     assert all(float(r["threshold"]) == pytest.approx(cal["image"]["threshold"], rel=1e-5) for r in rows)
-    assert len(list((out / "heatmaps").glob("*.png"))) == 8
+    assert len(list((out / "heatmaps").glob("*.jpg"))) == 8
 
 
 def test_train_missing_folder(tmp_path: Path, capsys) -> None:
