@@ -21,9 +21,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from anomaly.registry import create_model, get_spec
-from training.objectives import create_objective
-from training.trainer import Trainer
+from anomaly.registry import create_model
+from training.generative import mmd2, train_in_memory
 
 log = logging.getLogger("zoo_behaviour")
 SIZE = 16
@@ -42,28 +41,8 @@ def train(name: str, data, epochs: int, model_kwargs: dict, objective_kwargs: di
           batch_size: int = 64) -> torch.nn.Module:
     """Train through the project's :class:`Trainer` step loop; returns the model in ``eval()``."""
     x, y = data
-    torch.manual_seed(seed)
-    model = create_model(name, in_channels=1, image_size=SIZE, **model_kwargs)
-    objective = create_objective(get_spec(name).objective, model, **(objective_kwargs or {}))
-    trainer = Trainer(objective, out_dir="unused", device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - batch_size + 1, batch_size):
-            idx = perm[i : i + batch_size]
-            trainer.train_batch({"image": x[idx], "label": y[idx]})
-        objective.on_epoch_end(epoch + 1)
-    return model.eval()
-
-
-def mmd2(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Unbiased squared MMD, RBF kernel with the median distance within ``b`` as bandwidth."""
-    s = torch.cdist(b, b).median()
-    k = lambda u, v: torch.exp(-torch.cdist(u, v) ** 2 / (2 * s * s))  # noqa: E731
-    n, m = len(a), len(b)
-    kaa, kbb = k(a, a), k(b, b)
-    return float((kaa.sum() - kaa.trace()) / (n * (n - 1)) + (kbb.sum() - kbb.trace()) / (m * (m - 1))
-                 - 2 * k(a, b).mean())
+    return train_in_memory(name, x, y, epochs=epochs, model_kwargs=model_kwargs, objective_kwargs=objective_kwargs,
+                           seed=seed, batch_size=batch_size)
 
 
 def conditional_accuracy(model: torch.nn.Module, clf, train_mode: bool = False) -> float:

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path

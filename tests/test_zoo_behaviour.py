@@ -21,9 +21,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from anomaly.registry import create_model, get_spec
-from training.objectives import create_objective
-from training.trainer import Trainer
+from anomaly.registry import create_model
+from training.generative import mmd2, train_in_memory
 
 sklearn = pytest.importorskip("sklearn")
 
@@ -54,31 +53,8 @@ def _train(name: str, data, *, epochs: int, model_kwargs: dict, objective_kwargs
            batch_size: int = 64, seed: int = 0, tmp_path=None) -> torch.nn.Module:
     """Train ``name`` on the digits with the project's trainer; returns the model in ``eval()``."""
     x, y = data
-    torch.manual_seed(seed)
-    model = create_model(name, in_channels=1, image_size=SIZE, **model_kwargs)
-    objective = create_objective(get_spec(name).objective, model, **(objective_kwargs or {}))
-    trainer = Trainer(objective, out_dir=tmp_path or "unused", device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - batch_size + 1, batch_size):
-            idx = perm[i : i + batch_size]
-            trainer.train_batch({"image": x[idx], "label": y[idx]})
-        objective.on_epoch_end(epoch + 1)
-    return model.eval()
-
-
-def _mmd2(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Unbiased squared MMD with an RBF kernel (bandwidth: median distance within ``b``)."""
-    s = torch.cdist(b, b).median()
-
-    def k(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-torch.cdist(u, v) ** 2 / (2 * s * s))
-
-    n, m = len(a), len(b)
-    kaa, kbb = k(a, a), k(b, b)
-    return float((kaa.sum() - kaa.trace()) / (n * (n - 1)) + (kbb.sum() - kbb.trace()) / (m * (m - 1))
-                 - 2 * k(a, b).mean())
+    return train_in_memory(name, x, y, epochs=epochs, model_kwargs=model_kwargs, objective_kwargs=objective_kwargs,
+                           batch_size=batch_size, seed=seed)
 
 
 def test_conditional_samples_have_the_requested_class(digits, tmp_path):
@@ -111,7 +87,7 @@ def test_aae_codes_match_the_prior_better_than_without_adversary(digits, tmp_pat
         with torch.no_grad():
             codes = model.encode(x[:600])
         torch.manual_seed(5)
-        mmd[adv_weight] = _mmd2(codes, model.sample_prior(600))
+        mmd[adv_weight] = mmd2(codes, model.sample_prior(600))
     log.info("aae: MMD^2 to the prior, adversarial %.4f, no adversary %.4f", mmd[1.0], mmd[0.0])
     assert mmd[1.0] < 0.6 * mmd[0.0], f"MMD^2 to the prior: adversarial {mmd[1.0]:.4f}, no adversary {mmd[0.0]:.4f}"
 

@@ -128,3 +128,47 @@ def save_sample_grid(
     os.replace(tmp, path)
     log.info("wrote %d samples to %s", samples.shape[0], path)
     return path
+
+
+def train_in_memory(name: str, images: torch.Tensor, labels: torch.Tensor | None = None, *, epochs: int,
+                    model_kwargs: dict | None = None, objective_kwargs: dict | None = None, batch_size: int = 64,
+                    seed: int = 0) -> nn.Module:
+    """Train registry model ``name`` on in-memory tensors through the project's :class:`Trainer`.
+
+    For small generative experiments (the digits behaviour tests and benchmark) that need no
+    folder, split or checkpoint. Args: ``images`` ``(N, C, S, S)`` in [0, 1]; ``labels`` ``(N,)``
+    int64 for conditional models. Returns the model in ``eval()``.
+    """
+    from anomaly.registry import create_model, get_spec
+    from training.objectives import create_objective
+    from training.trainer import Trainer
+
+    torch.manual_seed(seed)
+    model = create_model(name, in_channels=images.shape[1], image_size=images.shape[-1], **(model_kwargs or {}))
+    objective = create_objective(get_spec(name).objective, model, **(objective_kwargs or {}))
+    trainer = Trainer(objective, out_dir="unused", device="cpu")  # train_batch only: nothing is written
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        perm = torch.randperm(len(images), generator=g)
+        for i in range(0, len(images) - batch_size + 1, batch_size):
+            idx = perm[i : i + batch_size]
+            batch = {"image": images[idx]}
+            if labels is not None:
+                batch["label"] = labels[idx]
+            trainer.train_batch(batch)
+        objective.on_epoch_end(epoch + 1)
+    return model.eval()
+
+
+def mmd2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Unbiased squared MMD between samples ``a`` ``(n, d)`` and ``b`` ``(m, d)``, RBF kernel with
+    the median distance within ``b`` as bandwidth (how far encoder codes are from the prior)."""
+    s = torch.cdist(b, b).median()
+
+    def k(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-torch.cdist(u, v) ** 2 / (2 * s * s))
+
+    n, m = len(a), len(b)
+    kaa, kbb = k(a, a), k(b, b)
+    return float((kaa.sum() - kaa.trace()) / (n * (n - 1)) + (kbb.sum() - kbb.trace()) / (m * (m - 1))
+                 - 2 * k(a, b).mean())
