@@ -24,7 +24,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cell-type", default="mono", choices=("mono", "poly", "all"))
     p.add_argument("--model", default="aae")
     p.add_argument("--image-size", type=int, default=64, help="model input side (default 64, as benchmarked)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--max-minutes", type=float, default=5.0, help="training budget (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(out: Path, *, cell_type: str = "mono", model: str = "aae", image_size: int = 64, epochs: int = 30,
+def run_demo(out: Path, *, cell_type: str = "mono", model: str = "aae", image_size: int = 64, epochs: int = 100,
              max_minutes: float | None = 5.0, seed: int = 0, verbose: bool = False) -> dict:
     """Run the pipeline; returns ``{"auroc": ..., "table": {...}}`` (table rows as strings)."""
     import numpy as np

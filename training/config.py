@@ -45,9 +45,9 @@ class TrainConfig:
     data: str
     out: str = "runs/default"
     model: str = "aae"
-    image_size: int = 128
+    image_size: int = 64
     channels: int | None = None
-    epochs: int = 30
+    epochs: int = 100
     max_minutes: float | None = None
     batch_size: int = 32
     lr: float | None = None
