@@ -153,7 +153,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
     write_sidecar(out, meta)
 
     if len(val):
-        rt = Runtime(out, device="cpu")
+        rt = Runtime(out, device="cpu", category=0 if conditional else None)  # labels are passed per image below
         res = rt.infer(val, val_labels)
         scores = res["score"].astype(np.float64)
         with torch.no_grad():
