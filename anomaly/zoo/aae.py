@@ -23,10 +23,9 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from anomaly.registry import register_model
-from anomaly.zoo.layers import MLP, ConvDecoder, ConvEncoder, PatchDiscriminator, init_dcgan
+from anomaly.zoo.layers import MLP, ConvDecoder, ConvEncoder, PatchDiscriminator, init_dcgan, label_vector
 
 __all__ = ["AAE"]
 
@@ -90,12 +89,8 @@ class AAE(nn.Module):
         init_dcgan(self)
 
     # -- inference -----------------------------------------------------------------------------
-    def _one_hot(self, cond: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
-        if self.num_classes == 0:
-            return None
-        if cond is None:
-            raise ValueError("this model is conditional: pass cond, an integer label tensor of shape (N,)")
-        return F.one_hot(cond.long().view(n), self.num_classes).to(device=device, dtype=torch.float32)
+    def _one_hot(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        return label_vector(cond, self.num_classes)
 
     def encode(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, C, S, S) -> (N, latent_dim)``."""
@@ -103,7 +98,7 @@ class AAE(nn.Module):
 
     def decode(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, latent_dim) -> (N, C, S, S)``; conditional models append the one-hot label."""
-        y = self._one_hot(cond, z.shape[0], z.device)
+        y = self._one_hot(cond)
         return self.decoder(z if y is None else torch.cat([z, y], 1))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,7 +108,7 @@ class AAE(nn.Module):
     # -- what the objective needs --------------------------------------------------------------
     def discriminate_latent(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Latent discriminator logits ``(N, 1)``; the conditional model sees the label too."""
-        y = self._one_hot(cond, z.shape[0], z.device)
+        y = self._one_hot(cond)
         return self.latent_discriminator(z if y is None else torch.cat([z, y], 1))
 
     def sample_prior(self, n: int, cond: torch.Tensor | None = None, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -27,24 +27,9 @@ import torch
 from torch import nn
 
 from anomaly.registry import register_model
-from anomaly.zoo.layers import ConvDecoder, ConvEncoder, init_dcgan
+from anomaly.zoo.layers import ConvDecoder, ConvEncoder, init_dcgan, label_planes, label_vector, one_hot
 
 __all__ = ["AutoEncoder", "one_hot", "label_planes", "sample_labels"]
-
-
-def one_hot(cond: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Integer labels ``(N,)`` -> float one-hot ``(N, num_classes)``.
-
-    Written as a comparison with ``arange`` (``Equal`` + ``Cast`` in ONNX) rather than
-    ``F.one_hot``, so the exported graph needs no ``OneHot`` op and no int64 arithmetic.
-    """
-    classes = torch.arange(num_classes, device=cond.device)
-    return (cond.long().reshape(-1, 1) == classes).to(torch.float32)
-
-
-def label_planes(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """One-hot ``(N, K)`` -> constant planes ``(N, K, H, W)`` to concatenate to an image."""
-    return y[:, :, None, None].expand(-1, -1, height, width)
 
 
 class AutoEncoder(nn.Module):
@@ -94,11 +79,7 @@ class AutoEncoder(nn.Module):
 
     # -- conditioning --------------------------------------------------------------------------
     def _label(self, cond: torch.Tensor | None) -> torch.Tensor | None:
-        if self.num_classes == 0:
-            return None
-        if cond is None:
-            raise ValueError("this model is conditional: pass cond, an integer label tensor of shape (N,)")
-        return one_hot(cond, self.num_classes)
+        return label_vector(cond, self.num_classes)
 
     # -- inference -----------------------------------------------------------------------------
     def encode_stats(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

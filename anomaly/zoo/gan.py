@@ -36,8 +36,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from anomaly.registry import register_model
-from anomaly.zoo.autoencoder import label_planes, one_hot, sample_labels
-from anomaly.zoo.layers import MLP, ConvDecoder, ConvEncoder, init_dcgan
+from anomaly.zoo.autoencoder import sample_labels
+from anomaly.zoo.layers import MLP, ConvDecoder, ConvEncoder, init_dcgan, label_planes, label_vector, one_hot
 
 __all__ = ["GAN", "Discriminator", "MLPGenerator", "LatentCode"]
 
@@ -190,11 +190,7 @@ class GAN(nn.Module):
 
     # -- conditioning --------------------------------------------------------------------------
     def _label(self, cond: torch.Tensor | None) -> torch.Tensor | None:
-        if self.num_classes == 0:
-            return None
-        if cond is None:
-            raise ValueError("this model is conditional: pass cond, an integer label tensor of shape (N,)")
-        return one_hot(cond, self.num_classes)
+        return label_vector(cond, self.num_classes)
 
     def _with_label(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """Image ``(N, C, S, S)`` -> the D/E input: label planes appended (conv) or flattened + one-hot (mlp)."""

@@ -27,6 +27,9 @@ __all__ = [
     "ConvDecoder",
     "MLP",
     "PatchDiscriminator",
+    "one_hot",
+    "label_planes",
+    "label_vector",
 ]
 
 
@@ -224,3 +227,28 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def one_hot(cond: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Integer labels ``(N,)`` -> float one-hot ``(N, num_classes)``.
+
+    Written as a comparison with ``arange`` (``Equal`` + ``Cast`` in ONNX) rather than
+    ``F.one_hot``, so the exported graph needs no ``OneHot`` op and no int64 arithmetic.
+    """
+    classes = torch.arange(num_classes, device=cond.device)
+    return (cond.long().reshape(-1, 1) == classes).to(torch.float32)
+
+
+def label_planes(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """One-hot ``(N, K)`` -> constant planes ``(N, K, H, W)`` to concatenate to an image."""
+    return y[:, :, None, None].expand(-1, -1, height, width)
+
+
+def label_vector(cond: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
+    """The one-hot condition ``(N, num_classes)`` of a conditional model, ``None`` for an
+    unconditional one (``num_classes == 0``); a conditional model without ``cond`` is an error."""
+    if num_classes == 0:
+        return None
+    if cond is None:
+        raise ValueError("this model is conditional: pass cond, an integer label tensor of shape (N,)")
+    return one_hot(cond, num_classes)
