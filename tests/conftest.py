@@ -8,6 +8,17 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test trains with one torch thread: CI has 2 cores and results must not depend on it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """A smooth periodic texture with noise, uint8 (size, size)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)

@@ -5,7 +5,6 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from anomaly.registry import create_model
@@ -13,11 +12,6 @@ from training.config import TrainConfig
 from training.objectives import create_objective
 from training.run import split_normals, train
 from training.trainer import Trainer, load_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def _batch(n: int = 8, size: int = 32) -> dict:

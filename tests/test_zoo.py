@@ -87,14 +87,6 @@ def _seeded_loss(objective, step: str, batch: dict) -> torch.Tensor:
     return objective.loss(step, batch)[0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_forward_shape_and_range(case):
     name, extra, _ = case

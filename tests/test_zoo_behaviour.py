@@ -30,14 +30,6 @@ SIZE = 16
 log = logging.getLogger(__name__)  # measured numbers: pytest -o log_cli=true --log-cli-level=INFO
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 digits as ``(N, 1, 16, 16)`` floats in [0, 1] and their labels ``(N,)``."""
