@@ -6,6 +6,7 @@ array in [0, 1], shape ``(H, W)`` or ``(H, W, 3|4)`` in RGB(A) order. Unreadable
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "read_image", "decode_image", "list_images", "atomic_write", "write_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "read_image", "decode_image", "to_rgb", "to_float", "list_images", "atomic_write", "write_image"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
@@ -24,8 +25,16 @@ class ImageReadError(ValueError):
     """A file that is missing, empty or not a decodable image. The message names the file."""
 
 
-def decode_image(buffer: bytes | np.ndarray, name: str = "<bytes>") -> np.ndarray:
-    """Decode encoded image bytes to float32 in [0, 1]: ``(H, W)`` or ``(H, W, 3|4)`` RGB(A).
+def decode_image(buffer: bytes | np.ndarray, name: str = "<bytes>", *, raw: bool = False) -> np.ndarray:
+    """Decode encoded image bytes: ``(H, W)`` or ``(H, W, 3|4)`` RGB(A).
+
+    Args:
+        buffer: the encoded file's bytes.
+        name: the file's name, for error messages.
+        raw: return the pixels in their own type (uint8, uint16, or float32 clipped to [0, 1])
+            instead of float32 in [0, 1]. :class:`data.preprocess.Preprocess` gives identical
+            model inputs from either; raw pixels spare the runtime a full-size float copy per
+            image and the audit's overlays a conversion back to 8 bits.
 
     Raises:
         ImageReadError: empty or undecodable bytes, or an unsupported bit depth.
@@ -36,33 +45,41 @@ def decode_image(buffer: bytes | np.ndarray, name: str = "<bytes>") -> np.ndarra
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ImageReadError(f"{name}: not a decodable image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-    return to_float(img, name)
+    return to_rgb(img, name) if raw else to_float(img, name)
+
+
+def to_rgb(img: np.ndarray, name: str = "<array>") -> np.ndarray:
+    """A decoded OpenCV array (BGR order) -> RGB(A) order, pixel type kept (uint8/uint16; floats
+    become float32 clipped to [0, 1]). ``(H, W, 1)`` becomes ``(H, W)``."""
+    if img.dtype in (np.float32, np.float64):
+        img = np.clip(img.astype(np.float32), 0.0, 1.0)
+    elif img.dtype not in (np.uint8, np.uint16):
+        raise ImageReadError(f"{name}: unsupported pixel type {img.dtype}; expected 8-bit, 16-bit or float")
+    if img.ndim == 3:
+        if img.shape[2] == 1:
+            img = img[:, :, 0]
+        elif img.shape[2] == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        elif img.shape[2] == 4:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+        else:
+            raise ImageReadError(f"{name}: {img.shape[2]} channels; expected 1, 3 or 4")
+    return np.ascontiguousarray(img)
 
 
 def to_float(img: np.ndarray, name: str = "<array>") -> np.ndarray:
     """Convert a decoded OpenCV array (BGR order, any depth) to float32 RGB(A) in [0, 1]."""
-    if img.dtype == np.uint8:
-        out = img.astype(np.float32) / 255.0
-    elif img.dtype == np.uint16:
-        out = img.astype(np.float32) / 65535.0
-    elif img.dtype in (np.float32, np.float64):
-        out = np.clip(img.astype(np.float32), 0.0, 1.0)
-    else:
-        raise ImageReadError(f"{name}: unsupported pixel type {img.dtype}; expected 8-bit, 16-bit or float")
-    if out.ndim == 3:
-        if out.shape[2] == 1:
-            out = out[:, :, 0]
-        elif out.shape[2] == 3:
-            out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
-        elif out.shape[2] == 4:
-            out = cv2.cvtColor(out, cv2.COLOR_BGRA2RGBA)
-        else:
-            raise ImageReadError(f"{name}: {out.shape[2]} channels; expected 1, 3 or 4")
-    return np.ascontiguousarray(out)
+    out = to_rgb(img, name)
+    if out.dtype == np.uint8:
+        return out.astype(np.float32) / 255.0
+    if out.dtype == np.uint16:
+        return out.astype(np.float32) / 65535.0
+    return out
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file (see :func:`decode_image`). Works with non-ASCII paths.
+def read_image(path: str | os.PathLike, *, raw: bool = False) -> np.ndarray:
+    """Read an image file (see :func:`decode_image`; ``raw`` keeps the pixel type). Works with
+    non-ASCII paths.
 
     Raises:
         ImageReadError: missing, empty or undecodable file.
@@ -74,7 +91,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         data = np.fromfile(str(p), dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(f"{p}: cannot read ({exc.strerror})") from exc
-    return decode_image(data, str(p))
+    return decode_image(data, str(p), raw=raw)
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
@@ -82,6 +99,15 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     root = Path(folder)
     it = root.rglob("*") if recursive else root.glob("*")
     return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask, read once. Reading it means setting it: doing that per file raced with
+    other threads creating files (for an instant they ran with umask 0)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -97,9 +123,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
         # mkstemp creates 0600; give the file the permissions a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -109,8 +133,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator
         raise
 
 
-def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write a uint8 image (``(H, W)`` gray or ``(H, W, 3)`` RGB) atomically; format from suffix."""
+def write_image(path: str | os.PathLike, image: np.ndarray, *, atomic: bool = True) -> None:
+    """Write a uint8 image (``(H, W)`` grey or ``(H, W, 3)`` RGB); format from the suffix.
+
+    ``atomic`` (default) writes a temporary file and renames it over ``path``. The audit writes
+    its per-image files with ``atomic=False`` (a third of the cost of a small JPEG): its journal
+    line is written after the files, so a file torn by a crash belongs to an image that is not
+    in the journal and is written again on resume.
+    """
     path = Path(path)
     img = image
     if img.ndim == 3 and img.shape[2] == 3:
@@ -118,8 +148,13 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(path.suffix or ".png", img)
     if not ok:
         raise ValueError(f"cannot encode image as {path.suffix!r}")
-    with atomic_write(path, "wb") as fh:
-        fh.write(buf.tobytes())
+    if atomic:
+        with atomic_write(path, "wb") as fh:
+            fh.write(buf.tobytes())
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(buf.data)
 
 
 def paths_from(inputs: Sequence[str | os.PathLike]) -> list[Path]:

@@ -262,14 +262,17 @@ def _write_json(path: Path, obj: Any) -> None:
 
 # -- images ------------------------------------------------------------------------------------
 def _rgb8(image: np.ndarray) -> np.ndarray:
-    """float ``(H, W[, 1|3|4])`` in [0, 1] -> uint8 ``(H, W, 3)`` RGB."""
+    """``(H, W[, 1|3|4])`` uint8, uint16 or float in [0, 1] -> uint8 ``(H, W)`` grey or ``(H, W, 3)``
+    RGB (alpha dropped). Grey stays one channel: a grey JPEG encodes in about half the time."""
     img = image
     if img.ndim == 3 and img.shape[2] == 4:
         img = img[:, :, :3]
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
+    if img.dtype == np.uint8:
+        return np.ascontiguousarray(img)
+    if img.dtype == np.uint16:
+        return np.ascontiguousarray(img >> 8).astype(np.uint8)
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -277,7 +280,8 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float, alp
     """Colour the map (0 -> blue, ``vmax`` -> red) over the image at the image's resolution.
 
     Args:
-        image: float ``(H, W)`` or ``(H, W, C)`` in [0, 1] (as :func:`data.io.read_image` returns).
+        image: ``(H, W)`` or ``(H, W, C)``, uint8, uint16 or float in [0, 1] (as
+            ``data.io.read_image`` returns it, raw or not).
         anomaly_map: ``(S, S)`` float map at model resolution.
         vmax: map value drawn as full red (e.g. twice the pixel threshold).
 
@@ -290,16 +294,22 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float, alp
 
 
 def _thumbnail(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 grey or RGB image whose longest side is at most ``size`` (shrunk before converting)."""
     h, w = image.shape[:2]
     scale = min(1.0, size / max(h, w))
-    if scale < 1.0:  # shrink the float image first: converting the full-size image would cost more
-        small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-        return _rgb8(small[:, :, None] if small.ndim == 2 and image.ndim == 3 else small)
+    if scale < 1.0:
+        img = image[:, :, :3] if image.ndim == 3 and image.shape[2] == 4 else image
+        if img.dtype not in (np.uint8, np.uint16, np.float32):
+            img = img.astype(np.float32)
+        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        return _rgb8(img)
     return _rgb8(image)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_write(path, "wb") as fh:
+    # not atomic, like the images: the journal line comes after the files (see _finish)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
         np.save(fh, np.asarray(array, dtype=np.float32))
 
 
@@ -321,7 +331,11 @@ class _Options:
 
 
 def _finish(r: ImageResult, o: _Options) -> dict[str, Any]:
-    """Regions and image files of one scored image -> its journal record (files written first)."""
+    """Regions and image files of one scored image -> its journal record.
+
+    The files are written first and plainly (not via rename): the record reaches the journal only
+    after they are complete, so a crash can tear only files of images that a resume redoes.
+    """
     from deploy.regions import find_regions
 
     oid = output_id(r.path)
@@ -346,20 +360,20 @@ def _finish(r: ImageResult, o: _Options) -> dict[str, Any]:
                                "mean": round(g.mean, 6)} for g in regions]
         if o.thumbnail > 0:
             files["thumbnail"] = f"thumbs/{oid}.jpg"
-            write_image(o.out / files["thumbnail"], _thumbnail(image, o.thumbnail))
+            write_image(o.out / files["thumbnail"], _thumbnail(image, o.thumbnail), atomic=False)
         if o.heatmaps:
             files["heatmap"] = f"heatmaps/{oid}.jpg"
-            write_image(o.out / files["heatmap"], heatmap_overlay(image, amap, o.vmax))
+            write_image(o.out / files["heatmap"], heatmap_overlay(image, amap, o.vmax), atomic=False)
         if o.masks:
             files["mask"] = f"masks/{oid}.png"
-            write_image(o.out / files["mask"], mask if mask is not None else np.zeros((h, w), np.uint8))
+            write_image(o.out / files["mask"], mask if mask is not None else np.zeros((h, w), np.uint8), atomic=False)
         if o.save_maps:
             files["map"] = f"maps/{oid}.npy"
             _save_npy(o.out / files["map"], amap)
         if o.reconstructions and recon is not None:
             files["reconstruction"] = f"reconstructions/{oid}.png"
             x = np.asarray(recon, dtype=np.float32)  # (C, S, S) in [0, 1]
-            write_image(o.out / files["reconstruction"], _rgb8(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)))
+            write_image(o.out / files["reconstruction"], _rgb8(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)), atomic=False)
     except (ValueError, cv2.error) as exc:  # image-specific; disk errors (OSError) stop the run
         rec["error"] = f"{r.path}: scored, but its outputs could not be made: {exc}"
     rec.update(files)

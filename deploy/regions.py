@@ -26,6 +26,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -186,6 +187,13 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
+@functools.lru_cache(maxsize=1)
+def _jet_rgb() -> np.ndarray:
+    """OpenCV's JET colour map as a ``(256, 1, 3)`` RGB lookup table (for ``cv2.applyColorMap``)."""
+    bgr = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), cv2.COLORMAP_JET)
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
 def overlay_heatmap(
     image_rgb: np.ndarray,
     anomaly_map: np.ndarray,
@@ -218,13 +226,16 @@ def overlay_heatmap(
         raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
     img = _as_rgb_uint8(image_rgb)
     H, W = img.shape[:2]
-    a = resize_map(anomaly_map, (H, W))
+    a = _as_map(anomaly_map)
     lo = float(a.min()) if vmin is None else float(vmin)
     hi = float(a.max()) if vmax is None else float(vmax)
     span = hi - lo if hi > lo else 1.0
-    norm = np.clip((a - lo) / span, 0.0, 1.0)
-    heat_bgr = cv2.applyColorMap((norm * 255.0 + 0.5).astype(np.uint8), cv2.COLORMAP_JET)
-    heat = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB)
+    # Colour indices are computed at map resolution and resized as 8 bits: the full-resolution
+    # float arithmetic cost more than the JPEG encode of the result (the audit does this per image).
+    level = (np.clip((a - lo) / span, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if level.shape != (H, W):
+        level = cv2.resize(level, (W, H), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(level, _jet_rgb())
     out = cv2.addWeighted(img, 1.0 - alpha, heat, alpha, 0.0)
     if regions:
         t = thickness if thickness is not None else max(1, int(round(0.004 * max(H, W))))

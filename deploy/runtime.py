@@ -113,9 +113,10 @@ class ImageResult:
         reconstruction: ``(C, S, S)`` the model's ``x_hat`` (only if requested).
         original_size: ``(H, W)`` of the input image.
         error: why this image could not be scored.
-        image: the decoded original, float32 ``(H, W)`` or ``(H, W, C)`` in [0, 1] as
-            :func:`data.io.read_image` returns it (only with ``keep_image=True``; for drawing
-            overlays without decoding the file twice).
+        image: the decoded original ``(H, W)`` or ``(H, W, C)`` RGB(A) in its own pixel type
+            (uint8, uint16, or float32 in [0, 1]), as ``data.io.read_image(path, raw=True)``
+            returns it (only with ``keep_image=True``; for drawing overlays without decoding the
+            file twice).
     """
 
     path: str | None
@@ -320,7 +321,7 @@ class Runtime:
         if self._on_decode is not None:
             self._on_decode(path)
         try:
-            img = read_image(path)
+            img = read_image(path, raw=True)  # Preprocess gives the same input from raw or float pixels
             x = self.preprocess(img)
         except (ImageReadError, ValueError) as exc:
             return ImageResult(path=path, error=str(exc))

@@ -33,6 +33,16 @@ def test_read_image_modes(tmp_path: Path) -> None:
     d = read_image(tmp_path / "d.png")
     assert d.max() == 1.0  # 16-bit scaled by 65535, not 255
 
+    # raw=True keeps the pixel type (what the runtime decodes), same channel order, and gives the
+    # model exactly the same input as the float decode
+    raw = {n: read_image(tmp_path / n, raw=True) for n in ("g.png", "c.png", "a.png", "d.png")}
+    assert [raw[n].dtype for n in raw] == [np.uint8, np.uint8, np.uint8, np.uint16]
+    assert raw["c.png"][0, 0, 2] == 255 and raw["c.png"][0, 0, 0] == 0 and raw["a.png"].shape == (10, 12, 4)
+    for n in raw:
+        for channels in (1, 3):
+            pre = Preprocess(image_size=8, channels=channels)
+            np.testing.assert_array_equal(pre(raw[n]), pre(read_image(tmp_path / n)))
+
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n truncated"])
 def test_unreadable_images_raise_with_path(tmp_path: Path, content: bytes) -> None:

@@ -63,7 +63,10 @@ def test_pipeline_matches_sequential_infer_in_order(trained_bundle: dict, tmp_pa
     # keep_image hands back the decoded original: what the audit draws heatmaps on
     from data.io import read_image
 
-    np.testing.assert_array_equal(got[0].image, read_image(ok[0]))
+    # in its own pixel type (no float copy): uint8 here, equal to the float decode once scaled
+    assert got[0].image.dtype == np.uint8
+    np.testing.assert_array_equal(got[0].image, read_image(ok[0], raw=True))
+    np.testing.assert_allclose(got[0].image / 255.0, read_image(ok[0]), atol=1e-7)
     assert got[0].original_size == got[0].image.shape[:2] == (48, 48)
     # the sequential mode (decode_workers=0) gives the same rows
     seq = list(Runtime(trained_bundle["bundle"], device="cpu", decode_workers=0).score_paths(paths, batch_size=3))

@@ -40,6 +40,8 @@ CASES = [(name, {}, {}) for name in list_models()] + [
     ("cgan", {"arch": "mlp", "hidden_dim": 32}, {}),
     ("dcgan", {}, {"gan_mode": "wgan", "n_critic": 1}),
     ("ae", {}, {"recon_loss": "ssim"}),
+    ("aae", {"upsample": "deconv2"}, {}),  # decoder upsampling variants (anomaly.zoo.layers.UPSAMPLES)
+    ("ae", {"upsample": "nearest"}, {}),
 ]
 
 
@@ -131,6 +133,11 @@ def test_eval_is_deterministic(case):
         torch.manual_seed(999)
         b = model(batch["image"], _cond(name, batch))
     assert torch.equal(a, b)
+
+
+def test_unknown_upsample_is_refused():
+    with pytest.raises(ValueError, match="unknown upsample 'bicubic'"):
+        _build("aae", {"upsample": "bicubic"})
 
 
 def test_conditional_models_need_a_label():

@@ -39,6 +39,7 @@ class AAE(nn.Module):
         in_channels: image channels C.
         image_size: S, a power of two.
         latent_dim: width of z.
+        upsample: the decoder's upsampling (:data:`anomaly.zoo.layers.UPSAMPLES`).
         base_channels, max_channels, norm: encoder/decoder width and normalisation.
         prior: ``gaussian`` (N(0, I)) or ``mixture`` (``n_components`` Gaussians on a circle in
             the first two latent dimensions, as in the paper's Fig. 4).
@@ -59,6 +60,7 @@ class AAE(nn.Module):
         base_channels: int = 32,
         max_channels: int = 256,
         norm: str = "batch",
+        upsample: str = "deconv4",
         prior: str = "gaussian",
         n_components: int = 10,
         num_classes: int = 0,
@@ -80,7 +82,7 @@ class AAE(nn.Module):
         )
         self.decoder = ConvDecoder(
             latent_dim=latent_dim + num_classes, out_channels=in_channels, image_size=image_size,
-            base_channels=base_channels, max_channels=max_channels, norm=norm,
+            base_channels=base_channels, max_channels=max_channels, norm=norm, upsample=upsample,
         )
         self.latent_discriminator = MLP([latent_dim + num_classes, disc_hidden, disc_hidden, 1])
         self.image_discriminator = (

@@ -39,6 +39,7 @@ class AutoEncoder(nn.Module):
         in_channels: image channels C.
         image_size: S, a power of two (16 … 256).
         latent_dim: width of z.
+        upsample: the decoder's upsampling (:data:`anomaly.zoo.layers.UPSAMPLES`).
         base_channels, max_channels, norm: encoder/decoder width and normalisation (DCGAN-style).
         variational: Gaussian encoder (``mu``, ``logvar``) instead of a point code.
         num_classes: 0 for unconditional models; > 0 conditions encoder (label planes) and
@@ -54,6 +55,7 @@ class AutoEncoder(nn.Module):
         base_channels: int = 32,
         max_channels: int = 256,
         norm: str = "batch",
+        upsample: str = "deconv4",
         variational: bool = False,
         num_classes: int = 0,
     ) -> None:
@@ -73,7 +75,7 @@ class AutoEncoder(nn.Module):
         )
         self.decoder = ConvDecoder(
             latent_dim=latent_dim + num_classes, out_channels=in_channels, image_size=image_size,
-            base_channels=base_channels, max_channels=max_channels, norm=norm,
+            base_channels=base_channels, max_channels=max_channels, norm=norm, upsample=upsample,
         )
         init_dcgan(self)
 
