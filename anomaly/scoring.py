@@ -87,10 +87,14 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5, data_range: f
     """Per-pixel SSIM ``(N, 1, H, W)`` (mean over channels) of images in ``[0, data_range]``."""
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     k = gaussian_kernel(sigma, truncate=3.5)  # 11 taps for sigma 1.5, as in Wang et al.
-    mu_a, mu_b = _separable(a, k), _separable(b, k)
-    var_a = _separable(a * a, k) - mu_a**2
-    var_b = _separable(b * b, k) - mu_b**2
-    cov = _separable(a * b, k) - mu_a * mu_b
+    # The five local means in one depthwise blur of a 5C-channel stack rather than five blurs of
+    # C channels: one convolution pair per image instead of five (in onnxruntime, +9 % images/s
+    # for the default AAE at 128², batch 16; the same values to float rounding).
+    c = a.shape[1]
+    mu_a, mu_b, e_aa, e_bb, e_ab = _separable(torch.cat([a, b, a * a, b * b, a * b], 1), k).split(c, 1)
+    var_a = e_aa - mu_a**2
+    var_b = e_bb - mu_b**2
+    cov = e_ab - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.mean(1, keepdim=True)
 

@@ -150,18 +150,22 @@ def find_regions(
     mask = np.zeros((H0, W0), dtype=np.uint8)
     if n <= 1:
         return mask, []
+    # per-region sums and peaks over the foreground pixels only (usually a small part of the image)
     flat_lab = labels.ravel()
-    flat_val = full.ravel().astype(np.float64)
-    sums = np.bincount(flat_lab, weights=flat_val, minlength=n)
+    fg = np.flatnonzero(flat_lab)
+    lab, val = flat_lab[fg], full.ravel()[fg].astype(np.float64)
+    sums = np.bincount(lab, weights=val, minlength=n)
     peaks = np.full(n, -np.inf)
-    np.maximum.at(peaks, flat_lab, flat_val)
+    np.maximum.at(peaks, lab, val)
     keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(min_area, 1)]
     regions = []
     for i in keep:
         x, y, bw, bh, area = (int(v) for v in stats[i, :5])
         regions.append(Region(x=x, y=y, w=bw, h=bh, area=area, peak=float(peaks[i]), mean=float(sums[i] / area)))
     if keep:
-        mask[np.isin(labels, keep)] = 255
+        lut = np.zeros(n, np.uint8)
+        lut[keep] = 255
+        mask = lut[labels]
     regions.sort(key=lambda r: r.peak, reverse=True)
     logger.debug("find_regions: %d component(s), %d kept (min_area=%d)", n - 1, len(regions), min_area)
     return mask, regions

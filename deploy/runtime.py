@@ -6,15 +6,23 @@ line PC installs ``pip install .`` without the training stack.
 Execution providers: ``device="auto"`` picks TensorRT/CUDA when their provider is installed
 (onnxruntime-gpu), else the CPU; ``cpu``, ``cuda`` and ``tensorrt`` force one and fail with a
 message naming the installed providers when it is missing. Session options: intra-op threads =
-physical cores (unless ``threads`` is given), all graph optimisations, sequential execution,
-memory-pattern planning on, no busy-waiting threads on small machines, no NCHWc re-layout (see
-:class:`Runtime`).
+physical cores (unless ``threads`` is given), all graph optimisations (NCHWc layout included),
+sequential execution, memory-pattern planning on (see :class:`Runtime`).
 
-:meth:`Runtime.score_paths` is a bounded pipeline: worker threads decode and preprocess the next
-batches (OpenCV and onnxruntime release the GIL) while the current batch runs through the
-graph. At most ``prefetch + 1`` batches of decoded images are held at any time, whatever the
-number of paths (the path iterable is consumed lazily), and results come back in input order;
-unreadable files yield a result with ``error`` set, in their place.
+:meth:`Runtime.score_paths` is a bounded pipeline whose results come back in input order, the
+path iterable consumed lazily, unreadable files yielding a result with ``error`` set in their
+place. Two shapes (``pipeline``):
+
+* ``batch`` (CPU, the default there): one worker per physical core takes a whole batch, decodes
+  it and runs it through a *single-threaded* session, so the cores work on different batches and
+  never wait for each other. Splitting every operator over the cores instead (intra-op threads)
+  makes each operator wait for its slowest thread, and on a busy core (decoding, the audit's
+  JPEG writers) that is most of them: on 2 cores the decode->score pipeline ran at 240-310
+  images/s that way against 460 images/s of pure inference with two single-threaded sessions
+  side by side (default AAE, 128², batch 16). At most ``workers + prefetch`` batches are in
+  flight.
+* ``overlap`` (GPU providers): decoder threads prepare the next batches while the current one
+  runs through the one session; at most ``prefetch + 1`` batches are held.
 
 Example::
 
@@ -138,9 +146,8 @@ class PipelineStats:
     Attributes:
         batches: graph runs.
         images: paths consumed.
-        peak_in_flight: most paths submitted for decoding and not yet yielded at any moment
-            (bounded by ``(prefetch + 1) * batch_size``).
-        bound: that bound.
+        peak_in_flight: most paths taken and not yet yielded at any moment.
+        bound: the most there may be (see :meth:`Runtime.score_paths`).
     """
 
     batches: int = 0
@@ -163,23 +170,27 @@ class Runtime:
             says which ones are.
         threads: intra-op threads (``None``: the physical cores this process may use).
         category: for conditional models, the category name (or index) to condition on.
-        decode_workers: threads that decode and preprocess in :meth:`score_paths` (``None``: as
-            many as CPUs, at most 4; ``0``: decode in the calling thread, no overlap).
-        prefetch: batches decoded ahead of the one being inferred (memory bound:
-            ``(prefetch + 1) * batch_size`` images in flight).
-        spin: let onnxruntime's idle intra-op threads busy-wait for work between ops (``None``:
-            only with more than 4 CPUs). On a few shared cores spinning threads burn the time the
-            decoders, the audit's writers and other processes need: measured on 2 shared cores,
-            pure inference ran at ~0.6x with spinning on.
-        nchwc: allow onnxruntime's NCHWc layout transformer (CPU). Off by default: it pads the
-            single-channel maps of the scoring tail (SSIM's blurs, products) to 16-channel blocks,
-            16x their work; measured on the default AAE, turning it off gave +21 % images/s at
-            128² batch 16 and +5 % at 256², against no loss on the encoder's convolutions.
+        decode_workers: worker threads of :meth:`score_paths` (``None``: the physical cores in
+            the ``batch`` pipeline; as many as CPUs, at most 4, in the ``overlap`` one; ``0``:
+            decode and infer in the calling thread, no overlap).
+        prefetch: batches taken ahead of those being worked on (memory bound, images in flight:
+            ``(workers + prefetch) * batch_size`` in the ``batch`` pipeline, ``(prefetch + 1) *
+            batch_size`` in the ``overlap`` one).
+        spin: let onnxruntime's idle intra-op threads busy-wait for work between operators
+            (``None``: yes, onnxruntime's own default). Only the multi-threaded session spins
+            (:meth:`infer`, :meth:`score_image`, the ``overlap`` pipeline); measured on 2 cores,
+            +10-15 % images/s of pure inference. Turn it off when other heavy threads share the
+            cores with :meth:`infer` (they would wait for the spinning ones).
+        nchwc: allow onnxruntime's NCHWc layout transformer (CPU): +5-15 % images/s for the
+            default AAE at 128² batch 16 since SSIM blurs its five local means as one 5-channel
+            depthwise convolution (it had cost 20 % when they were five 1-channel ones).
+        pipeline: ``auto`` (``batch`` on the CPU provider, else ``overlap``), ``batch`` or
+            ``overlap`` (see the module docstring).
     """
 
     def __init__(self, bundle: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  category: str | int | None = None, *, decode_workers: int | None = None, prefetch: int = 2,
-                 spin: bool | None = None, nchwc: bool = False) -> None:
+                 spin: bool | None = None, nchwc: bool = True, pipeline: str = "auto") -> None:
         self.bundle = Path(bundle)
         self.meta = load_sidecar(self.bundle)
         self.preprocess = Preprocess.from_dict(self.meta["preprocess"])
@@ -194,17 +205,21 @@ class Runtime:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.prefetch = prefetch
         ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.decode_workers = min(4, ncpu) if decode_workers is None else max(0, int(decode_workers))
         self.threads = int(threads) if threads else physical_cores()
+        if pipeline not in ("auto", "batch", "overlap"):
+            raise ValueError(f"unknown pipeline {pipeline!r}; expected auto, batch or overlap")
+        if pipeline == "auto":
+            pipeline = "batch" if self.providers[0] == "CPUExecutionProvider" else "overlap"
+        self.pipeline = pipeline
+        if decode_workers is None:
+            decode_workers = self.threads if pipeline == "batch" else min(4, ncpu)
+        self.decode_workers = max(0, int(decode_workers))
         if spin is None:
-            spin = ncpu > 4
+            spin = True
+        self._nchwc = nchwc
+        self._single: ort.InferenceSession | None = None  # the batch pipeline's 1-thread session
         self.session_options = self._session_options(self.threads, spin)
-        model_path = str(self.bundle / MODEL_FILE)
-        try:
-            self.session = ort.InferenceSession(model_path, sess_options=self.session_options, providers=self.providers,
-                                                disabled_optimizers=None if nchwc else ["NchwcTransformer"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise BundleError(f"{model_path}: onnxruntime could not load the model with {self.providers[0]} ({exc})") from exc
+        self.session = self._new_session(self.session_options)
         got = self.session.get_providers()
         if device in ("cuda", "tensorrt") and self.providers[0] not in got:
             raise RuntimeError(f"{self.providers[0]} is installed but could not start (CUDA/cuDNN/TensorRT libraries "
@@ -233,6 +248,21 @@ class Runtime:
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         return opts
+
+    def _new_session(self, options: ort.SessionOptions) -> ort.InferenceSession:
+        model_path = str(self.bundle / MODEL_FILE)
+        try:
+            return ort.InferenceSession(model_path, sess_options=options, providers=self.providers,
+                                        disabled_optimizers=None if self._nchwc else ["NchwcTransformer"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BundleError(f"{model_path}: onnxruntime could not load the model with {self.providers[0]} ({exc})") from exc
+
+    def _single_thread_session(self) -> ort.InferenceSession:
+        """The ``batch`` pipeline's session: one intra-op thread; its workers call it concurrently
+        (``InferenceSession.run`` is thread-safe and releases the GIL)."""
+        if self._single is None:
+            self._single = self._new_session(self._session_options(1, False))
+        return self._single
 
     def _providers(self, device: str) -> list[str]:
         have = ort.get_available_providers()
@@ -271,7 +301,8 @@ class Runtime:
         return None if self.calibrator is None else float(self.calibrator.threshold_)
 
     # -- inference -----------------------------------------------------------------------------
-    def infer(self, batch: np.ndarray, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def infer(self, batch: np.ndarray, labels: np.ndarray | None = None, *,
+              session: ort.InferenceSession | None = None) -> dict[str, np.ndarray]:
         """Run the graph on a preprocessed batch ``(N, C, S, S)`` float32.
 
         Returns:
@@ -287,12 +318,13 @@ class Runtime:
             if labels is None:
                 labels = np.full(batch.shape[0], self.category_index or 0, dtype=np.int64)
             feeds["label"] = np.asarray(labels, dtype=np.int64).reshape(batch.shape[0])
-        outs = self.session.run(self.output_names, feeds)
+        outs = (session or self.session).run(self.output_names, feeds)
         return {k: (v if v.dtype != np.float16 else v.astype(np.float32)) for k, v in zip(self.output_names, outs)}
 
     def _results(self, batch: np.ndarray, paths: Sequence[str | None], sizes: Sequence[tuple[int, int]],
-                 keep_reconstruction: bool, images: Sequence[np.ndarray | None] | None = None) -> list[ImageResult]:
-        out = self.infer(batch)
+                 keep_reconstruction: bool, images: Sequence[np.ndarray | None] | None = None,
+                 session: ort.InferenceSession | None = None) -> list[ImageResult]:
+        out = self.infer(batch, session=session)
         scores = out["score"].astype(np.float64)
         labels = self.calibrator.predict(scores) if self.calibrator is not None else np.full(len(scores), -1)
         probs = None
@@ -330,7 +362,7 @@ class Runtime:
         return x, (int(img.shape[0]), int(img.shape[1])), (img if keep_image else None)
 
     def _run_chunk(self, paths: list[str], items: list[_Decoded | ImageResult],
-                   keep_reconstruction: bool) -> list[ImageResult]:
+                   keep_reconstruction: bool, session: ort.InferenceSession | None = None) -> list[ImageResult]:
         """Infer the decoded items of one chunk and merge error rows back in input order."""
         ok = [i for i, it in enumerate(items) if not isinstance(it, ImageResult)]
         done: list[ImageResult] = []
@@ -338,8 +370,7 @@ class Runtime:
             decoded = [items[i] for i in ok]
             batch = np.stack([d[0] for d in decoded])  # type: ignore[index]
             done = self._results(batch, [paths[i] for i in ok], [d[1] for d in decoded],  # type: ignore[index]
-                                 keep_reconstruction, [d[2] for d in decoded])  # type: ignore[index]
-            self.stats.batches += 1
+                                 keep_reconstruction, [d[2] for d in decoded], session)  # type: ignore[index]
         it = iter(done)
         return [item if isinstance(item, ImageResult) else next(it) for item in items]
 
@@ -348,8 +379,9 @@ class Runtime:
         """Score files in batches, in input order, decoding ahead in worker threads.
 
         Unreadable files yield a result with ``error`` set instead of stopping the run. ``paths``
-        is consumed lazily: at most ``(prefetch + 1) * batch_size`` paths are in flight (submitted
-        for decoding and not yet yielded), so memory stays bounded for any number of images.
+        is consumed lazily: at most ``stats.bound`` paths are in flight (taken and not yet
+        yielded; ``(workers + prefetch) * batch_size`` in the ``batch`` pipeline), so memory
+        stays bounded for any number of images.
 
         Args:
             paths: image files.
@@ -370,10 +402,16 @@ class Runtime:
             return list(itertools.islice(source, batch_size))
 
         if self.decode_workers == 0:  # sequential: decode a chunk, infer it, repeat
+            stats.bound = batch_size
             while chunk := next_chunk():
                 stats.images += len(chunk)
                 stats.peak_in_flight = max(stats.peak_in_flight, len(chunk))
-                yield from self._run_chunk(chunk, [self._decode(p, keep_image) for p in chunk], keep_reconstruction)
+                results = self._run_chunk(chunk, [self._decode(p, keep_image) for p in chunk], keep_reconstruction)
+                stats.batches += any(r.error is None for r in results)
+                yield from results
+            return
+        if self.pipeline == "batch":
+            yield from self._score_batches(next_chunk, batch_size, keep_reconstruction, keep_image)
             return
 
         pending: collections.deque[tuple[list[str], list[Future]]] = collections.deque()
@@ -392,6 +430,7 @@ class Runtime:
                     chunk, futures = pending.popleft()
                     items = [f.result() for f in futures]
                     results = self._run_chunk(chunk, items, keep_reconstruction)
+                    stats.batches += any(r.error is None for r in results)
                     del items, futures
                     for r in results:
                         in_flight -= 1
@@ -401,8 +440,42 @@ class Runtime:
                     for f in futures:
                         f.cancel()
 
+    def _decode_and_run(self, chunk: list[str], keep_reconstruction: bool, keep_image: bool) -> list[ImageResult]:
+        """One batch, start to end, in one worker thread on the single-threaded session."""
+        items = [self._decode(p, keep_image) for p in chunk]
+        return self._run_chunk(chunk, items, keep_reconstruction, self._single_thread_session())
+
+    def _score_batches(self, next_chunk: Callable[[], list[str]], batch_size: int, keep_reconstruction: bool,
+                       keep_image: bool) -> Iterator[ImageResult]:
+        """The ``batch`` pipeline (see the module docstring)."""
+        stats = self.stats
+        stats.bound = (self.decode_workers + self.prefetch) * batch_size
+        self._single_thread_session()  # created here, not racing in the workers
+        pending: collections.deque[tuple[int, Future]] = collections.deque()
+        in_flight = 0
+        with ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="anomaly-batch") as pool:
+            try:
+                while True:
+                    while len(pending) < self.decode_workers + self.prefetch and (chunk := next_chunk()):
+                        pending.append((len(chunk), pool.submit(self._decode_and_run, chunk, keep_reconstruction,
+                                                                keep_image)))
+                        in_flight += len(chunk)
+                        stats.images += len(chunk)
+                        stats.peak_in_flight = max(stats.peak_in_flight, in_flight)
+                    if not pending:
+                        break
+                    _, future = pending.popleft()
+                    results = future.result()
+                    stats.batches += any(r.error is None for r in results)
+                    for r in results:
+                        in_flight -= 1
+                        yield r
+            finally:  # the caller stopped early (or an error): drop what was queued
+                for _, f in pending:
+                    f.cancel()
+
     def describe(self) -> dict[str, Any]:
         """Short description for CLIs: model, input, providers, threshold, precision, threads."""
         return {"model": self.meta["model"]["name"], "input": f"{self.preprocess.channels}x{self.preprocess.image_size}x{self.preprocess.image_size}",
                 "providers": self.session.get_providers(), "threshold": self.threshold, "precision": self.precision,
-                "threads": self.threads}
+                "threads": self.threads, "pipeline": self.pipeline if self.decode_workers else "sequential"}

@@ -94,6 +94,9 @@ def test_runtime_rejects_unknown_device(trained_bundle: dict) -> None:
 
     with pytest.raises(ValueError, match="unknown device"):
         Runtime(trained_bundle["bundle"], device="tpu")
+    with pytest.raises(ValueError, match="unknown pipeline 'threads'"):
+        Runtime(trained_bundle["bundle"], device="cpu", pipeline="threads")
+    assert Runtime(trained_bundle["bundle"], device="cpu").pipeline == "batch"  # CPU default
 
 
 def test_runtime_is_torch_free(trained_bundle: dict, tmp_path: Path) -> None:

@@ -40,7 +40,8 @@ def int8_bundle(trained_bundle: dict, tmp_path_factory) -> Path:
     return quantize_int8(trained_bundle["bundle"], out, trained_bundle["data"] / "train" / "good")
 
 
-def test_pipeline_matches_sequential_infer_in_order(trained_bundle: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipeline", ["batch", "overlap"])
+def test_pipeline_matches_sequential_infer_in_order(trained_bundle: dict, tmp_path: Path, pipeline: str) -> None:
     from deploy.runtime import Runtime
 
     good = _test_paths(trained_bundle)
@@ -48,7 +49,8 @@ def test_pipeline_matches_sequential_infer_in_order(trained_bundle: dict, tmp_pa
     empty.write_bytes(b"")
     garbage.write_bytes(b"not an image")
     paths = [good[0], empty, *good[1:4], tmp_path / "missing.png", *good[4:], garbage]
-    rt = Runtime(trained_bundle["bundle"], device="cpu", decode_workers=2, prefetch=1)
+    rt = Runtime(trained_bundle["bundle"], device="cpu", decode_workers=2, prefetch=1, pipeline=pipeline)
+    assert rt.describe()["pipeline"] == pipeline
     res = list(rt.score_paths(paths, batch_size=3, keep_image=True))
 
     assert [r.path for r in res] == [str(p) for p in paths]
@@ -75,13 +77,15 @@ def test_pipeline_matches_sequential_infer_in_order(trained_bundle: dict, tmp_pa
     assert all(r.image is None for r in seq)
 
 
-def test_pipeline_memory_is_bounded(trained_bundle: dict) -> None:
-    """However many paths, at most (prefetch + 1) * batch_size are taken and decoded ahead."""
+@pytest.mark.parametrize("pipeline, workers", [("overlap", 3), ("batch", 2)])
+def test_pipeline_memory_is_bounded(trained_bundle: dict, pipeline: str, workers: int) -> None:
+    """However many paths, at most a bound of them are taken and decoded ahead:
+    (prefetch + 1) * batch_size overlapping, (workers + prefetch) * batch_size batch-parallel."""
     from deploy.runtime import Runtime
 
     good = _test_paths(trained_bundle)
     n, batch, prefetch = 60, 4, 1
-    bound = (prefetch + 1) * batch
+    bound = (prefetch + 1) * batch if pipeline == "overlap" else (workers + prefetch) * batch
     consumed = 0
 
     def source():
@@ -98,7 +102,7 @@ def test_pipeline_memory_is_bounded(trained_bundle: dict) -> None:
         with lock:
             decoded += 1
 
-    rt = Runtime(trained_bundle["bundle"], device="cpu", decode_workers=3, prefetch=prefetch)
+    rt = Runtime(trained_bundle["bundle"], device="cpu", decode_workers=workers, prefetch=prefetch, pipeline=pipeline)
     rt._on_decode = on_decode
     yielded = 0
     for _ in rt.score_paths(source(), batch_size=batch):
