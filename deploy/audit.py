@@ -311,7 +311,6 @@ def _thumbnail(image: np.ndarray, size: int) -> np.ndarray:
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     # not atomic, like the images: the journal line comes after the files (see _finish)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
         np.save(fh, np.asarray(array, dtype=np.float32))
 
@@ -571,6 +570,10 @@ def run_audit(
     opts = _Options(out=out, heatmaps=heatmaps, masks=masks, save_maps=save_maps, reconstructions=reconstructions,
                     thumbnail=int(thumbnail), pixel_threshold=rt.pixel_threshold,
                     vmax=2.0 * (rt.pixel_threshold or 1.0), min_area=min_area)
+    for name, wanted in (("thumbs", opts.thumbnail > 0), ("heatmaps", heatmaps), ("masks", masks), ("maps", save_maps),
+                         ("reconstructions", reconstructions)):
+        if wanted:
+            (out / name).mkdir(exist_ok=True)
     nworkers = workers or max(1, min(4, os.cpu_count() or 1))
     t0 = time.monotonic()
     new = 0
