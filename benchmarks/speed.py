@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="benchmarks_out/speed", help="runs, bundles and data (reused when present)")
     ap.add_argument("--data", default=None, help="category folder (default: ELPV mono, else generated textures)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[128, 256], help="model sizes to time (none: skip)")
     ap.add_argument("--train-minutes", type=float, default=1.5, help="training budget per size (default 1.5)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--iterations", type=int, default=20)
@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     ap.add_argument("--audit-images", type=int, default=256)
     ap.add_argument("--no-accuracy", dest="accuracy", action="store_false")
+    ap.add_argument("--accuracy-runs", nargs="*", default=[], metavar="RUN",
+                    help="fully trained run folders: export each as fp32, int8 and fp16 and print the accuracy table "
+                         "on its own data (the timed models above are trained only briefly)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -176,7 +179,32 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print("\n".join(accuracy({"fp32": bundle, "int8": work / f"bundle_{size}_int8",
                                       "fp16": work / f"bundle_{size}_fp16"}, data)))
+    for run in map(Path, args.accuracy_runs):
+        print(f"\n== accuracy of int8 / fp16 against fp32: {run} ==")
+        print("\n".join(accuracy(precision_variants(run, work / f"acc_{run.name}"), run_data(run))))
     return 0
+
+
+def run_data(run: Path) -> Path:
+    """The category folder a run was trained on (from its ``config.json``)."""
+    import json
+
+    return Path(json.loads((run / "config.json").read_text())["data"])
+
+
+def precision_variants(run: Path, dest: Path) -> dict[str, Path]:
+    """Export ``run`` (default scoring) as fp32, then int8 (calibrated on its training images) and fp16."""
+    from deploy.export import export_run
+    from deploy.quantize import convert_fp16, quantize_int8
+
+    out = {"fp32": dest / "fp32", "int8": dest / "int8", "fp16": dest / "fp16"}
+    if not (out["fp32"] / "model.json").is_file():
+        export_run(run, out["fp32"])
+    if not (out["int8"] / "model.json").is_file():
+        quantize_int8(out["fp32"], out["int8"], run_data(run) / "train" / "good")
+    if not (out["fp16"] / "model.json").is_file():
+        convert_fp16(out["fp32"], out["fp16"])
+    return out
 
 
 if __name__ == "__main__":
