@@ -177,11 +177,11 @@ class Runtime:
             ``(workers + prefetch) * batch_size`` in the ``batch`` pipeline, ``(prefetch + 1) *
             batch_size`` in the ``overlap`` one).
         spin: let onnxruntime's idle intra-op threads busy-wait for work between operators
-            (``None``: yes, onnxruntime's own default). Only the multi-threaded session spins
+            (onnxruntime's own default). Only the multi-threaded session spins
             (:meth:`infer`, :meth:`score_image`, the ``overlap`` pipeline); measured on 2 cores,
             +10-15 % images/s of pure inference. Turn it off when other heavy threads share the
             cores with :meth:`infer` (they would wait for the spinning ones).
-        nchwc: allow onnxruntime's NCHWc layout transformer (CPU): +5-15 % images/s for the
+        nchwc: allow onnxruntime's NCHWc layout transformer (CPU): +10-20 % images/s for the
             default AAE at 128² batch 16 since SSIM blurs its five local means as one 5-channel
             depthwise convolution (it had cost 20 % when they were five 1-channel ones).
         pipeline: ``auto`` (``batch`` on the CPU provider, else ``overlap``), ``batch`` or
@@ -190,7 +190,7 @@ class Runtime:
 
     def __init__(self, bundle: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  category: str | int | None = None, *, decode_workers: int | None = None, prefetch: int = 2,
-                 spin: bool | None = None, nchwc: bool = True, pipeline: str = "auto") -> None:
+                 spin: bool = True, nchwc: bool = True, pipeline: str = "auto") -> None:
         self.bundle = Path(bundle)
         self.meta = load_sidecar(self.bundle)
         self.preprocess = Preprocess.from_dict(self.meta["preprocess"])
@@ -214,8 +214,6 @@ class Runtime:
         if decode_workers is None:
             decode_workers = self.threads if pipeline == "batch" else min(4, ncpu)
         self.decode_workers = max(0, int(decode_workers))
-        if spin is None:
-            spin = True
         self._nchwc = nchwc
         self._single: ort.InferenceSession | None = None  # the batch pipeline's 1-thread session
         self.session_options = self._session_options(self.threads, spin)
