@@ -408,28 +408,55 @@ class Runtime:
                 stats.batches += any(r.error is None for r in results)
                 yield from results
             return
-        if self.pipeline == "batch":
-            yield from self._score_batches(next_chunk, batch_size, keep_reconstruction, keep_image)
-            return
+        if self.pipeline == "batch":  # a whole chunk per worker, on the single-threaded session
+            stats.bound = (self.decode_workers + self.prefetch) * batch_size
+            session = self._single_thread_session()  # created here, not racing in the workers
 
+            def submit(pool: ThreadPoolExecutor, chunk: list[str]) -> list[Future]:
+                return [pool.submit(self._decode_and_run, chunk, keep_reconstruction, keep_image, session)]
+
+            def finish(chunk: list[str], futures: list[Future]) -> list[ImageResult]:
+                return futures[0].result()
+
+            depth = self.decode_workers + self.prefetch
+        else:  # overlap: decoder threads prepare the next chunks while this thread infers the head one
+            def submit(pool: ThreadPoolExecutor, chunk: list[str]) -> list[Future]:
+                return [pool.submit(self._decode, p, keep_image) for p in chunk]
+
+            def finish(chunk: list[str], futures: list[Future]) -> list[ImageResult]:
+                return self._run_chunk(chunk, [f.result() for f in futures], keep_reconstruction)
+
+            depth = self.prefetch + 1
+        yield from self._pipelined(next_chunk, depth, submit, finish)
+
+    def _decode_and_run(self, chunk: list[str], keep_reconstruction: bool, keep_image: bool,
+                        session: ort.InferenceSession) -> list[ImageResult]:
+        """One chunk, start to end, in one worker thread."""
+        items = [self._decode(p, keep_image) for p in chunk]
+        return self._run_chunk(chunk, items, keep_reconstruction, session)
+
+    def _pipelined(self, next_chunk: Callable[[], list[str]], depth: int,
+                   submit: Callable[[ThreadPoolExecutor, list[str]], list[Future]],
+                   finish: Callable[[list[str], list[Future]], list[ImageResult]]) -> Iterator[ImageResult]:
+        """Keep ``depth`` chunks submitted to a pool of ``decode_workers`` threads and yield their
+        results in input order; stopping early cancels what is queued."""
+        stats = self.stats
         pending: collections.deque[tuple[list[str], list[Future]]] = collections.deque()
         in_flight = 0
-        with ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="anomaly-decode") as pool:
+        with ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="anomaly-pipeline") as pool:
             try:
                 while True:
-                    # Keep prefetch + 1 chunks submitted: the head is the one inferred next.
-                    while len(pending) <= self.prefetch and (chunk := next_chunk()):
-                        pending.append((chunk, [pool.submit(self._decode, p, keep_image) for p in chunk]))
+                    while len(pending) < depth and (chunk := next_chunk()):
+                        pending.append((chunk, submit(pool, chunk)))
                         in_flight += len(chunk)
                         stats.images += len(chunk)
                         stats.peak_in_flight = max(stats.peak_in_flight, in_flight)
                     if not pending:
                         break
                     chunk, futures = pending.popleft()
-                    items = [f.result() for f in futures]
-                    results = self._run_chunk(chunk, items, keep_reconstruction)
+                    results = finish(chunk, futures)
+                    del futures
                     stats.batches += any(r.error is None for r in results)
-                    del items, futures
                     for r in results:
                         in_flight -= 1
                         yield r
@@ -437,40 +464,6 @@ class Runtime:
                 for _, futures in pending:
                     for f in futures:
                         f.cancel()
-
-    def _decode_and_run(self, chunk: list[str], keep_reconstruction: bool, keep_image: bool) -> list[ImageResult]:
-        """One batch, start to end, in one worker thread on the single-threaded session."""
-        items = [self._decode(p, keep_image) for p in chunk]
-        return self._run_chunk(chunk, items, keep_reconstruction, self._single_thread_session())
-
-    def _score_batches(self, next_chunk: Callable[[], list[str]], batch_size: int, keep_reconstruction: bool,
-                       keep_image: bool) -> Iterator[ImageResult]:
-        """The ``batch`` pipeline (see the module docstring)."""
-        stats = self.stats
-        stats.bound = (self.decode_workers + self.prefetch) * batch_size
-        self._single_thread_session()  # created here, not racing in the workers
-        pending: collections.deque[tuple[int, Future]] = collections.deque()
-        in_flight = 0
-        with ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="anomaly-batch") as pool:
-            try:
-                while True:
-                    while len(pending) < self.decode_workers + self.prefetch and (chunk := next_chunk()):
-                        pending.append((len(chunk), pool.submit(self._decode_and_run, chunk, keep_reconstruction,
-                                                                keep_image)))
-                        in_flight += len(chunk)
-                        stats.images += len(chunk)
-                        stats.peak_in_flight = max(stats.peak_in_flight, in_flight)
-                    if not pending:
-                        break
-                    _, future = pending.popleft()
-                    results = future.result()
-                    stats.batches += any(r.error is None for r in results)
-                    for r in results:
-                        in_flight -= 1
-                        yield r
-            finally:  # the caller stopped early (or an error): drop what was queued
-                for _, f in pending:
-                    f.cancel()
 
     def describe(self) -> dict[str, Any]:
         """Short description for CLIs: model, input, providers, threshold, precision, threads."""
