@@ -93,8 +93,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("cyclegan_repair", "cyclegan", "CycleGAN-style repair generator (small U-Net), synthetic defects p=0.5",
            synthetic_defects=0.5, batch_size=8,
            model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16},
-           scorings={"l1_ssim": _RESIDUALS["l1_ssim"], "l1": _RESIDUALS["l1"], "ms": _RESIDUALS["ms"],
-                     "l1_ssim+norm": _RESIDUALS["l1_ssim+norm"]}),
+           scorings=dict(_RESIDUALS)),
 ]}
 
 
