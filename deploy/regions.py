@@ -136,24 +136,35 @@ def find_regions(
     H0, W0 = (h, w) if original_size is None else _as_size(original_size, "original_size")
     full = resize_map(a, (H0, W0))
     binary = (full > threshold).astype(np.uint8)
-
+    mask = np.zeros((H0, W0), dtype=np.uint8)
+    k = 0
     if morphology > 1:
         scale = 0.5 * (H0 / h + W0 / w)
         k = max(1, int(round(morphology * scale)))
         k += 1 - k % 2  # odd, so the kernel is centred and the mask does not shift
-        if k > 1:
-            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-            binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel)
-            binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, kernel)
-
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    mask = np.zeros((H0, W0), dtype=np.uint8)
+        k = k if k > 1 else 0
+    # Everything below works on the window around the foreground (usually a small part of the
+    # image): a margin of k pixels makes the clean-up exactly what it is on the whole image (the
+    # opening stays inside the foreground, the closing reaches k // 2 beyond it, and the zeros of
+    # the margin erode as the zeros outside it would).
+    x0, y0, bw, bh = cv2.boundingRect(binary)
+    if bw == 0 or bh == 0:
+        return mask, []
+    xa, ya, xb, yb = max(0, x0 - k), max(0, y0 - k), min(W0, x0 + bw + k), min(H0, y0 + bh + k)
+    sub = binary[ya:yb, xa:xb]
+    if k:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+        sub = cv2.morphologyEx(sub, cv2.MORPH_OPEN, kernel)
+        sub = cv2.morphologyEx(sub, cv2.MORPH_CLOSE, kernel)
+    # Grana's algorithm: the same components and statistics as the default, 3x faster with
+    # statistics in OpenCV 5
+    n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(sub, 8, cv2.CV_32S, cv2.CCL_GRANA)
     if n <= 1:
         return mask, []
-    # per-region sums and peaks over the foreground pixels only (usually a small part of the image)
+    # per-region sums and peaks over the foreground pixels only
     flat_lab = labels.ravel()
     fg = np.flatnonzero(flat_lab)
-    lab, val = flat_lab[fg], full.ravel()[fg].astype(np.float64)
+    lab, val = flat_lab[fg], full[ya:yb, xa:xb].ravel()[fg].astype(np.float64)
     sums = np.bincount(lab, weights=val, minlength=n)
     peaks = np.full(n, -np.inf)
     np.maximum.at(peaks, lab, val)
@@ -161,12 +172,13 @@ def find_regions(
     regions = []
     for i in keep:
         x, y, bw, bh, area = (int(v) for v in stats[i, :5])
-        regions.append(Region(x=x, y=y, w=bw, h=bh, area=area, peak=float(peaks[i]), mean=float(sums[i] / area)))
+        regions.append(Region(x=x + xa, y=y + ya, w=bw, h=bh, area=area, peak=float(peaks[i]),
+                              mean=float(sums[i] / area)))
     if keep:
         lut = np.zeros(n, np.uint8)
         lut[keep] = 255
-        mask = lut[labels]
-    regions.sort(key=lambda r: r.peak, reverse=True)
+        mask[ya:yb, xa:xb] = lut[labels]
+    regions.sort(key=lambda r: (-r.peak, r.y, r.x))  # ties: top to bottom, left to right
     logger.debug("find_regions: %d component(s), %d kept (min_area=%d)", n - 1, len(regions), min_area)
     return mask, regions
 

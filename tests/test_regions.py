@@ -68,6 +68,48 @@ def test_speckles_removed_by_morphology_and_min_area():
     assert len(by_opening) == 2
 
 
+def _whole_image_regions(m, threshold, size, min_area, morphology):
+    """Reference: the clean-up and labelling on the whole image (find_regions works in a window)."""
+    import cv2
+
+    full = resize_map(m, size)
+    binary = (full > threshold).astype(np.uint8)
+    h, w = m.shape
+    k = max(1, int(round(morphology * 0.5 * (size[0] / h + size[1] / w)))) if morphology > 1 else 1
+    k += 1 - k % 2
+    if k > 1:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+        binary = cv2.morphologyEx(cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel), cv2.MORPH_CLOSE, kernel)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    mask, boxes = np.zeros(size, np.uint8), {}
+    for i in range(1, n):
+        x, y, bw, bh, area = (int(v) for v in stats[i, :5])
+        if area >= max(min_area, 1):
+            sel = labels == i
+            mask[sel] = 255
+            boxes[(x, y, bw, bh, area)] = (float(full[sel].max()), float(full[sel].astype(np.float64).mean()))
+    return mask, boxes
+
+
+def test_window_matches_whole_image():
+    """Regions are found in a window around the foreground (the audit's hot path); masks, boxes,
+    peaks and means equal the whole-image computation, morphology at the window's edge included."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        s = int(rng.choice([8, 16, 32, 64]))
+        m = cv2.GaussianBlur(rng.random((s, s)).astype(np.float32), (0, 0), float(rng.uniform(0.3, 3)))
+        size = (int(rng.integers(4, 300)), int(rng.integers(4, 300)))
+        threshold = float(np.quantile(m, rng.uniform(0.5, 0.999)))
+        morphology, min_area = int(rng.choice([0, 2, 3, 5])), int(rng.choice([0, 16]))
+        mask, regions = find_regions(m, threshold, original_size=size, min_area=min_area, morphology=morphology)
+        ref_mask, ref_boxes = _whole_image_regions(m, threshold, size, min_area, morphology)
+        assert np.array_equal(mask, ref_mask)
+        assert {(r.x, r.y, r.w, r.h, r.area): (r.peak, pytest.approx(r.mean, rel=1e-9)) for r in regions} == ref_boxes
+        assert [r.peak for r in regions] == sorted((r.peak for r in regions), reverse=True)
+
+
 def test_nothing_above_threshold():
     mask, regions = find_regions(np.zeros((8, 8)), 0.5, original_size=(20, 30))
     assert regions == [] and mask.shape == (20, 30) and not mask.any()
