@@ -94,6 +94,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            synthetic_defects=0.5, batch_size=8,
            model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16},
            scorings=dict(_RESIDUALS)),
+    Preset("cyclegan_repair_resnet", "cyclegan", "cyclegan_repair with ResNet generators (base 16, 6 blocks): "
+           "full-resolution residual path instead of the U-Net's skips",
+           synthetic_defects=0.5, batch_size=8,
+           model_kwargs={"generator": "resnet", "base_channels": 16, "disc_channels": 16, "n_blocks": 6},
+           scorings=dict(_RESIDUALS)),
 ]}
 
 
