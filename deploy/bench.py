@@ -210,8 +210,9 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
     """Run the end-to-end audit (decode -> score -> results.csv + heatmaps) and time it.
 
     Args:
-        images: folder of images (at most ``max_images`` are used); ``None``: 64 synthetic PNGs
-            at twice the model's input size.
+        images: folder of images (at most ``max_images``, evenly spaced over the sorted list so a
+            folder of ``good/`` and ``defective/`` gives both); ``None``: 64 synthetic PNGs at twice
+            the model's input size.
         repeats: audits run; the fastest counts (the first also warms the file cache).
 
     Returns:
@@ -230,7 +231,9 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
             src.mkdir()
             paths, source = paths_from([_synthetic_folder(src, 64, size, int(pre["channels"]))]), f"64 synthetic {size}px PNGs"
         else:
-            paths = paths_from([images])[:max_images]
+            paths = paths_from([images])
+            if len(paths) > max_images:  # spread over the whole folder, not its first sub-folders (one class)
+                paths = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, max_images).round().astype(int))]
             source = f"{len(paths)} images from {images}"
         if not paths:
             raise FileNotFoundError(f"{images}: no images to audit")

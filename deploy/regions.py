@@ -161,23 +161,35 @@ def find_regions(
     n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(sub, 8, cv2.CV_32S, cv2.CCL_GRANA)
     if n <= 1:
         return mask, []
-    # per-region sums and peaks over the foreground pixels only
-    flat_lab = labels.ravel()
-    fg = np.flatnonzero(flat_lab)
-    lab, val = flat_lab[fg], full[ya:yb, xa:xb].ravel()[fg].astype(np.float64)
-    sums = np.bincount(lab, weights=val, minlength=n)
-    peaks = np.full(n, -np.inf)
-    np.maximum.at(peaks, lab, val)
-    keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(min_area, 1)]
-    regions = []
-    for i in keep:
-        x, y, bw, bh, area = (int(v) for v in stats[i, :5])
-        regions.append(Region(x=x + xa, y=y + ya, w=bw, h=bh, area=area, peak=float(peaks[i]),
-                              mean=float(sums[i] / area)))
-    if keep:
-        lut = np.zeros(n, np.uint8)
-        lut[keep] = 255
-        mask[ya:yb, xa:xb] = lut[labels]
+    values = full[ya:yb, xa:xb]
+    areas = stats[:, cv2.CC_STAT_AREA]
+    keep = [i for i in range(1, n) if areas[i] >= max(min_area, 1)]
+    boxes = [(int(x), int(y), int(x + bw), int(y + bh)) for x, y, bw, bh in stats[:, :4]]
+    peaks, sums = np.full(n, -np.inf), np.zeros(n)
+    if sum(int(stats[i, 2]) * int(stats[i, 3]) for i in keep) <= values.size:
+        # each region within its own box: cheaper than a pass over the window when the boxes
+        # are small against it (scattered blobs span a wide window with little inside)
+        for i in keep:
+            x0_, y0_, x1_, y1_ = boxes[i]
+            v = values[y0_:y1_, x0_:x1_][labels[y0_:y1_, x0_:x1_] == i]
+            peaks[i], sums[i] = float(v.max()), float(v.sum(dtype=np.float64))
+    else:  # large, overlapping boxes: one pass over the foreground pixels
+        flat_lab = labels.ravel()
+        fg = np.flatnonzero(flat_lab)
+        lab, val = flat_lab[fg], values.ravel()[fg].astype(np.float64)
+        sums = np.bincount(lab, weights=val, minlength=n)
+        np.maximum.at(peaks, lab, val)
+    regions = [Region(x=int(stats[i, 0]) + xa, y=int(stats[i, 1]) + ya, w=int(stats[i, 2]), h=int(stats[i, 3]),
+                      area=int(areas[i]), peak=float(peaks[i]), mean=float(sums[i] / areas[i])) for i in keep]
+    if len(keep) == n - 1:  # every component kept: the cleaned-up foreground is the mask
+        mask[ya:yb, xa:xb] = sub * np.uint8(255)
+    elif keep:
+        sub_mask = mask[ya:yb, xa:xb]
+        sub_mask[:] = sub * np.uint8(255)
+        for i in range(1, n):  # dropped components are small (below min_area): clear them box by box
+            if areas[i] < max(min_area, 1):
+                x0_, y0_, x1_, y1_ = boxes[i]
+                sub_mask[y0_:y1_, x0_:x1_][labels[y0_:y1_, x0_:x1_] == i] = 0
     regions.sort(key=lambda r: (-r.peak, r.y, r.x))  # ties: top to bottom, left to right
     logger.debug("find_regions: %d component(s), %d kept (min_area=%d)", n - 1, len(regions), min_area)
     return mask, regions
