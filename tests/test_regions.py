@@ -96,6 +96,16 @@ def test_window_matches_whole_image():
     peaks and means equal the whole-image computation, morphology at the window's edge included."""
     import cv2
 
+    # a ring around a blob: the boxes overlap (their areas add up to more than the window), which
+    # takes the one-pass statistics instead of the box-by-box ones
+    ring = np.zeros((32, 32), np.float32)
+    ring[4:28, 4:28], ring[8:24, 8:24], ring[12:20, 12:20] = 1.0, 0.0, 0.8
+    for morphology in (0, 3):
+        mask, regions = find_regions(ring, 0.4, original_size=(96, 80), min_area=16, morphology=morphology)
+        ref_mask, ref_boxes = _whole_image_regions(ring, 0.4, (96, 80), 16, morphology)
+        assert len(regions) == 2 and np.array_equal(mask, ref_mask)
+        assert {(r.x, r.y, r.w, r.h, r.area): (r.peak, pytest.approx(r.mean, rel=1e-9)) for r in regions} == ref_boxes
+
     rng = np.random.default_rng(0)
     for _ in range(150):
         s = int(rng.choice([8, 16, 32, 64]))
