@@ -94,6 +94,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            synthetic_defects=0.5, batch_size=8,
            model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16},
            scorings=dict(_RESIDUALS)),
+    Preset("cyclegan_repair_wide", "cyclegan", "cyclegan_repair with twice the channels (U-Net base 32, "
+           "discriminator 32): more capacity for irregular textures",
+           synthetic_defects=0.5, batch_size=8,
+           model_kwargs={"generator": "unet", "base_channels": 32, "disc_channels": 32},
+           scorings=dict(_RESIDUALS)),
+    Preset("cyclegan_repair_p08", "cyclegan", "cyclegan_repair with synthetic defects on 80% of training "
+           "images (more repair examples per epoch)",
+           synthetic_defects=0.8, batch_size=8,
+           model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16},
+           scorings=dict(_RESIDUALS)),
     Preset("cyclegan_repair_resnet", "cyclegan", "cyclegan_repair with ResNet generators (base 16, 6 blocks): "
            "full-resolution residual path instead of the U-Net's skips",
            synthetic_defects=0.5, batch_size=8,

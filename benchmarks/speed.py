@@ -4,7 +4,7 @@ For each size it trains the default model briefly (or reuses the run already in 
 exports it, writes the int8 and fp16 variants, and prints the ``anomaly bench`` table: images/s
 and per-call latency p50/p99 at batch 1 and batch N for torch eager, onnxruntime fp32 / int8
 (and fp16 / CUDA where a GPU is there), then the end-to-end audit rate (decode -> score ->
-results.csv + heatmap PNGs) as a fraction of pure fp32 inference. A second table gives the
+results.csv + heatmap JPEGs; and without image files) as a fraction of pure fp32 inference. A second table gives the
 accuracy cost of int8 (and fp16): image AUROC on the test split and the score agreement with
 float32.
 
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     ap.add_argument("--audit-images", type=int, default=256)
+    ap.add_argument("--audit-dir", default=None, help="where the audit rows write (default: the system's temp folder)")
     ap.add_argument("--no-accuracy", dest="accuracy", action="store_false")
     ap.add_argument("--accuracy-runs", nargs="*", default=[], metavar="RUN",
                     help="fully trained run folders: export each as fp32, int8 and fp16 and print the accuracy table "
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         bundle = prepare(work, data, size, args.train_minutes, calib)
         rows = run_all(bundle, batch_size=args.batch_size, iterations=args.iterations, warmup=args.warmup,
-                       device=args.device, images=str(test_dir), threads=args.threads, audit_images=args.audit_images)
+                       device=args.device, images=str(test_dir), threads=args.threads, audit_images=args.audit_images,
+                       audit_dir=args.audit_dir)
         print(f"\n== aae {size}x{size} (default settings; {args.iterations} timed calls after {args.warmup} warm-up; "
               "latency per call) ==")
         print(format_table(rows))

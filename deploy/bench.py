@@ -11,8 +11,10 @@ For batch 1 and batch N it times the exported graph on the same preprocessed inp
   on a GPU: a CPU has no float16 kernels worth timing);
 
 and reports images/s and per-call latency p50/p99. Then it runs the whole audit
-(:func:`deploy.audit.run_audit`: decode -> score -> results.csv + heatmap PNGs) on a folder of
-images and gives its rate as a fraction of the float32 graph's images/s at batch N.
+(:func:`deploy.audit.run_audit`: decode -> score -> results.csv + heatmap JPEGs) on a folder of
+images and gives its rate as a fraction of the float32 graph's images/s at batch N; a second audit
+row writes no image files (journal and CSV only) and the first row's note gives what creating one
+file costs on the audit's disk, so a slow disk and a slow pipeline can be told apart.
 
 Library functions return rows; the CLI handler prints them. Torch is imported only for the
 torch row.
@@ -35,7 +37,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["add_parsers", "BenchRow", "time_calls", "bench_bundle", "bench_audit", "format_table", "find_variants"]
+__all__ = ["add_parsers", "BenchRow", "time_calls", "bench_bundle", "bench_audit", "file_write_ms", "format_table",
+           "find_variants"]
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +207,27 @@ def _synthetic_folder(root: Path, n: int, size: int, channels: int, seed: int = 
     return root
 
 
+def file_write_ms(folder: str | os.PathLike, n: int = 64, size: int = 12_000) -> float:
+    """Milliseconds to create and write one ``size``-byte file in ``folder`` (median of ``n``).
+
+    The audit writes one or two such files per image; on some disks (this project's 2-core VM:
+    ~0.8 ms of kernel time per file, against 0.02 ms on tmpfs) that alone decides its rate.
+    """
+    data = os.urandom(size)
+    with tempfile.TemporaryDirectory(prefix="anomaly-bench-io-", dir=folder) as tmp:
+        times = []
+        for i in range(n):
+            t = time.perf_counter()
+            with open(os.path.join(tmp, f"{i:05d}-0123456789.jpg"), "wb") as fh:
+                fh.write(data)
+            times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
 def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str = "auto",
                 images: str | os.PathLike | None = None, max_images: int = 256, repeats: int = 2,
-                heatmaps: bool = True) -> tuple[float, int, str]:
+                heatmaps: bool = True, thumbnail: int = 256,
+                out_dir: str | os.PathLike | None = None) -> tuple[float, int, str]:
     """Run the end-to-end audit (decode -> score -> results.csv + heatmaps) and time it.
 
     Args:
@@ -214,6 +235,9 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
             folder of ``good/`` and ``defective/`` gives both); ``None``: 64 synthetic PNGs at twice
             the model's input size.
         repeats: audits run; the fastest counts (the first also warms the file cache).
+        heatmaps, thumbnail: as :func:`deploy.audit.run_audit` (``heatmaps=False, thumbnail=0``:
+            no image files, only the journal and CSV).
+        out_dir: where the audit writes (a temporary folder inside it; default the system's).
 
     Returns:
         ``(images_per_s, n_images, source description)``.
@@ -223,7 +247,7 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
     from deploy.bundle import load_sidecar
 
     meta = load_sidecar(bundle)
-    with tempfile.TemporaryDirectory(prefix="anomaly-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="anomaly-bench-", dir=out_dir) as tmp:
         if images is None:
             pre = meta["preprocess"]
             size = 2 * int(pre["image_size"])
@@ -242,7 +266,7 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
             out = Path(tmp) / f"audit{k}"
             t = time.perf_counter()
             summary = run_audit(bundle, [str(p) for p in paths], out, batch_size=batch_size, heatmaps=heatmaps,
-                                device=device)
+                                thumbnail=thumbnail, device=device)
             wall = time.perf_counter() - t
             ips = summary.get("images_per_second") or len(paths) / wall
             best = max(best, float(ips))
@@ -266,8 +290,11 @@ def format_table(rows: Sequence[BenchRow]) -> str:
 def run_all(bundle: str | os.PathLike, *, batch_size: int = 16, iterations: int = 20, warmup: int = 3,
             device: str = "auto", images: str | os.PathLike | None = None,
             variants: Sequence[str | os.PathLike] | None = None, threads: int | None = None,
-            audit: bool = True, audit_images: int = 256, torch_eager: bool = True) -> list[BenchRow]:
-    """Every row of ``anomaly bench``: the graph timings, then the audit against pure inference."""
+            audit: bool = True, audit_images: int = 256, torch_eager: bool = True,
+            audit_dir: str | os.PathLike | None = None) -> list[BenchRow]:
+    """Every row of ``anomaly bench``: the graph timings, then the audit against pure inference —
+    as the CLI runs it (heatmaps, thumbnails where due) and without image files (journal and CSV
+    only), which separates the pipeline from the disk; the note gives the disk's cost per file."""
     sizes = (1, batch_size) if batch_size != 1 else (1,)
     rows = bench_bundle(bundle, batch_sizes=sizes, iterations=iterations, warmup=warmup, device=device,
                         images=images, variants=variants, threads=threads, torch_eager=torch_eager)
@@ -280,11 +307,16 @@ def run_all(bundle: str | os.PathLike, *, batch_size: int = 16, iterations: int 
             audit_device = "cuda" if "cuda" in gpus else "cpu"
         ref = next((r for r in rows if r.engine == "onnxruntime" and r.precision == "fp32" and r.device == audit_device
                     and r.batch == batch_size and r.images_per_s), None)
-        ips, n, source = bench_audit(bundle, batch_size=batch_size, device=audit_device, images=images,
-                                     max_images=audit_images)
-        frac = f"{ips / ref.images_per_s:.0%} of onnxruntime fp32 batch {batch_size}" if ref else ""
-        rows.append(BenchRow("audit (end to end)", "fp32", audit_device, batch_size, ips,
-                             note=f"{frac}; {source}, heatmaps on".lstrip("; ")))
+        where = audit_dir or tempfile.gettempdir()
+        write_ms = file_write_ms(where)
+        for engine, kwargs, what in (("audit (end to end)", {}, "heatmaps on"),
+                                     ("audit (no files)", {"heatmaps": False, "thumbnail": 0}, "journal + CSV only")):
+            ips, n, source = bench_audit(bundle, batch_size=batch_size, device=audit_device, images=images,
+                                         max_images=audit_images, out_dir=audit_dir, **kwargs)
+            frac = f"{ips / ref.images_per_s:.0%} of onnxruntime fp32 batch {batch_size}" if ref else ""
+            disk = f"; a 12 kB file costs {write_ms:.2f} ms in {where}" if engine == "audit (end to end)" else ""
+            rows.append(BenchRow(engine, "fp32", audit_device, batch_size, ips,
+                                 note=f"{frac}; {source}, {what}{disk}".lstrip("; ")))
     return rows
 
 
@@ -304,7 +336,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="int8/fp16 bundles of the same model (default: BUNDLE_int8 and BUNDLE_fp16 if present)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--audit-images", type=int, default=256, help="images audited at most (default 256)")
-    p.add_argument("--no-audit", dest="audit", action="store_false", help="skip the end-to-end audit row")
+    p.add_argument("--audit-dir", default=None,
+                   help="folder on the disk the audit rows write to (default: the system's temporary folder)")
+    p.add_argument("--no-audit", dest="audit", action="store_false", help="skip the end-to-end audit rows")
     p.add_argument("--no-torch", dest="torch_eager", action="store_false", help="skip the torch eager rows")
     p.set_defaults(func=_bench)
 
@@ -317,7 +351,8 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     rows = run_all(args.bundle, batch_size=args.batch_size, iterations=args.iterations, warmup=args.warmup,
                    device=args.device, images=args.images, variants=args.variants, threads=args.threads,
-                   audit=args.audit, audit_images=args.audit_images, torch_eager=args.torch_eager)
+                   audit=args.audit, audit_images=args.audit_images, torch_eager=args.torch_eager,
+                   audit_dir=args.audit_dir)
     print(f"anomaly bench {args.bundle}: {args.iterations} timed calls after {args.warmup} warm-up, "
           f"{args.threads or physical_cores()} intra-op threads; latency is per call (batch images)")
     print(format_table(rows))

@@ -57,7 +57,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--masks", action="store_true", help="binary region masks (PNG, original resolution) in OUT/masks")
     p.add_argument("--save-maps", action="store_true", help="raw float32 anomaly maps (.npy, model resolution) in OUT/maps")
     p.add_argument("--reconstructions", action="store_true", help="the model's reconstruction (PNG) in OUT/reconstructions")
-    p.add_argument("--thumbnail-size", type=int, default=256, help="longest side of OUT/thumbs/*.jpg for `anomaly review` (0: none)")
+    p.add_argument("--thumbnail-size", type=int, default=256, help="longest side of OUT/thumbs/*.jpg for `anomaly review` (0: none); written only "
+                   "for inputs over twice this size or in formats a browser cannot show (or with --no-heatmaps)")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="skip images already in OUT/results.jsonl (default)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to run if OUT already holds results")

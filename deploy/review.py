@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from data.io import atomic_write
-from deploy.audit import load_journal
+from deploy.audit import BROWSER_IMAGES, load_journal
 
 __all__ = ["build_report", "serve_report", "validate_decisions", "ReviewError", "DECISIONS", "REPORT_FILE"]
 
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 DECISIONS = ("defect", "false_alarm")
 REPORT_FILE = "report.html"
 DECISIONS_FILE = "decisions.json"
-_BROWSER_IMAGES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 _MAX_POST = 64 << 20
 
 
@@ -195,7 +194,7 @@ def _row(rec: dict[str, Any], out: Path) -> dict[str, Any]:
         rel = os.path.relpath(path, out)
     except ValueError:  # another drive on Windows
         rel = None
-    displayable = Path(path).suffix.lower() in _BROWSER_IMAGES
+    displayable = Path(path).suffix.lower() in BROWSER_IMAGES
     return {"id": rec.get("id"), "path": path, "name": Path(path).name, "score": rec.get("score"),
             "probability": rec.get("probability"), "label": rec.get("label"), "width": rec.get("width"),
             "height": rec.get("height"), "regions": rec.get("regions") or [], "thumb": rec.get("thumbnail"),
@@ -639,7 +638,8 @@ _JS = r"""
     const src = r.original ? (served ? "original/" + encodeURIComponent(r.id) : r.original) : (r.thumb || r.heatmap || "");
     if (orig.dataset.src !== src) {
       orig.dataset.src = src;
-      orig.onerror = () => { if (r.thumb && orig.getAttribute("src") !== r.thumb) orig.src = r.thumb; };
+      const fallback = r.thumb || r.heatmap;  // the original moved, or the browser cannot decode it
+      orig.onerror = () => { if (fallback && orig.getAttribute("src") !== fallback) orig.src = fallback; };
       if (src) orig.src = src; else orig.removeAttribute("src");
     }
     if (r.heatmap) { heat.src = r.heatmap; heat.hidden = false; } else { heat.hidden = true; heat.removeAttribute("src"); }

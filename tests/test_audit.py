@@ -57,7 +57,7 @@ def test_outputs_at_original_resolution_and_summary(trained_bundle: dict, tmp_pa
         amap = np.load(out / r["map"])
         assert amap.shape == (32, 32) and amap.dtype == np.float32
         assert cv2.imread(str(out / r["reconstruction"])).shape[:2] == (32, 32)
-        assert (out / r["thumbnail"]).is_file()
+        assert r["thumbnail"] is None  # a small PNG: the review page shows its heatmap and the file itself
         for reg in r["regions"]:
             assert 0 <= reg["x"] < w and 0 <= reg["y"] < h and reg["area"] > 0 and "peak" in reg
 
@@ -71,6 +71,28 @@ def test_outputs_at_original_resolution_and_summary(trained_bundle: dict, tmp_pa
     audit = json.loads((out / "audit.json").read_text())
     meta = json.loads((Path(trained_bundle["bundle"]) / "model.json").read_text())
     assert audit["bundle_sha256"] == meta["onnx"]["sha256"]
+
+
+def test_thumbnails_only_where_they_spare_the_review_page_something(trained_bundle: dict, tmp_path: Path) -> None:
+    img = cv2.imread(str(_test_images(trained_bundle["data"])[0]), cv2.IMREAD_GRAYSCALE)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / "small.png"), cv2.resize(img, (100, 80)))
+    cv2.imwrite(str(inputs / "large.png"), cv2.resize(img, (300, 200)))  # longest side > 2 x 64
+    cv2.imwrite(str(inputs / "small.tif"), cv2.resize(img, (100, 80)))  # browsers cannot show TIFF
+    out = tmp_path / "out"
+    assert _audit(trained_bundle["bundle"], str(inputs), "--out", str(out), "--thumbnail-size", "64") == 0
+    thumbs = {Path(r["path"]).name: r["thumbnail"] for r in _journal(out)}
+    assert thumbs["small.png"] is None
+    for name in ("large.png", "small.tif"):
+        t = cv2.imread(str(out / thumbs[name]))
+        assert t.shape[:2] == ((43, 64) if name == "large.png" else (51, 64))
+    # without heatmaps the thumbnail is the page's only picture: always written
+    out2 = tmp_path / "out2"
+    assert _audit(trained_bundle["bundle"], str(inputs / "small.png"), "--out", str(out2), "--no-heatmaps",
+                  "--thumbnail-size", "64") == 0
+    (rec,) = _journal(out2)
+    assert rec["heatmap"] is None and cv2.imread(str(out2 / rec["thumbnail"])).shape[:2] == (51, 64)
 
 
 def test_same_file_names_get_distinct_outputs(trained_bundle: dict, tmp_path: Path) -> None:

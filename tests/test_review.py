@@ -50,8 +50,9 @@ def test_report_is_complete_and_self_contained(audited: dict, capsys) -> None:
     assert "http://" not in page and "https://" not in page
     assert "<link" not in page and "<script src" not in page
     for row in data["rows"]:
-        for key in ("thumb", "heatmap", "recon"):
+        for key in ("heatmap", "recon"):
             assert row[key] and (out / row[key]).is_file() and not Path(row[key]).is_absolute()
+        assert row["thumb"] is None and row["original"]  # small PNGs: shown from the file and the heatmap
     assert 'id="thr-slider"' in page and 'id="flagged-count"' in page and 'data-filter="errors"' in page
 
 

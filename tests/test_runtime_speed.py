@@ -197,4 +197,6 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
     ort = [line for line in lines if line.startswith("onnxruntime")]
     assert len(ort) == 4 and sum("int8" in line for line in ort) == 2
     audit = [line for line in lines if line.startswith("audit (end to end)")]
-    assert len(audit) == 1 and "of onnxruntime fp32 batch 4" in audit[0]
+    assert len(audit) == 1 and "of onnxruntime fp32 batch 4" in audit[0] and "a 12 kB file costs" in audit[0]
+    bare = [line for line in lines if line.startswith("audit (no files)")]
+    assert len(bare) == 1 and "journal + CSV only" in bare[0]
