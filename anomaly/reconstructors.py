@@ -88,6 +88,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            model_kwargs={"image_discriminator": True}, scorings=dict(_RESIDUALS)),
     Preset("aae_z16", "aae", "aae with a 16-d latent (tighter bottleneck: defects harder to reproduce)",
            model_kwargs={"latent_dim": 16}, scorings=dict(_RESIDUALS)),
+    Preset("aae_aggregate", "aae", "aae exported with l1_ssim+norm / ssim+norm maps and other image scores "
+           "(the default: mean of the top 1 % of pixels of the map smoothed at sigma 2): max, top 10 %, mean, "
+           "and sigma 1 / 4 / 8",
+           scorings={f"{res}+norm/{agg}": ({"residual": res, "smoothing_sigma": 2.0, "aggregate": "topk",
+                                            "topk_fraction": 0.01, **kw}, True)
+                     for res in ("l1_ssim", "ssim")
+                     for agg, kw in (("top1", {}), ("max", {"aggregate": "max"}), ("top10", {"topk_fraction": 0.1}),
+                                     ("mean", {"aggregate": "mean"}), ("top1_s1", {"smoothing_sigma": 1.0}),
+                                     ("top1_s4", {"smoothing_sigma": 4.0}), ("top1_s8", {"smoothing_sigma": 8.0}))}),
     Preset("ae_repair", "ae", "plain AE trained to repair synthetic defects (p=0.5)",
            synthetic_defects=0.5, scorings=dict(_RESIDUALS)),
     Preset("cyclegan_repair", "cyclegan", "CycleGAN-style repair generator (small U-Net), synthetic defects p=0.5",
@@ -104,6 +113,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            synthetic_defects=0.8, batch_size=8,
            model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16},
            scorings=dict(_RESIDUALS)),
+    Preset("cyclegan_repair_smooth", "cyclegan", "cyclegan_repair exported with the l1+norm map smoothed at "
+           "sigma 1, 2 (the default), 4 and 8 px: grass / gravel residuals are noisy at the texture's grain",
+           synthetic_defects=0.5, batch_size=8,
+           model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16},
+           scorings={f"l1+norm+s{s:g}": ({"residual": "l1", "smoothing_sigma": float(s)}, True) for s in (1, 2, 4, 8)}),
     Preset("cyclegan_repair_resnet", "cyclegan", "cyclegan_repair with ResNet generators (base 16, 6 blocks): "
            "full-resolution residual path instead of the U-Net's skips",
            synthetic_defects=0.5, batch_size=8,
