@@ -210,8 +210,9 @@ def _synthetic_folder(root: Path, n: int, size: int, channels: int, seed: int = 
 def file_write_ms(folder: str | os.PathLike, n: int = 64, size: int = 12_000) -> float:
     """Milliseconds to create and write one ``size``-byte file in ``folder`` (median of ``n``).
 
-    The audit writes one or two such files per image; on some disks (this project's 2-core VM:
-    ~0.8 ms of kernel time per file, against 0.02 ms on tmpfs) that alone decides its rate.
+    The audit writes one or two such files per image; on some disks that alone decides its rate
+    (this project's 2-core VM: 0.03 to 0.9 ms per file from one hour to the next, mostly kernel
+    time; tmpfs 0.02 ms).
     """
     data = os.urandom(size)
     with tempfile.TemporaryDirectory(prefix="anomaly-bench-io-", dir=folder) as tmp:
@@ -348,6 +349,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.iterations < 1 or args.warmup < 0:
         print("anomaly bench: error: --batch-size and --iterations must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    if args.audit_dir is not None and not Path(args.audit_dir).is_dir():
+        print(f"anomaly bench: error: --audit-dir {args.audit_dir}: no such folder", file=sys.stderr)
         return 2
     rows = run_all(args.bundle, batch_size=args.batch_size, iterations=args.iterations, warmup=args.warmup,
                    device=args.device, images=args.images, variants=args.variants, threads=args.threads,

@@ -200,3 +200,6 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
     assert len(audit) == 1 and "of onnxruntime fp32 batch 4" in audit[0] and "a 12 kB file costs" in audit[0]
     bare = [line for line in lines if line.startswith("audit (no files)")]
     assert len(bare) == 1 and "journal + CSV only" in bare[0]
+    assert main(["bench", str(trained_bundle["bundle"]), "--audit-dir", str(trained_bundle["data"] / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--audit-dir" in err and "no such folder" in err
