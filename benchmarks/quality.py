@@ -6,7 +6,8 @@ times with different scoring settings: re-exporting is cheap, no retraining), sc
 test split with :class:`deploy.runtime.Runtime` (the path a line PC runs) and reports
 
 * image AUROC / AP / F1-max (every dataset),
-* pixel AUROC / AUPRO at model resolution (datasets with masks: the synthetic textures),
+* pixel AUROC / AUPRO at model resolution (datasets with masks: the synthetic textures), overall
+  and per defect kind (normal test images against one kind at a time: ``per_kind`` in the JSON rows),
 * train CPU seconds (``time.process_time`` of this process) and wall seconds.
 
 Every trial is recorded, not only the winner. Output: a markdown table on stdout and
@@ -36,7 +37,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -114,6 +115,33 @@ def evaluate_bundle(bundle: Path, samples: list[Any], threads: int = 1) -> dict[
         maps = np.stack([r.anomaly_map for r in results]).astype(np.float32)
         out.update(pixel_metrics(masks, maps))
         out["aupro"] = aupro(masks, maps)
+        kinds = [s.defect_type for s in samples]
+        if len({k for k, y in zip(kinds, labels) if y == 1}) > 1:
+            out["per_kind"] = per_kind_metrics(labels, scores, masks, maps, kinds)
+    return out
+
+
+def per_kind_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray,
+                     kinds: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Image AUROC, pixel AUROC and AUPRO of the normal images (``labels == 0``) against each
+    defect kind alone: which kinds a model misses.
+
+    Args:
+        labels, scores: ``(N,)``; masks, maps: ``(N, H, W)``; kinds: the defect kind of each image.
+
+    Returns:
+        ``{kind: {"image_auroc", "pixel_auroc", "aupro"}}`` for every kind of an anomalous image.
+    """
+    from anomaly.metrics import aupro, image_metrics, pixel_metrics
+
+    kinds_arr = np.asarray(kinds)
+    good = np.asarray(labels) == 0
+    out: dict[str, dict[str, float]] = {}
+    for kind in sorted(set(kinds_arr[~good])):
+        sel = good | ((kinds_arr == kind) & ~good)
+        out[kind] = {"image_auroc": image_metrics(labels[sel], scores[sel])["auroc"],
+                     "pixel_auroc": pixel_metrics(masks[sel], maps[sel])["pixel_auroc"],
+                     "aupro": aupro(masks[sel], maps[sel])}
     return out
 
 
@@ -186,6 +214,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             v = r.get(k, "")
             cells.append(f"{v:.3f}" if isinstance(v, float) and k not in ("train_cpu_s", "train_wall_s") else str(v))
         lines.append("| " + " | ".join(cells) + " |")
+    kinds = [r for r in rows if r.get("per_kind")]
+    if kinds:  # normal test images against one defect kind at a time
+        lines += ["", "Per defect kind (pixel AUROC / AUPRO / image AUROC):", "",
+                  "| dataset | config | scoring | seed | " + " | ".join(sorted(kinds[0]["per_kind"])) + " |",
+                  "|---|---|---|---|" + "---|" * len(kinds[0]["per_kind"])]
+        for r in kinds:
+            pk = r["per_kind"]
+            lines.append(f"| {r['dataset']} | {r['config']} | {r['scoring']} | {r['seed']} | " + " | ".join(
+                f"{pk[k]['pixel_auroc']:.3f} / {pk[k]['aupro']:.3f} / {pk[k]['image_auroc']:.3f}" for k in sorted(pk)) + " |")
     return "\n".join(lines)
 
 
