@@ -137,7 +137,7 @@ def per_kind_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, 
     kinds_arr = np.asarray(kinds)
     good = np.asarray(labels) == 0
     out: dict[str, dict[str, float]] = {}
-    for kind in sorted(set(kinds_arr[~good])):
+    for kind in sorted({str(k) for k in kinds_arr[~good]}):
         sel = good | ((kinds_arr == kind) & ~good)
         out[kind] = {"image_auroc": image_metrics(labels[sel], scores[sel])["auroc"],
                      "pixel_auroc": pixel_metrics(masks[sel], maps[sel])["pixel_auroc"],
