@@ -62,6 +62,15 @@ _RESIDUALS: dict[str, Scoring] = {
     "mean": ({"residual": "l1_ssim", "aggregate": "mean"}, False),
 }
 
+def _cyclegan(name: str, description: str, *, synthetic_defects: float = 0.5,
+              scorings: dict[str, Scoring] | None = None, **model_kwargs: Any) -> Preset:
+    """A CycleGAN repair preset: U-Net generators of base 16, discriminators of 16, batch 8, synthetic
+    defects p=0.5, every residual kind exported; ``model_kwargs`` override the network settings."""
+    return Preset(name, "cyclegan", description, synthetic_defects=synthetic_defects, batch_size=8,
+                  model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16, **model_kwargs},
+                  scorings=dict(_RESIDUALS) if scorings is None else scorings)
+
+
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("ae", "ae", "floor: plain convolutional autoencoder (exported with every residual kind)",
            scorings=dict(_RESIDUALS)),
@@ -99,30 +108,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                                      ("top1_s4", {"smoothing_sigma": 4.0}), ("top1_s8", {"smoothing_sigma": 8.0}))}),
     Preset("ae_repair", "ae", "plain AE trained to repair synthetic defects (p=0.5)",
            synthetic_defects=0.5, scorings=dict(_RESIDUALS)),
-    Preset("cyclegan_repair", "cyclegan", "CycleGAN-style repair generator (small U-Net), synthetic defects p=0.5",
-           synthetic_defects=0.5, batch_size=8,
-           model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16},
-           scorings=dict(_RESIDUALS)),
-    Preset("cyclegan_repair_wide", "cyclegan", "cyclegan_repair with twice the channels (U-Net base 32, "
-           "discriminator 32): more capacity for irregular textures",
-           synthetic_defects=0.5, batch_size=8,
-           model_kwargs={"generator": "unet", "base_channels": 32, "disc_channels": 32},
-           scorings=dict(_RESIDUALS)),
-    Preset("cyclegan_repair_p08", "cyclegan", "cyclegan_repair with synthetic defects on 80% of training "
-           "images (more repair examples per epoch)",
-           synthetic_defects=0.8, batch_size=8,
-           model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16},
-           scorings=dict(_RESIDUALS)),
-    Preset("cyclegan_repair_smooth", "cyclegan", "cyclegan_repair exported with the l1+norm map smoothed at "
-           "sigma 1, 2 (the default), 4 and 8 px: grass / gravel residuals are noisy at the texture's grain",
-           synthetic_defects=0.5, batch_size=8,
-           model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16},
-           scorings={f"l1+norm+s{s:g}": ({"residual": "l1", "smoothing_sigma": float(s)}, True) for s in (1, 2, 4, 8)}),
-    Preset("cyclegan_repair_resnet", "cyclegan", "cyclegan_repair with ResNet generators (base 16, 6 blocks): "
-           "full-resolution residual path instead of the U-Net's skips",
-           synthetic_defects=0.5, batch_size=8,
-           model_kwargs={"generator": "resnet", "base_channels": 16, "disc_channels": 16, "n_blocks": 6},
-           scorings=dict(_RESIDUALS)),
+    _cyclegan("cyclegan_repair", "CycleGAN-style repair generator (small U-Net), synthetic defects p=0.5"),
+    _cyclegan("cyclegan_repair_wide", "cyclegan_repair with twice the channels (U-Net base 32, discriminator 32): "
+              "more capacity for irregular textures", base_channels=32, disc_channels=32),
+    _cyclegan("cyclegan_repair_p08", "cyclegan_repair with synthetic defects on 80% of training images "
+              "(more repair examples per epoch)", synthetic_defects=0.8),
+    _cyclegan("cyclegan_repair_smooth", "cyclegan_repair exported with the l1+norm map smoothed at sigma 1, 2 "
+              "(the default), 4 and 8 px: grass / gravel residuals are noisy at the texture's grain",
+              scorings={f"l1+norm+s{s:g}": ({"residual": "l1", "smoothing_sigma": float(s)}, True) for s in (1, 2, 4, 8)}),
+    _cyclegan("cyclegan_repair_resnet", "cyclegan_repair with ResNet generators (base 16, 6 blocks): "
+              "full-resolution residual path instead of the U-Net's skips", generator="resnet", n_blocks=6),
 ]}
 
 
