@@ -133,8 +133,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator
         raise
 
 
-def write_image(path: str | os.PathLike, image: np.ndarray, *, atomic: bool = True) -> None:
+def write_image(path: str | os.PathLike, image: np.ndarray, *, atomic: bool = True, bgr: bool = False,
+                quality: int | None = None) -> None:
     """Write a uint8 image (``(H, W)`` grey or ``(H, W, 3)`` RGB); format from the suffix.
+
+    ``bgr``: a colour ``image`` is already in OpenCV's BGR order (no channel swap). ``quality``:
+    JPEG quality 1-100 (``None``: OpenCV's default, 95); ignored for other formats.
 
     ``atomic`` (default) writes a temporary file and renames it over ``path``, creating its
     folder. The audit writes its per-image files with ``atomic=False`` into folders it made: a
@@ -144,9 +148,15 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, atomic: bool = Tr
     """
     path = Path(path)
     img = image
-    if img.ndim == 3 and img.shape[2] == 3:
+    if img.ndim == 3 and img.shape[2] == 3 and not bgr:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(path.suffix or ".png", img)
+    suffix = path.suffix or ".png"
+    params: list[int] = []
+    if quality is not None and suffix.lower() in (".jpg", ".jpeg"):
+        if not 1 <= int(quality) <= 100:
+            raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    ok, buf = cv2.imencode(suffix, img, params)
     if not ok:
         raise ValueError(f"cannot encode image as {path.suffix!r}")
     if atomic:

@@ -64,11 +64,12 @@ import os
 import shutil
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -91,6 +92,10 @@ OUTPUT_FILES = ("results.jsonl", "results.csv", "summary.json", "audit.json", "r
 LIST_SUFFIXES = (".txt", ".lst")
 #: Input formats a web browser shows itself (the review page links such originals directly).
 BROWSER_IMAGES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
+#: JPEG quality of ``heatmaps/<id>.jpg``. The overlays are for a person to look at: 85 against
+#: OpenCV's 95 halves the files (ELPV 300 px cells: 8.6 kB against 16.5 kB on average, 8 GB less
+#: per million images) and encodes faster, with 0.4 grey levels mean error (0.2 at 95): not visible.
+HEATMAP_JPEG_QUALITY = 85
 _GLOB_CHARS = set("*?[")
 
 
@@ -283,7 +288,8 @@ def _rgb8(image: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float, alpha: float = 0.5) -> np.ndarray:
+def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float, alpha: float = 0.5, *,
+                    bgr: bool = False) -> np.ndarray:
     """Colour the map (0 -> blue, ``vmax`` -> red) over the image at the image's resolution.
 
     Args:
@@ -291,13 +297,17 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float, alp
             ``data.io.read_image`` returns it, raw or not).
         anomaly_map: ``(S, S)`` float map at model resolution.
         vmax: map value drawn as full red (e.g. twice the pixel threshold).
+        bgr: return OpenCV's BGR order (what the audit hands to the JPEG encoder).
 
     Returns:
-        uint8 ``(H, W, 3)`` RGB.
+        uint8 ``(H, W, 3)`` RGB (BGR with ``bgr=True``).
     """
     from deploy.regions import overlay_heatmap
 
-    return overlay_heatmap(_rgb8(image), anomaly_map, 0.0, vmax, alpha=alpha)
+    img = _rgb8(image)
+    if bgr and img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    return overlay_heatmap(img, anomaly_map, 0.0, vmax, alpha=alpha, bgr=bgr)
 
 
 def _thumbnail(image: np.ndarray, size: int) -> np.ndarray:
@@ -321,6 +331,22 @@ def _wants_thumbnail(path: str | os.PathLike, h: int, w: int, o: "_Options") -> 
     if o.thumbnail <= 0:
         return False
     return not o.heatmaps or max(h, w) > 2 * o.thumbnail or Path(path).suffix.lower() not in BROWSER_IMAGES
+
+
+@contextmanager
+def _opencv_threads(n: int) -> Iterator[None]:
+    """Set OpenCV's own thread count for the block (process-wide), then restore it.
+
+    The audit runs with 1: its decode/inference workers and file writers already keep every core
+    busy, and OpenCV splitting each small resize or blend over the cores as well doubled the
+    CPU time of the heatmap overlay (300 px ELPV cell: 1.03 ms against 0.46 ms single-threaded).
+    """
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -379,7 +405,8 @@ def _finish(r: ImageResult, o: _Options) -> dict[str, Any]:
             write_image(o.out / files["thumbnail"], _thumbnail(image, o.thumbnail), atomic=False)
         if o.heatmaps:
             files["heatmap"] = f"heatmaps/{oid}.jpg"
-            write_image(o.out / files["heatmap"], heatmap_overlay(image, amap, o.vmax), atomic=False)
+            write_image(o.out / files["heatmap"], heatmap_overlay(image, amap, o.vmax, bgr=True), atomic=False, bgr=True,
+                        quality=HEATMAP_JPEG_QUALITY)
         if o.masks:
             files["mask"] = f"masks/{oid}.png"
             write_image(o.out / files["mask"], mask if mask is not None else np.zeros((h, w), np.uint8), atomic=False)
@@ -596,7 +623,7 @@ def run_audit(
 
     # the runtime decodes each image once and hands it back (keep_image) for the overlays
     keep = {"keep_image": True} if "keep_image" in inspect.signature(rt.score_paths).parameters else {}
-    with open(journal_path, "a", encoding="utf-8") as journal, \
+    with _opencv_threads(1), open(journal_path, "a", encoding="utf-8") as journal, \
             open(out / "results.csv", "a", newline="", encoding="utf-8") as csv_file, \
             ThreadPoolExecutor(nworkers, thread_name_prefix="audit-write") as write_pool:
         pending: deque[Future] = deque()

@@ -195,7 +195,7 @@ def find_regions(
     return mask, regions
 
 
-def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+def _as_rgb_uint8(image: np.ndarray, code: int = cv2.COLOR_GRAY2RGB) -> np.ndarray:
     img = np.asarray(image)
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[..., 0]
@@ -211,15 +211,15 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
         else:
             raise ValueError(f"image dtype must be uint8, uint16 or float in [0, 1]; got {img.dtype}")
     if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+        img = cv2.cvtColor(img, code)
     return np.ascontiguousarray(img)
 
 
-@functools.lru_cache(maxsize=1)
-def _jet_rgb() -> np.ndarray:
-    """OpenCV's JET colour map as a ``(256, 1, 3)`` RGB lookup table (for ``cv2.applyColorMap``)."""
-    bgr = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), cv2.COLORMAP_JET)
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+@functools.lru_cache(maxsize=2)
+def _jet_lut(bgr: bool = False) -> np.ndarray:
+    """OpenCV's JET colour map as a ``(256, 1, 3)`` RGB (or BGR) lookup table (for ``cv2.applyColorMap``)."""
+    table = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), cv2.COLORMAP_JET)
+    return table if bgr else np.ascontiguousarray(table[:, :, ::-1])
 
 
 def overlay_heatmap(
@@ -231,6 +231,8 @@ def overlay_heatmap(
     regions: Sequence[Region] | None = None,
     box_color: tuple[int, int, int] = (255, 255, 255),
     thickness: int | None = None,
+    *,
+    bgr: bool = False,
 ) -> np.ndarray:
     """Blend a JET-coloured anomaly map over an image, optionally drawing region boxes.
 
@@ -246,13 +248,16 @@ def overlay_heatmap(
             ``original_size=(H, W)``).
         box_color: RGB colour of the boxes.
         thickness: box line width; ``None`` = about 0.4 % of the image size, at least 1.
+        bgr: work in OpenCV's BGR order: a colour ``image_rgb`` is BGR and so is the result
+            (``box_color`` stays RGB), ready for ``cv2.imencode`` (spares a channel swap per image when
+            writing many, as the audit does). Grey images are the same either way.
 
     Returns:
-        ``(H, W, 3)`` RGB uint8.
+        ``(H, W, 3)`` RGB uint8 (BGR with ``bgr=True``).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
-    img = _as_rgb_uint8(image_rgb)
+    img = _as_rgb_uint8(image_rgb, cv2.COLOR_GRAY2BGR if bgr else cv2.COLOR_GRAY2RGB)
     H, W = img.shape[:2]
     a = _as_map(anomaly_map)
     lo = float(a.min()) if vmin is None else float(vmin)
@@ -263,10 +268,11 @@ def overlay_heatmap(
     level = (np.clip((a - lo) / span, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if level.shape != (H, W):
         level = cv2.resize(level, (W, H), interpolation=cv2.INTER_LINEAR)
-    heat = cv2.applyColorMap(level, _jet_rgb())
+    heat = cv2.applyColorMap(level, _jet_lut(bgr))
     out = cv2.addWeighted(img, 1.0 - alpha, heat, alpha, 0.0)
     if regions:
         t = thickness if thickness is not None else max(1, int(round(0.004 * max(H, W))))
+        color = tuple(int(c) for c in (box_color[::-1] if bgr else box_color))
         for r in regions:
-            cv2.rectangle(out, (r.x, r.y), (r.x + r.w - 1, r.y + r.h - 1), tuple(int(c) for c in box_color), t)
+            cv2.rectangle(out, (r.x, r.y), (r.x + r.w - 1, r.y + r.h - 1), color, t)
     return out

@@ -73,6 +73,44 @@ def test_outputs_at_original_resolution_and_summary(trained_bundle: dict, tmp_pa
     assert audit["bundle_sha256"] == meta["onnx"]["sha256"]
 
 
+def test_heatmap_files_are_the_overlay_in_rgb_and_opencv_runs_single_threaded(trained_bundle: dict, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    import deploy.audit as audit
+    from data.io import read_image
+    from deploy.runtime import Runtime
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    colour = np.zeros((60, 80, 3), np.uint8)
+    colour[..., 2] = 220  # red in OpenCV's BGR order: a channel swap would turn the heatmap's base blue
+    colour[:, 40:, 1] = 90
+    cv2.imwrite(str(inputs / "colour.png"), colour)
+    seen: list[int] = []
+    real_write = audit.write_image
+
+    def spy(*args, **kwargs):  # OpenCV's thread count while the audit's files are made
+        seen.append(cv2.getNumThreads())
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(audit, "write_image", spy)
+    before = max(2, cv2.getNumThreads())
+    cv2.setNumThreads(before)
+    try:
+        out = tmp_path / "out"
+        assert _audit(trained_bundle["bundle"], str(inputs), "--out", str(out), "--save-maps") == 0
+        assert seen and set(seen) == {1}
+        assert cv2.getNumThreads() == before  # restored afterwards: the process's setting is not ours to keep
+    finally:
+        cv2.setNumThreads(-1)
+    rec = _journal(out)[0]
+    written = cv2.imread(str(out / rec["heatmap"]))[..., ::-1].astype(int)  # file (BGR) -> RGB
+    rt = Runtime(trained_bundle["bundle"], device="cpu")
+    expected = audit.heatmap_overlay(read_image(inputs / "colour.png", raw=True), np.load(out / rec["map"]),
+                                     2.0 * (rt.pixel_threshold or 1.0)).astype(int)
+    assert np.abs(written - expected).mean() < 3.0  # JPEG quality 85
+    assert np.abs(written - expected[..., ::-1]).mean() > 10.0  # and not channel-swapped
+
+
 def test_thumbnails_only_where_they_spare_the_review_page_something(trained_bundle: dict, tmp_path: Path) -> None:
     img = cv2.imread(str(_test_images(trained_bundle["data"])[0]), cv2.IMREAD_GRAYSCALE)
     inputs = tmp_path / "in"

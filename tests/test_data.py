@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data.folder import DatasetError, ImageDataset, discover
-from data.io import ImageReadError, read_image
+from data.io import ImageReadError, read_image, write_image
 from data.preprocess import Preprocess
 
 
@@ -42,6 +42,23 @@ def test_read_image_modes(tmp_path: Path) -> None:
         for channels in (1, 3):
             pre = Preprocess(image_size=8, channels=channels)
             np.testing.assert_array_equal(pre(raw[n]), pre(read_image(tmp_path / n)))
+
+
+def test_write_image_channel_order_and_jpeg_quality(tmp_path: Path) -> None:
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 0] = 255  # red
+    write_image(tmp_path / "rgb.png", rgb)
+    write_image(tmp_path / "bgr.png", rgb[..., ::-1].copy(), bgr=True)  # the same red, given in BGR order
+    for name in ("rgb.png", "bgr.png"):
+        assert tuple(read_image(tmp_path / name, raw=True)[0, 0]) == (255, 0, 0)
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    write_image(tmp_path / "q95.jpg", noisy, quality=95)
+    write_image(tmp_path / "q50.jpg", noisy, quality=50)
+    assert (tmp_path / "q50.jpg").stat().st_size < 0.7 * (tmp_path / "q95.jpg").stat().st_size
+    write_image(tmp_path / "q.png", noisy, quality=10)  # PNG is lossless: quality does not apply
+    np.testing.assert_array_equal(read_image(tmp_path / "q.png", raw=True), noisy)
+    with pytest.raises(ValueError, match="quality"):
+        write_image(tmp_path / "bad.jpg", noisy, quality=0)
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n truncated"])

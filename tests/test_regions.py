@@ -156,6 +156,13 @@ def test_overlay_heatmap():
     boxed = overlay_heatmap(img[..., 0], amap, regions=[region], box_color=(0, 255, 0), thickness=1)
     assert boxed.shape == (120, 90, 3)
     assert tuple(boxed[20, 10]) == (0, 255, 0) and tuple(boxed[59, 39]) == (0, 255, 0)
+    # bgr=True: the same picture in OpenCV's order, for colour and grey inputs; boxes keep their RGB colour
+    colour = np.dstack([np.full((120, 90), v, np.uint8) for v in (30, 120, 210)])
+    for src in (colour, colour[..., 0]):
+        rgb = overlay_heatmap(src, amap, 0.0, 1.0, regions=[region], box_color=(0, 255, 0), thickness=1)
+        as_bgr = src[..., ::-1] if src.ndim == 3 else src
+        bgr = overlay_heatmap(as_bgr, amap, 0.0, 1.0, regions=[region], box_color=(0, 255, 0), thickness=1, bgr=True)
+        np.testing.assert_array_equal(bgr, rgb[..., ::-1])
     with pytest.raises(ValueError, match="alpha"):
         overlay_heatmap(img, amap, alpha=2.0)
     with pytest.raises(ValueError, match="image must be"):
