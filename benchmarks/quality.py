@@ -146,7 +146,8 @@ def per_kind_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, 
 
 
 def run_trial(dataset: str, root: Path, config_name: str, seed: int, epochs: int, image_size: int,
-              out: Path, threads: int, test_limit: int | None, train_limit: int | None) -> list[dict[str, Any]]:
+              out: Path, threads: int, test_limit: int | None, train_limit: int | None,
+              defect_sources: str | None = None) -> list[dict[str, Any]]:
     """Train one config once; export + evaluate each of its scorings. Returns one row per scoring."""
     import torch
 
@@ -160,7 +161,9 @@ def run_trial(dataset: str, root: Path, config_name: str, seed: int, epochs: int
     data_root = root
     if train_limit:
         data_root = subset_train(root, out / "subsets" / f"{dataset}_n{train_limit}_s{seed}", train_limit, seed)
-    cfg = preset.train_config(data=str(data_root), out=str(run_dir), epochs=epochs, image_size=image_size, seed=seed)
+    extra = {"defect_sources": defect_sources} if defect_sources and preset.synthetic_defects > 0 else {}
+    cfg = preset.train_config(data=str(data_root), out=str(run_dir), epochs=epochs, image_size=image_size, seed=seed,
+                              **extra)
     c0, w0 = time.process_time(), time.perf_counter()
     res = train(cfg)
     train_cpu, train_wall = time.process_time() - c0, time.perf_counter() - w0
@@ -173,7 +176,8 @@ def run_trial(dataset: str, root: Path, config_name: str, seed: int, epochs: int
         metrics = evaluate_bundle(bundle, samples, threads)
         rows.append({"dataset": dataset, "config": config_name, "scoring": scoring_name, "seed": seed,
                      "model": cfg.model, "epochs": cfg.epochs, "image_size": image_size,
-                     "synthetic_defects": cfg.synthetic_defects, "train_cpu_s": round(train_cpu, 1),
+                     "synthetic_defects": cfg.synthetic_defects, "defect_sources": cfg.defect_sources,
+                     "train_cpu_s": round(train_cpu, 1),
                      "train_wall_s": round(train_wall, 1), "eval_cpu_s": round(time.process_time() - c1, 1),
                      "scoring_settings": {**cfg.scoring, **scoring}, "normalize": normalize,
                      "best_epoch": getattr(res, "best_epoch", None), **metrics})
@@ -248,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-limit", type=int, default=None, help="at most N test images per class")
     p.add_argument("--cache", default=None, help="dataset cache folder (default OUT/data)")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--defect-sources", default=None, metavar="DIR|skimage",
+                   help="fill the synthetic defects of repair presets from this image folder (DRAEM's DTD); "
+                        "'skimage': scikit-image's photographs, none of the evaluated textures (written to the cache)")
     p.add_argument("--list-configs", action="store_true")
     args = p.parse_args(argv)
 
@@ -265,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     if json_path.is_file():  # resume: keep finished trials
         rows = json.loads(json_path.read_text()).get("rows", [])
     done = {(r["dataset"], r["config"], r["seed"]) for r in rows}
+    sources = args.defect_sources
+    if sources == "skimage":
+        from data.textures import write_defect_sources
+
+        sources = str(write_defect_sources(cache / "defect_sources_skimage"))
     for dataset in args.datasets.split(","):
         root = prepare_dataset(dataset, cache, args.image_size)
         for config in args.configs.split(","):
@@ -274,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {dataset} / {config} / seed {seed}", file=sys.stderr, flush=True)
                 try:
                     new = run_trial(dataset, root, config, seed, args.epochs, args.image_size, out, args.threads,
-                                    args.test_limit, args.train_limit)
+                                    args.test_limit, args.train_limit, sources)
                 except Exception as exc:  # record the failure, carry on
                     new = [{"dataset": dataset, "config": config, "scoring": "-", "seed": seed,
                             "error": f"{type(exc).__name__}: {exc}"}]

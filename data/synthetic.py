@@ -48,11 +48,16 @@ Example::
     defective, mask = synth(image, rng)          # image (C, H, W) float32 in [0, 1]
     train_ds = SyntheticDefectDataset(ImageDataset(layout.train, pre), synth, seed=0)
     bad, gt = EvalDefectGenerator()(image, rng, kind="crack")
+
+    # DRAEM's way: fill the Perlin regions with other textures (a folder such as DTD)
+    synth = DefectSynthesizer(texture_source=load_defect_sources("textures/"))
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import cv2
@@ -63,6 +68,7 @@ __all__ = [
     "DefectSynthesizer",
     "EvalDefectGenerator",
     "SyntheticDefectDataset",
+    "load_defect_sources",
     "TRAIN_KINDS",
     "EVAL_KINDS",
 ]
@@ -191,6 +197,60 @@ def perlin_noise(shape: tuple[int, int], scale: int, rng: np.random.Generator,
 # --------------------------------------------------------------------------------------------
 # Training defects
 # --------------------------------------------------------------------------------------------
+
+def load_defect_sources(folder: str | os.PathLike, max_images: int = 256, max_side: int = 256) -> list[np.ndarray]:
+    """Read a folder of images to fill :class:`DefectSynthesizer`'s ``"perlin"`` regions with.
+
+    DRAEM fills its training defects with textures from DTD, a set that has nothing to do with the
+    product: the repair model then learns that *anything* foreign is to be removed, instead of only
+    the perturbed copies of the product itself that the default fill makes. Any folder of images
+    serves (textures, photographs); it must not hold the defects that will be evaluated.
+
+    Args:
+        folder: searched recursively for image files.
+        max_images: at most this many are kept, spread evenly over the sorted file list (memory
+            stays bounded whatever the folder's size).
+        max_side: larger images are shrunk (area interpolation) to this longest side: the
+            synthesizer cuts 30-100 % crops and resizes them to the training size anyway.
+
+    Returns:
+        ``(H, W)`` or ``(H, W, 3|4)`` uint8 arrays, as :func:`data.io.read_image` orders channels.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder.
+        ValueError: it holds no readable image, or ``max_images`` / ``max_side`` < 1.
+    """
+    from data.io import ImageReadError, list_images, read_image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"defect sources: {root} is not a folder")
+    if max_images < 1 or max_side < 1:
+        raise ValueError(f"defect sources: max_images and max_side must be >= 1, got {max_images}, {max_side}")
+    files = list_images(root)
+    if len(files) > max_images:
+        files = [files[i] for i in np.linspace(0, len(files) - 1, max_images).round().astype(int)]
+    out: list[np.ndarray] = []
+    for f in files:
+        try:
+            img = read_image(f, raw=True)
+        except ImageReadError as exc:
+            log.warning("defect sources: skipping %s", exc)
+            continue
+        if img.dtype == np.uint16:
+            img = (img >> 8).astype(np.uint8)
+        elif img.dtype != np.uint8:
+            img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        h, w = img.shape[:2]
+        if max(h, w) > max_side:
+            scale = max_side / max(h, w)
+            img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        out.append(img)
+    if not out:
+        raise ValueError(f"defect sources: no readable images in {root}")
+    log.info("defect sources: %d images from %s", len(out), root)
+    return out
+
 
 class DefectSynthesizer:
     """Training-time corruptions for repair models (DRAEM / CutPaste style).

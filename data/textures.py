@@ -43,11 +43,16 @@ import numpy as np
 from data.io import atomic_write, write_image
 from data.synthetic import EVAL_KINDS, EvalDefectGenerator
 
-__all__ = ["TEXTURES", "load_texture", "make_texture_dataset"]
+__all__ = ["TEXTURES", "SOURCE_PHOTOS", "load_texture", "make_texture_dataset", "write_defect_sources"]
 
 log = logging.getLogger(__name__)
 
 TEXTURES = ("brick", "grass", "gravel")
+#: scikit-image's bundled photographs and micrographs (none of :data:`TEXTURES`, which the
+#: evaluation's foreign-object defects are cut from): a small offline stand-in for DTD as the fill
+#: of the training synthesizer's Perlin defects (:func:`write_defect_sources`).
+SOURCE_PHOTOS = ("astronaut", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "hubble_deep_field",
+                 "immunohistochemistry", "moon", "page", "retina", "rocket", "stereo_motorcycle", "text")
 _MANIFEST = "manifest.json"
 _FORMAT = 1  # bump whenever the generated files change, so cached data sets are rebuilt
 
@@ -69,6 +74,34 @@ def load_texture(name: str) -> np.ndarray:
     if image.dtype != np.uint8:
         image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
     return image
+
+
+def write_defect_sources(folder: str | os.PathLike) -> Path:
+    """Write :data:`SOURCE_PHOTOS` as PNGs into ``folder`` (kept if already there) and return it.
+
+    For ``TrainConfig(defect_sources=...)``: disjoint from the texture data sets' images, so a
+    model trained with these fills and evaluated on :func:`make_texture_dataset` is not shown
+    the evaluation's foreign objects.
+
+    Raises:
+        ImportError: scikit-image is not installed.
+    """
+    try:
+        import skimage.data
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the defect source photographs need scikit-image (pip install scikit-image)") from exc
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in SOURCE_PHOTOS:
+        path = root / f"{name}.png"
+        if path.is_file():
+            continue
+        image = getattr(skimage.data, name)()
+        image = np.asarray(image[0] if isinstance(image, tuple) else image)  # stereo_motorcycle: (left, right, disparity)
+        if image.dtype != np.uint8:
+            image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        write_image(path, image[..., :3] if image.ndim == 3 else image)
+    return root
 
 
 def _window_side(crop: int, max_rotation: float) -> int:

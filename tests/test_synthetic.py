@@ -244,6 +244,50 @@ def test_synthetic_defect_dataset_wraps_image_dataset(mvtec_dir: Path):
 
 # ------------------------------------------------------------------------------ texture data sets
 
+def test_load_defect_sources_bounds_memory_and_feeds_the_perlin_fill(tmp_path: Path, caplog):
+    from data.synthetic import load_defect_sources
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "sources"
+    (src / "sub").mkdir(parents=True)
+    stripes = np.zeros((400, 600, 3), np.uint8)
+    stripes[:, ::4] = 255  # high-frequency content a copy of a flat image cannot have
+    cv2.imwrite(str(src / "stripes.png"), stripes)
+    cv2.imwrite(str(src / "sub" / "deep16.png"), (rng.random((50, 40)) * 65535).astype(np.uint16))
+    (src / "broken.png").write_bytes(b"not an image")
+    with caplog.at_level("WARNING"):
+        loaded = load_defect_sources(src, max_side=128)
+    assert "broken.png" in caplog.text  # skipped, said so
+    assert len(loaded) == 2 and all(a.dtype == np.uint8 for a in loaded)
+    assert sorted(a.shape for a in loaded) == [(50, 40), (85, 128, 3)]  # shrunk to the longest side, small kept
+    (src / "broken.png").unlink()
+    assert len(load_defect_sources(src, max_images=1)) == 1
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_defect_sources(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no readable images"):
+        load_defect_sources(tmp_path / "empty")
+
+    flat = np.full((1, 48, 48), 0.5, np.float32)
+    with_sources = DefectSynthesizer(kinds=("perlin",), p_defect=1.0, texture_source=loaded[1:])
+    own_copy = DefectSynthesizer(kinds=("perlin",), p_defect=1.0)
+    for seed in range(4):
+        out, mask = with_sources(flat, np.random.default_rng(seed))
+        assert out[0][mask[0] > 0].std() > 0.05  # the stripes are in the defect
+        out, mask = own_copy(flat, np.random.default_rng(seed))
+        assert out[0][mask[0] > 0].std() < 1e-3  # a transformed copy of a flat image is flat
+
+
+def test_defect_source_photos_exclude_the_evaluated_textures(tmp_path: Path):
+    from data.textures import SOURCE_PHOTOS, write_defect_sources
+
+    assert not set(SOURCE_PHOTOS) & set(TEXTURES)
+    folder = write_defect_sources(tmp_path / "photos")
+    files = sorted(p.stem for p in folder.glob("*.png"))
+    assert files == sorted(SOURCE_PHOTOS)
+    assert all(cv2.imread(str(p), cv2.IMREAD_UNCHANGED).dtype == np.uint8 for p in folder.glob("*.png"))
+
+
 def test_textures_load_offline():
     for name in TEXTURES:
         tex = load_texture(name)

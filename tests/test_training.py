@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pytest
 import torch
 
 from anomaly.registry import create_model
@@ -98,6 +100,18 @@ def test_repair_training_with_synthetic_defects(mvtec_dir: Path, tmp_path: Path)
     cfg = TrainConfig(data=str(mvtec_dir), out=str(tmp_path / "run"), image_size=32, epochs=1, batch_size=4,
                       synthetic_defects=0.5, model_kwargs={"latent_dim": 8, "base_channels": 8})
     assert train(cfg).epochs_done == 1
+    # DRAEM-style fills from a folder of other images; the folder is recorded with the run
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    cv2.imwrite(str(sources / "a.png"), (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8))
+    cfg2 = TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "run2"), "defect_sources": str(sources)})
+    assert train(cfg2).epochs_done == 1
+    assert TrainConfig.load(tmp_path / "run2" / "config.json").defect_sources == str(sources)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "run3"), "defect_sources": str(tmp_path / "nope")}))
+    assert not (tmp_path / "run3").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="synthetic_defects"):
+        TrainConfig(data=str(mvtec_dir), defect_sources=str(sources))
 
 
 def test_config_lr_overrides_objective_and_zero_is_honoured(mvtec_dir: Path, tmp_path: Path) -> None:

@@ -61,6 +61,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--augment", default="flip", choices=("none", "flip"))
     p.add_argument("--synthetic-defects", type=float, default=0.0, metavar="P",
                    help="probability of a synthetic defect per training image; the model learns to repair (default 0)")
+    p.add_argument("--defect-sources", default=None, metavar="DIR",
+                   help="folder of images (e.g. a texture set such as DTD) that fill the synthetic defects' Perlin "
+                        "regions, as DRAEM does; default: altered copies of the training image")
     p.add_argument("--model-kwargs", type=_json_arg, default={}, help="JSON object for the model factory")
     p.add_argument("--objective-kwargs", type=_json_arg, default={}, help="JSON object for the objective")
     p.add_argument("--residual", default=None, help="residual kind used at export (l1, l2, ssim, gms, ms, l1_ssim)")
@@ -81,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, model=args.model, image_size=args.image_size, channels=args.channels,
         epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, seed=args.seed, device=args.device, augment=args.augment,
-        synthetic_defects=args.synthetic_defects, model_kwargs=args.model_kwargs, objective_kwargs=args.objective_kwargs, scoring=scoring,
+        synthetic_defects=args.synthetic_defects, defect_sources=args.defect_sources, model_kwargs=args.model_kwargs, objective_kwargs=args.objective_kwargs, scoring=scoring,
     )
     print(f"training {cfg.model} on {cfg.data} -> {cfg.out}", file=sys.stderr)
     result = train(cfg, resume=args.resume, progress=_progress_printer())

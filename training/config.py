@@ -38,6 +38,9 @@ class TrainConfig:
         synthetic_defects: probability that a training image carries a synthetic defect
             (:class:`data.synthetic.DefectSynthesizer`); the batch then holds the clean image as
             ``target`` and the model learns to *repair* (DRAEM-style). 0 disables.
+        defect_sources: folder of images that fill the synthetic Perlin-shaped defects (DRAEM's
+            DTD textures; :func:`data.synthetic.load_defect_sources`). ``None``: transformed
+            copies of the training image itself. Must not hold the defects you evaluate on.
         model_kwargs / objective_kwargs: passed to the model factory / the objective.
         scoring: residual and map settings used by export (see :mod:`anomaly.scoring`).
     """
@@ -56,6 +59,7 @@ class TrainConfig:
     device: str = "auto"
     augment: str = "flip"
     synthetic_defects: float = 0.0
+    defect_sources: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     objective_kwargs: dict[str, Any] = field(default_factory=dict)
     scoring: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCORING))
@@ -69,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not 0.0 <= self.synthetic_defects <= 1.0:
             raise ValueError(f"synthetic_defects must be in [0, 1], got {self.synthetic_defects}")
+        if self.defect_sources is not None and not self.synthetic_defects:
+            raise ValueError("defect_sources fill synthetic defects: set synthetic_defects > 0 as well")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 

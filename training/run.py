@@ -86,9 +86,15 @@ def train(config: TrainConfig, *, resume: bool = False,
     Raises:
         data.folder.DatasetError: missing folder or no training images.
         anomaly.registry.UnknownModelError: unknown model name.
+        FileNotFoundError, ValueError: ``defect_sources`` is not a folder of images.
     """
     spec = get_spec(config.model)  # fail fast on a bad name, before touching data
     layout: DatasetLayout = discover(config.data)
+    sources = None
+    if config.synthetic_defects > 0 and config.defect_sources:  # a bad folder fails here, before the run folder
+        from data.synthetic import load_defect_sources
+
+        sources = load_defect_sources(config.defect_sources)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _seed_everything(config.seed)
@@ -120,7 +126,8 @@ def train(config: TrainConfig, *, resume: bool = False,
     if config.synthetic_defects > 0:
         from data.synthetic import DefectSynthesizer, SyntheticDefectDataset
 
-        train_ds = SyntheticDefectDataset(train_ds, DefectSynthesizer(p_defect=config.synthetic_defects), seed=config.seed)
+        synth = DefectSynthesizer(p_defect=config.synthetic_defects, texture_source=sources)
+        train_ds = SyntheticDefectDataset(train_ds, synth, seed=config.seed)
     val_ds = ImageDataset(val_s, pre, cache=True) if val_s else None
     g = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(train_ds, batch_size=min(config.batch_size, len(train_ds)), shuffle=True,
