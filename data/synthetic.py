@@ -218,8 +218,10 @@ def load_defect_sources(folder: str | os.PathLike, max_images: int = 256, max_si
 
     Raises:
         FileNotFoundError: ``folder`` is not a folder.
-        ValueError: it holds no readable image, or ``max_images`` / ``max_side`` < 1.
+        data.folder.DatasetError: it holds no readable image.
+        ValueError: ``max_images`` / ``max_side`` < 1.
     """
+    from data.folder import DatasetError
     from data.io import ImageReadError, list_images, read_image
 
     root = Path(folder)
@@ -247,7 +249,7 @@ def load_defect_sources(folder: str | os.PathLike, max_images: int = 256, max_si
             img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
         out.append(img)
     if not out:
-        raise ValueError(f"defect sources: no readable images in {root}")
+        raise DatasetError(f"defect sources: no readable images in {root}")
     log.info("defect sources: %d images from %s", len(out), root)
     return out
 

@@ -55,6 +55,17 @@ def test_train_unreadable_image(plain_dir: Path, tmp_path: Path, capsys) -> None
     assert "broken.png" in err and "not a decodable image" in err
 
 
+def test_train_defect_sources_errors(mvtec_dir: Path, tmp_path: Path, capsys) -> None:
+    args = ["train", "--data", str(mvtec_dir), "--out", str(tmp_path / "r"), "--image-size", "32", "--epochs", "1"]
+    assert main(args + ["--defect-sources", str(tmp_path)]) == 2  # without --synthetic-defects: nothing to fill
+    assert "synthetic_defects" in capsys.readouterr().err
+    assert main(args + ["--synthetic-defects", "0.5", "--defect-sources", str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(args + ["--synthetic-defects", "0.5", "--defect-sources", str(tmp_path / "empty")]) == 2
+    assert "no readable images" in capsys.readouterr().err
+
+
 def test_unknown_model(mvtec_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["train", "--data", str(mvtec_dir), "--model", "nope", "--out", str(tmp_path / "r")]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err

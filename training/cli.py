@@ -5,7 +5,10 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 __all__ = ["add_parsers"]
 
@@ -73,19 +76,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+def _config(args: argparse.Namespace, scoring: dict) -> TrainConfig:
+    """The run's :class:`training.config.TrainConfig` from the parsed options (``ValueError`` on a bad combination)."""
+    from training.config import TrainConfig
+    return TrainConfig(
+        data=args.data, out=args.out, model=args.model, image_size=args.image_size, channels=args.channels,
+        epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
+        val_fraction=args.val_fraction, seed=args.seed, device=args.device, augment=args.augment,
+        synthetic_defects=args.synthetic_defects, defect_sources=args.defect_sources, model_kwargs=args.model_kwargs,
+        objective_kwargs=args.objective_kwargs, scoring=scoring,
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
-    from training.config import DEFAULT_SCORING, TrainConfig
+    from training.config import DEFAULT_SCORING
     from training.run import train
 
     scoring = dict(DEFAULT_SCORING)
     if args.residual:
         scoring["residual"] = args.residual
-    cfg = TrainConfig(
-        data=args.data, out=args.out, model=args.model, image_size=args.image_size, channels=args.channels,
-        epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
-        val_fraction=args.val_fraction, seed=args.seed, device=args.device, augment=args.augment,
-        synthetic_defects=args.synthetic_defects, defect_sources=args.defect_sources, model_kwargs=args.model_kwargs, objective_kwargs=args.objective_kwargs, scoring=scoring,
-    )
+    try:
+        cfg = _config(args, scoring)
+    except ValueError as exc:  # option combinations the config refuses
+        print(f"anomaly train: error: {exc}", file=sys.stderr)
+        return 2
     print(f"training {cfg.model} on {cfg.data} -> {cfg.out}", file=sys.stderr)
     result = train(cfg, resume=args.resume, progress=_progress_printer())
     print(f"done: {result.epochs_done} epochs, {result.steps_done} steps in {result.seconds:.0f}s "
