@@ -40,3 +40,27 @@ def test_per_kind_metrics_score_each_kind_against_the_normal_images_only() -> No
     assert out["hard"]["pixel_auroc"] == pytest.approx(pixel_metrics(masks[sel], maps[sel])["pixel_auroc"])
     assert out["hard"]["aupro"] == pytest.approx(aupro(masks[sel], maps[sel]))
     assert out["hard"]["image_auroc"] == pytest.approx(image_metrics(labels[sel], scores[sel])["auroc"])
+
+
+def test_audit_split_accounts_for_the_audit_per_stage(trained_bundle: dict, tmp_path: Path) -> None:
+    """``benchmarks/audit_split.py``: every image passes each stage once, the stages fit in the
+    process's CPU, and the patched functions are put back."""
+    import deploy.audit as audit
+    from deploy.runtime import Runtime
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "audit_split.py"
+    spec = importlib.util.spec_from_file_location("audit_split", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    originals = (Runtime._decode, Runtime.infer, audit._finish, audit.write_image)
+    images = sorted((trained_bundle["data"] / "test").rglob("*.png"))
+    r = mod.measure(str(trained_bundle["bundle"]), [str(p) for p in images], str(tmp_path), batch_size=4)
+    n = len(images)
+    assert r["images"] == n and r["calls"]["decode"] == n and r["calls"]["overlay"] == n and r["calls"]["write"] == n
+    assert r["calls"]["infer"] == -(-n // 4)  # one graph run per batch
+    ms = r["ms_per_image"]
+    assert all(ms[s] > 0 for s in ("decode", "infer", "finish", "overlay", "write", "main"))
+    assert ms["overlay"] + ms["write"] <= ms["finish"]  # parts of the per-image finish
+    assert ms["decode"] + ms["infer"] + ms["finish"] + ms["main"] <= 1.05 * ms["process"] + 0.05
+    assert (Runtime._decode, Runtime.infer, audit._finish, audit.write_image) == originals
+    assert list(tmp_path.iterdir()) == []  # its audit folder is removed

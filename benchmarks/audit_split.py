@@ -1,0 +1,110 @@
+"""Where the audit's CPU time goes, per image: decode, inference, overlay, file writing, regions.
+
+``anomaly bench`` says how fast the audit is against pure inference; this says why. It runs
+:func:`deploy.audit.run_audit` once with each stage wrapped in a per-thread CPU clock
+(``time.thread_time``: the CPU of the thread that ran the stage, whatever the other threads did,
+so the figures add up on a machine whose cores are all busy) and prints milliseconds of CPU per
+image:
+
+=============  ==============================================================================
+``decode``     reading the file and preprocessing it (``Runtime._decode``, worker threads)
+``infer``      the onnxruntime graph (``Runtime.infer``, one intra-op thread per worker)
+``finish``     everything per image after inference (``deploy.audit._finish``, writer threads),
+               of which ``overlay`` (heatmap colouring), ``write`` (encoding + creating the file)
+               and ``regions`` (only for images over the pixel threshold)
+``main``       the calling thread: journal, CSV, hand-offs
+``process``    the whole process (user + system) over the same span, and its system share
+=============  ==============================================================================
+
+OpenCV's own worker threads, if any, are in ``process`` but not in the stages. Stages are wrapped
+by patching module attributes, so this is a measuring tool, not an API.
+
+Usage::
+
+    python benchmarks/audit_split.py BUNDLE IMAGES... [--out DIR] [--batch-size 16]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STAGES = ("decode", "infer", "finish", "overlay", "write", "regions")
+
+
+def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_size: int = 16) -> dict[str, Any]:
+    """Run one audit with per-stage CPU clocks; returns ``{"images", "images_per_second",
+    "ms_per_image": {stage: ms}, "calls": {stage: n}}`` (``main`` and ``process`` included)."""
+    import deploy.audit as audit
+    import deploy.regions as regions
+    from deploy.runtime import Runtime
+
+    cpu: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter = collections.Counter()
+    lock = threading.Lock()
+    patched: list[tuple[Any, str, Callable]] = []
+
+    def wrap(owner: Any, name: str, stage: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                dt = time.thread_time() - t
+                with lock:
+                    cpu[stage] += dt
+                    calls[stage] += 1
+
+        patched.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    for owner, name, stage in ((Runtime, "_decode", "decode"), (Runtime, "infer", "infer"), (audit, "_finish", "finish"),
+                               (audit, "heatmap_overlay", "overlay"), (audit, "write_image", "write"),
+                               (regions, "find_regions", "regions")):
+        wrap(owner, name, stage)
+    tmp = tempfile.mkdtemp(prefix="audit-split-", dir=out_dir)
+    try:
+        c0, m0 = os.times(), time.thread_time()
+        summary = audit.run_audit(bundle, inputs, Path(tmp) / "out", batch_size=batch_size, device="cpu")
+        c1, m1 = os.times(), time.thread_time()
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+        shutil.rmtree(tmp, ignore_errors=True)
+    n = max(1, int(summary["images"]))
+    ms = {stage: cpu[stage] / n * 1e3 for stage in STAGES}
+    ms["main"] = (m1 - m0) / n * 1e3
+    ms["process"] = (c1.user + c1.system - c0.user - c0.system) / n * 1e3
+    ms["process_system"] = (c1.system - c0.system) / n * 1e3
+    return {"images": n, "images_per_second": summary["images_per_second"], "ms_per_image": ms, "calls": dict(calls)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("bundle")
+    p.add_argument("inputs", nargs="+", help="images, folders, globs or list files, as for `anomaly audit`")
+    p.add_argument("--out", default=None, help="folder for the audit's temporary output (default: the system's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+    r = measure(args.bundle, args.inputs, args.out, args.batch_size)
+    ms = r["ms_per_image"]
+    print(f"{r['images']} images, {r['images_per_second']:.0f} images/s; CPU ms per image "
+          f"(process {ms['process']:.2f}, of which system {ms['process_system']:.2f}):")
+    for stage in ("decode", "infer", "finish", "overlay", "write", "regions", "main"):
+        print(f"  {stage:8s} {ms[stage]:6.3f}" + (f"   ({r['calls'][stage]} calls)" if stage in r["calls"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
