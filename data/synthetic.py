@@ -202,9 +202,11 @@ def load_defect_sources(folder: str | os.PathLike, max_images: int = 256, max_si
     """Read a folder of images to fill :class:`DefectSynthesizer`'s ``"perlin"`` regions with.
 
     DRAEM fills its training defects with textures from DTD, a set that has nothing to do with the
-    product: the repair model then learns that *anything* foreign is to be removed, instead of only
-    the perturbed copies of the product itself that the default fill makes. Any folder of images
-    serves (textures, photographs); it must not hold the defects that will be evaluated.
+    product, so that the repair model is shown foreign content rather than only the perturbed
+    copies of the product itself that the default fill makes. Any folder of images serves
+    (textures, photographs); it must not hold the defects that will be evaluated. Measured on this
+    project's texture benchmark (scikit-image photographs as sources): no change either way
+    (``benchmarks/results/quality_session5.md``).
 
     Args:
         folder: searched recursively for image files.

@@ -79,6 +79,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace, scoring: dict) -> TrainConfig:
     """The run's :class:`training.config.TrainConfig` from the parsed options (``ValueError`` on a bad combination)."""
     from training.config import TrainConfig
+
     return TrainConfig(
         data=args.data, out=args.out, model=args.model, image_size=args.image_size, channels=args.channels,
         epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
