@@ -43,7 +43,8 @@ STAGES = ("decode", "infer", "finish", "overlay", "write", "regions")
 
 def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_size: int = 16) -> dict[str, Any]:
     """Run one audit with per-stage CPU clocks; returns ``{"images", "images_per_second",
-    "ms_per_image": {stage: ms}, "calls": {stage: n}}`` (``main`` and ``process`` included)."""
+    "ms_per_image": {stage: ms}, "calls": {stage: n}, "heatmap_kb"}`` (``main`` and ``process``
+    included; ``heatmap_kb``: mean size of the heatmap files written)."""
     import deploy.audit as audit
     import deploy.regions as regions
     from deploy.runtime import Runtime
@@ -78,6 +79,7 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
         c0, m0 = os.times(), time.thread_time()
         summary = audit.run_audit(bundle, inputs, Path(tmp) / "out", batch_size=batch_size, device="cpu")
         c1, m1 = os.times(), time.thread_time()
+        heatmaps = [f.stat().st_size for f in (Path(tmp) / "out" / "heatmaps").glob("*.jpg")]
     finally:
         for owner, name, original in reversed(patched):
             setattr(owner, name, original)
@@ -87,7 +89,8 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
     ms["main"] = (m1 - m0) / n * 1e3
     ms["process"] = (c1.user + c1.system - c0.user - c0.system) / n * 1e3
     ms["process_system"] = (c1.system - c0.system) / n * 1e3
-    return {"images": n, "images_per_second": summary["images_per_second"], "ms_per_image": ms, "calls": dict(calls)}
+    return {"images": n, "images_per_second": summary["images_per_second"], "ms_per_image": ms, "calls": dict(calls),
+            "heatmap_kb": sum(heatmaps) / len(heatmaps) / 1e3 if heatmaps else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     r = measure(args.bundle, args.inputs, args.out, args.batch_size)
     ms = r["ms_per_image"]
     print(f"{r['images']} images, {r['images_per_second']:.0f} images/s; CPU ms per image "
-          f"(process {ms['process']:.2f}, of which system {ms['process_system']:.2f}):")
+          f"(process {ms['process']:.2f}, of which system {ms['process_system']:.2f}); heatmaps "
+          f"{r['heatmap_kb']:.1f} kB on average:")
     for stage in ("decode", "infer", "finish", "overlay", "write", "regions", "main"):
         print(f"  {stage:8s} {ms[stage]:6.3f}" + (f"   ({r['calls'][stage]} calls)" if stage in r["calls"] else ""))
     return 0

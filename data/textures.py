@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -70,7 +70,12 @@ def load_texture(name: str) -> np.ndarray:
         import skimage.data
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("texture data sets need scikit-image (pip install scikit-image)") from exc
-    image = np.asarray(getattr(skimage.data, name)())
+    return _skimage_uint8(getattr(skimage.data, name)())
+
+
+def _skimage_uint8(image: Any) -> np.ndarray:
+    """A scikit-image sample (uint8, bool or float in [0, 1]) as uint8."""
+    image = np.asarray(image)
     if image.dtype != np.uint8:
         image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
     return image
@@ -97,9 +102,7 @@ def write_defect_sources(folder: str | os.PathLike) -> Path:
         if path.is_file():
             continue
         image = getattr(skimage.data, name)()
-        image = np.asarray(image[0] if isinstance(image, tuple) else image)  # stereo_motorcycle: (left, right, disparity)
-        if image.dtype != np.uint8:
-            image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        image = _skimage_uint8(image[0] if isinstance(image, tuple) else image)  # stereo_motorcycle: (left, right, disparity)
         write_image(path, image[..., :3] if image.ndim == 3 else image)
     return root
 

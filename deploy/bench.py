@@ -211,8 +211,8 @@ def file_write_ms(folder: str | os.PathLike, n: int = 64, size: int = 12_000) ->
     """Milliseconds to create and write one ``size``-byte file in ``folder`` (median of ``n``).
 
     The audit writes one or two such files per image; on some disks that alone decides its rate
-    (this project's 2-core VM: 0.03 to 0.9 ms per file from one hour to the next, mostly kernel
-    time; tmpfs 0.02 ms).
+    (this project's 2-core VM: 0.02 to 0.9 ms per file within the same hour, mostly kernel
+    time; tmpfs 0.015 ms).
     """
     data = os.urandom(size)
     with tempfile.TemporaryDirectory(prefix="anomaly-bench-io-", dir=folder) as tmp:

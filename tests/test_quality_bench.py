@@ -62,5 +62,6 @@ def test_audit_split_accounts_for_the_audit_per_stage(trained_bundle: dict, tmp_
     assert all(ms[s] > 0 for s in ("decode", "infer", "finish", "overlay", "write", "main"))
     assert ms["overlay"] + ms["write"] <= ms["finish"]  # parts of the per-image finish
     assert ms["decode"] + ms["infer"] + ms["finish"] + ms["main"] <= 1.05 * ms["process"] + 0.05
+    assert 0 < r["heatmap_kb"] < 100
     assert (Runtime._decode, Runtime.infer, audit._finish, audit.write_image) == originals
     assert list(tmp_path.iterdir()) == []  # its audit folder is removed
