@@ -116,6 +116,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _cyclegan("cyclegan_repair_smooth", "cyclegan_repair exported with the l1+norm map smoothed at sigma 1, 2 "
               "(the default), 4 and 8 px: grass / gravel residuals are noisy at the texture's grain",
               scorings={f"l1+norm+s{s:g}": ({"residual": "l1", "smoothing_sigma": float(s)}, True) for s in (1, 2, 4, 8)}),
+    _cyclegan("cyclegan_repair_seg", "cyclegan_repair plus DRAEM's segmenter (U-Net base 16 on (input, repair), focal "
+              "loss on the synthetic masks); exported with its learned map, with the residuals, and with their "
+              "sum (each standardised on normal validation images)",
+              segmenter=True, scorings={"learned": ({"residual": "learned"}, False),
+                                        "l1_learned+norm": ({"residual": "l1_learned"}, True),
+                                        "l1_ssim_learned+norm": ({"residual": "l1_ssim_learned"}, True),
+                                        "l1+norm": _RESIDUALS["l1+norm"], "l1_ssim+norm": _RESIDUALS["l1_ssim+norm"]}),
     _cyclegan("cyclegan_repair_resnet", "cyclegan_repair with ResNet generators (base 16, 6 blocks): "
               "full-resolution residual path instead of the U-Net's skips", generator="resnet", n_blocks=6),
 ]}

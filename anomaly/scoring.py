@@ -12,6 +12,12 @@ Residual kinds:
     ``ms``   multi-scale GMS: mean of ``gms`` at scales 1, 1/2, 1/4, upsampled back (as in RIAD,
              Zavrtanik et al., 2021)
     ``l1_ssim`` mean of ``l1`` and ``ssim``
+    ``learned`` the model's own defect probability ``model.defect_map(x, x_hat)`` in [0, 1] (a
+             segmenter trained on synthetic defect masks, as DRAEM; models built with one only)
+    ``<kind>_learned`` (``l1_learned``, …) the sum of ``<kind>`` and ``learned``, each standardised
+             by its mean and std over normal validation images (:meth:`Scorer.set_mix_statistics`),
+             so neither scale dominates: the residual finds what the repair removed, the segmenter
+             what passes through it
 
 Example::
 
@@ -28,6 +34,7 @@ from torch.nn import functional as F
 
 __all__ = [
     "RESIDUALS",
+    "PIXEL_RESIDUALS",
     "AGGREGATES",
     "ScoreOutput",
     "gaussian_kernel",
@@ -39,7 +46,8 @@ __all__ = [
     "ReconstructionScorer",
 ]
 
-RESIDUALS = ("l1", "l2", "ssim", "gms", "ms", "l1_ssim")
+PIXEL_RESIDUALS = ("l1", "l2", "ssim", "gms", "ms", "l1_ssim")  # computed from x and x_hat alone
+RESIDUALS = PIXEL_RESIDUALS + ("learned",) + tuple(f"{k}_learned" for k in PIXEL_RESIDUALS)
 AGGREGATES = ("max", "mean", "topk")
 
 
@@ -118,8 +126,19 @@ def gms_map(a: torch.Tensor, b: torch.Tensor, c: float = 0.0026) -> torch.Tensor
     return ((2 * ga * gb + c) / (ga**2 + gb**2 + c)).mean(1, keepdim=True)
 
 
-def residual_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l1") -> torch.Tensor:
-    """Raw residual ``(N, 1, H, W)`` of kind ``kind`` (see module docstring)."""
+def residual_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l1", model: nn.Module | None = None) -> torch.Tensor:
+    """Raw residual ``(N, 1, H, W)`` of kind ``kind`` (see module docstring).
+
+    ``model`` is needed only for ``learned`` (its ``defect_map`` method reads ``x`` and ``x_hat``).
+    """
+    if kind == "learned":
+        if model is None or not hasattr(model, "defect_map") or not hasattr(model, "segmenter"):
+            raise ValueError("residual 'learned' needs a model with a segmenter "
+                             "(e.g. cyclegan with model kwarg segmenter=true); got "
+                             f"{type(model).__name__ if model is not None else 'no model'}")
+        return model.defect_map(x, x_hat)
+    if kind.endswith("_learned") and kind[: -len("_learned")] in PIXEL_RESIDUALS:
+        raise ValueError(f"residual {kind!r} is a sum of two standardised maps: use Scorer, not residual_map")
     if kind == "l1":
         return (x - x_hat).abs().mean(1, keepdim=True)
     if kind == "l2":
@@ -153,7 +172,9 @@ class Scorer(nn.Module):
 
     The optional per-pixel normalisation (``set_normalization``) stores the mean and std of the
     residual of *normal* validation images at each pixel; dividing by them removes the model's
-    own persistent reconstruction errors (edges, busbars) from the map.
+    own persistent reconstruction errors (edges, busbars) from the map. For a mixed residual
+    (``l1_learned``) it applies to the first part, and ``set_mix_statistics`` must be called
+    before use: each part is standardised by its global mean/std on normal images, then summed.
     """
 
     def __init__(self, *, residual: str = "l1", smoothing_sigma: float = 4.0, aggregate: str = "max",
@@ -171,6 +192,10 @@ class Scorer(nn.Module):
         self.register_buffer("pixel_mean", torch.zeros(1, 1, *self.image_size))
         self.register_buffer("pixel_std", torch.ones(1, 1, *self.image_size))
         self.normalized = False
+        self.parts: tuple[str, ...] = (residual[: -len("_learned")], "learned") if residual.endswith("_learned") else (residual,)
+        self.register_buffer("mix_mean", torch.zeros(len(self.parts)))
+        self.register_buffer("mix_std", torch.ones(len(self.parts)))
+        self.mixed = False
 
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-3) -> None:
         """Use per-pixel ``mean``/``std`` ``(1, 1, H, W)`` of normal residuals (before smoothing)."""
@@ -178,14 +203,38 @@ class Scorer(nn.Module):
         self.pixel_std.copy_(std.reshape(self.pixel_std.shape).clamp_min(eps))
         self.normalized = True
 
-    def raw_residual(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        """``(N, 1, H, W)`` residual before normalisation and smoothing."""
-        return residual_map(x, x_hat, self.residual)
+    def set_mix_statistics(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
+        """Mean and std ``(P,)`` of each part of a mixed residual over normal images (after
+        per-pixel normalisation and smoothing), one scalar per part."""
+        self.mix_mean.copy_(mean.reshape(self.mix_mean.shape))
+        self.mix_std.copy_(std.reshape(self.mix_std.shape).clamp_min(eps))
+        self.mixed = True
 
-    def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.raw_residual(x, x_hat)
+    def raw_residual(self, x: torch.Tensor, x_hat: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """``(N, 1, H, W)`` residual before normalisation and smoothing (``model``: see
+        :func:`residual_map`); for a mixed residual, its first part (what per-pixel
+        normalisation applies to)."""
+        return residual_map(x, x_hat, self.parts[0], model)
+
+    def components(self, x: torch.Tensor, x_hat: torch.Tensor, model: nn.Module | None = None) -> list[torch.Tensor]:
+        """The parts ``(N, 1, H, W)`` of the map before smoothing: the first per-pixel normalised
+        (when set), the second (mixed residuals only) the segmenter's map."""
+        r = self.raw_residual(x, x_hat, model)
         if self.normalized:
             r = (r - self.pixel_mean) / self.pixel_std
+        return [r] + [residual_map(x, x_hat, kind, model) for kind in self.parts[1:]]
+
+    def forward(self, x: torch.Tensor, x_hat: torch.Tensor,
+                model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.components(x, x_hat, model)
+        if len(parts) == 1:
+            r = parts[0]
+        else:
+            if not self.mixed:
+                raise ValueError(f"residual {self.residual!r} needs set_mix_statistics() from normal images first")
+            # sum of standardised parts; smoothing is linear, so the map is the sum of the
+            # standardised smoothed parts whose statistics set_mix_statistics holds
+            r = sum((p - self.mix_mean[i]) / self.mix_std[i] for i, p in enumerate(parts))
         amap = gaussian_blur(r, self.smoothing_sigma)
         flat = amap.flatten(1)
         if self.aggregate == "max":
@@ -199,8 +248,11 @@ class Scorer(nn.Module):
 
     def config(self) -> dict:
         """The scorer's settings, as stored in checkpoints and the sidecar."""
-        return {"residual": self.residual, "smoothing_sigma": self.smoothing_sigma, "aggregate": self.aggregate,
-                "topk_fraction": self.topk_fraction, "normalized": self.normalized}
+        out = {"residual": self.residual, "smoothing_sigma": self.smoothing_sigma, "aggregate": self.aggregate,
+               "topk_fraction": self.topk_fraction, "normalized": self.normalized}
+        if self.mixed:
+            out["mix"] = {"parts": list(self.parts), "mean": self.mix_mean.tolist(), "std": self.mix_std.tolist()}
+        return out
 
 
 class ReconstructionScorer(nn.Module):
@@ -218,5 +270,5 @@ class ReconstructionScorer(nn.Module):
 
     def forward(self, image: torch.Tensor, label: torch.Tensor | None = None) -> ScoreOutput:
         x_hat = self.model(image, label)
-        amap, score = self.scorer(image, x_hat)
+        amap, score = self.scorer(image, x_hat, self.model)
         return ScoreOutput(amap, score, x_hat)

@@ -126,6 +126,8 @@ def _torch_graph(meta: dict[str, Any], threads: int) -> tuple[Callable[[np.ndarr
     if sc.get("normalized"):  # same arithmetic as the export (values do not change the timing)
         s = cfg.image_size
         scorer.set_normalization(torch.zeros(1, 1, s, s), torch.ones(1, 1, s, s))
+    if sc.get("mix"):  # mixed residual (l1_learned): the stored standardisation
+        scorer.set_mix_statistics(torch.tensor(sc["mix"]["mean"]), torch.tensor(sc["mix"]["std"]))
     graph = ReconstructionScorer(model, scorer).eval()
     torch.set_num_threads(threads)
     conditional = bool(meta["model"].get("conditional"))

@@ -15,7 +15,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run folder written by `anomaly train`")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
-    p.add_argument("--residual", default=None, help="override the residual kind (l1, l2, ssim, gms, ms, l1_ssim)")
+    p.add_argument("--residual", default=None, help="override the residual kind (l1, l2, ssim, gms, ms, l1_ssim; with a segmenter also learned, l1_learned, …)")
     p.add_argument("--smoothing-sigma", type=float, default=None)
     p.add_argument("--aggregate", default=None, choices=("max", "mean", "topk"))
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,

@@ -83,8 +83,20 @@ def _normalization(model: torch.nn.Module, scorer: Scorer, val: np.ndarray, labe
     """Per-pixel mean/std of the raw residual on normal validation images."""
     x = torch.from_numpy(val)
     cond = None if labels is None else torch.from_numpy(labels)
-    r = scorer.raw_residual(x, model(x, cond))
+    r = scorer.raw_residual(x, model(x, cond), model)
     scorer.set_normalization(r.mean(0, keepdim=True), r.std(0, keepdim=True) if len(r) > 1 else torch.ones_like(r[:1]))
+
+
+@torch.no_grad()
+def _mix_statistics(model: torch.nn.Module, scorer: Scorer, val: np.ndarray, labels: np.ndarray | None) -> None:
+    """Global mean/std of each part of a mixed residual (``l1_learned``) on normal validation
+    images, after per-pixel normalisation and smoothing: what standardises the parts before the sum."""
+    from anomaly.scoring import gaussian_blur
+
+    x = torch.from_numpy(val)
+    cond = None if labels is None else torch.from_numpy(labels)
+    parts = [gaussian_blur(p, scorer.smoothing_sigma) for p in scorer.components(x, model(x, cond), model)]
+    scorer.set_mix_statistics(torch.stack([p.mean() for p in parts]), torch.stack([p.std() for p in parts]))
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint: str = "best",
@@ -127,6 +139,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
         if len(val) < 2:
             raise ValueError("per-pixel normalisation needs at least 2 validation images; train with --val-fraction > 0")
         _normalization(model, scorer, val, val_labels)
+    if len(scorer.parts) > 1:
+        if len(val) < 2:
+            raise ValueError(f"residual {scorer.residual!r} standardises its parts on normal validation images: "
+                             f"found {len(val)}; train with --val-fraction > 0")
+        _mix_statistics(model, scorer, val, val_labels)
     graph = ReconstructionScorer(model, scorer).eval()
 
     out = Path(out_dir)

@@ -113,3 +113,53 @@ def test_runtime_is_torch_free(trained_bundle: dict, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr
     assert "torch-free ok" in proc.stdout
+
+
+def test_segmenter_run_exports_learned_and_mixed_maps(tmp_path: Path) -> None:
+    """A CycleGAN with a segmenter, trained briefly on synthetic defects, exports its learned map and
+    the l1 + learned mix; the runtime matches torch, and the mix's standardisation is in the sidecar."""
+    import torch
+
+    from conftest import make_mvtec
+    from anomaly.scoring import ReconstructionScorer, Scorer
+    from data.folder import discover
+    from data.preprocess import Preprocess
+    from deploy.export import export_run, load_run
+    from deploy.runtime import Runtime
+    from training.config import TrainConfig
+    from training.run import train
+
+    data = make_mvtec(tmp_path / "tiles", n_train=16)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="cyclegan", image_size=32, epochs=1,
+                      batch_size=4, synthetic_defects=0.5, val_fraction=0.25,
+                      model_kwargs={"generator": "unet", "base_channels": 8, "disc_channels": 8,
+                                    "segmenter": True, "segmenter_channels": 8})
+    train(cfg)
+    model, _, _ = load_run(tmp_path / "run")
+    x = Preprocess(32, 1).load_batch([s.path for s in discover(data).test])
+    for residual in ("learned", "l1_learned"):
+        bundle = export_run(tmp_path / "run", tmp_path / residual, scoring={"residual": residual}, normalize=True)
+        sc = load_sidecar(bundle)["scoring"]
+        assert sc["residual"] == residual and sc["normalized"]
+        scorer = Scorer(residual=residual, smoothing_sigma=sc["smoothing_sigma"], aggregate=sc["aggregate"],
+                        topk_fraction=sc["topk_fraction"], image_size=(32, 32))
+        val = Preprocess(32, 1).load_batch(json.loads((tmp_path / "run" / "split.json").read_text())["val"])
+        with torch.no_grad():
+            r = scorer.raw_residual(torch.from_numpy(val), model(torch.from_numpy(val)), model)
+        scorer.set_normalization(r.mean(0, keepdim=True), r.std(0, keepdim=True))
+        if residual == "l1_learned":
+            assert sc["mix"]["parts"] == ["l1", "learned"] and min(sc["mix"]["std"]) > 0
+            scorer.set_mix_statistics(torch.tensor(sc["mix"]["mean"]), torch.tensor(sc["mix"]["std"]))
+        else:
+            assert "mix" not in sc
+        with torch.no_grad():
+            ref = ReconstructionScorer(model, scorer).eval()(torch.from_numpy(x))
+        out = Runtime(bundle, device="cpu").infer(x)
+        scale = max(1.0, float(np.abs(ref.score.numpy()).max()))
+        assert np.abs(out["score"] - ref.score.numpy()).max() < PARITY_ATOL * scale
+        assert np.abs(out["anomaly_map"] - ref.anomaly_map.numpy()).max() < PARITY_ATOL * scale
+    # the mix needs normal validation images to standardise its parts
+    cfg0 = TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "run0"), "val_fraction": 0.0})
+    train(cfg0)
+    with pytest.raises(ValueError, match="validation images"):
+        export_run(tmp_path / "run0", tmp_path / "b0", scoring={"residual": "l1_learned"}, normalize=False)

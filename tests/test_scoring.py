@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly.scoring import RESIDUALS, ReconstructionScorer, Scorer, gaussian_blur, residual_map, ssim_map
+from anomaly.scoring import PIXEL_RESIDUALS, ReconstructionScorer, Scorer, gaussian_blur, residual_map, ssim_map
 
 
 def _pair(seed: int = 0, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,7 +17,7 @@ def _pair(seed: int = 0, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-@pytest.mark.parametrize("kind", RESIDUALS)
+@pytest.mark.parametrize("kind", PIXEL_RESIDUALS)
 def test_residual_is_zero_for_identical_and_peaks_on_the_defect(kind: str) -> None:
     x, y = _pair()
     same = residual_map(x, x, kind)
@@ -68,7 +68,7 @@ def test_per_pixel_normalisation_removes_persistent_error() -> None:
     assert normed[..., 20:30, 40:50].mean() > 3 * normed[..., :8, :8].abs().mean()
 
 
-@pytest.mark.parametrize("kind", RESIDUALS)
+@pytest.mark.parametrize("kind", PIXEL_RESIDUALS)
 def test_each_residual_exports_with_parity(kind: str, tmp_path) -> None:
     import onnxruntime as ort
 
@@ -89,3 +89,59 @@ def test_each_residual_exports_with_parity(kind: str, tmp_path) -> None:
         ref = graph(batch)
     assert np.abs(out[0] - ref.anomaly_map.numpy()).max() < 1e-4
     assert np.abs(out[1] - ref.score.numpy()).max() < 1e-4
+
+
+def test_learned_residual_reads_the_models_segmenter() -> None:
+    from anomaly.registry import create_model
+
+    x, y = _pair(4, size=32)
+    with pytest.raises(ValueError, match="needs a model with a segmenter"):
+        residual_map(x, y, "learned")
+    plain = create_model("cyclegan", in_channels=1, image_size=32, generator="unet", base_channels=8, disc_channels=8)
+    with pytest.raises(ValueError, match="needs a model with a segmenter"):
+        ReconstructionScorer(plain, Scorer(residual="learned", image_size=(32, 32)))(x)
+    torch.manual_seed(0)
+    model = create_model("cyclegan", in_channels=1, image_size=32, generator="unet", base_channels=8,
+                         disc_channels=8, segmenter=True, segmenter_channels=8).eval()
+    graph = ReconstructionScorer(model, Scorer(residual="learned", smoothing_sigma=0.0, aggregate="max",
+                                               image_size=(32, 32))).eval()
+    with torch.no_grad():
+        out = graph(y)
+        want = model.segmenter(torch.cat([y, model(y)], 1))
+    assert torch.equal(out.anomaly_map, want)
+    assert torch.equal(out.score, want.flatten(1).max(1).values)
+    assert float(want.min()) >= 0.0 and float(want.max()) <= 1.0
+
+
+def test_mixed_residual_sums_standardised_parts_and_exports(tmp_path) -> None:
+    import onnxruntime as ort
+
+    from anomaly.registry import create_model
+    from deploy.export import export_onnx
+
+    torch.manual_seed(0)
+    model = create_model("cyclegan", in_channels=1, image_size=32, generator="unet", base_channels=8,
+                         disc_channels=8, segmenter=True, segmenter_channels=8).eval()
+    scorer = Scorer(residual="l1_learned", smoothing_sigma=1.0, aggregate="topk", image_size=(32, 32))
+    assert scorer.parts == ("l1", "learned")
+    graph = ReconstructionScorer(model, scorer).eval()
+    x, y = _pair(5, size=32)
+    with pytest.raises(ValueError, match="set_mix_statistics"):
+        graph(x)
+    scorer.set_mix_statistics(torch.tensor([0.1, 0.5]), torch.tensor([0.02, 0.01]))
+    with torch.no_grad():
+        out = graph(y)
+        x_hat = model(y)
+        want = gaussian_blur((residual_map(y, x_hat, "l1") - 0.1) / 0.02 + (model.defect_map(y, x_hat) - 0.5) / 0.01, 1.0)
+    torch.testing.assert_close(out.anomaly_map, want, rtol=1e-5, atol=1e-4)
+    assert scorer.config()["mix"] == {"parts": ["l1", "learned"], "mean": pytest.approx([0.1, 0.5]),
+                                      "std": pytest.approx([0.02, 0.01])}
+    export_onnx(graph, tmp_path / "m.onnx", x, conditional=False)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    batch = torch.cat([x, y, x])
+    got = sess.run(None, {"image": batch.numpy()})
+    with torch.no_grad():
+        ref = graph(batch)
+    # the map is in units of the parts' std (0.01 here): compare relative to its scale
+    assert np.abs(got[0] - ref.anomaly_map.numpy()).max() < 1e-5 * float(ref.anomaly_map.abs().max()) + 1e-4
+    assert np.abs(got[1] - ref.score.numpy()).max() < 1e-5 * float(ref.score.abs().max()) + 1e-4

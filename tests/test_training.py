@@ -124,3 +124,55 @@ def test_config_lr_overrides_objective_and_zero_is_honoured(mvtec_dir: Path, tmp
     init = create_model("aae", in_channels=1, image_size=32, latent_dim=8, base_channels=8).state_dict()
     weights = [k for k in init if k.endswith("weight")]
     assert weights and all(torch.equal(init[k], trained[k]) for k in weights)
+
+
+def test_segmenter_learns_to_localise_synthetic_defects(tmp_path: Path) -> None:
+    """DRAEM's segmenter step (``S``) alone, on the no-target fallback's rectangles: pixel AUROC of its
+    map on held-out corrupted images goes from chance to > 0.85 in 300 steps
+    (measured 0.50 -> 0.95; 0.87 after 150 steps)."""
+    from sklearn.metrics import roc_auc_score
+
+    from training.objectives.cyclegan import corrupt
+
+    torch.manual_seed(0)
+    model = create_model("cyclegan", in_channels=1, image_size=32, generator="unet", base_channels=8,
+                         disc_channels=8, segmenter=True, segmenter_channels=8)
+    objective = create_objective("cyclegan", model)
+    assert [s.name for s in objective.steps] == ["G", "D", "S"]
+    trainer = Trainer(objective, out_dir=tmp_path, epochs=1, device="cpu")
+    trainer.steps = tuple(s for s in objective.steps if s.name == "S")
+    test_x, test_mask = corrupt(_batch(16)["image"], return_mask=True)
+
+    def auroc() -> float:
+        model.eval()
+        with torch.no_grad():
+            prob = model.defect_map(test_x, model(test_x))
+        model.train()
+        return roc_auc_score(test_mask.flatten().numpy(), prob.flatten().numpy())
+
+    assert auroc() < 0.6
+    for i in range(300):
+        g = torch.Generator().manual_seed(100 + i)
+        logs = trainer.train_batch({"image": (_batch()["image"] + 0.05 * torch.randn(8, 1, 32, 32, generator=g)).clamp(0, 1)})
+    assert set(logs) == {"S"}
+    after = auroc()
+    assert after > 0.85, after
+    # with a repair target the objective needs the synthetic mask
+    with pytest.raises(ValueError, match="mask"):
+        objective.loss("S", {"image": test_x, "target": test_x})
+
+
+def test_focal_loss_is_bce_at_gamma_zero_and_discounts_easy_pixels() -> None:
+    from torch.nn import functional as F
+
+    from training.losses import focal_loss
+
+    g = torch.Generator().manual_seed(0)
+    prob = torch.rand(2, 1, 8, 8, generator=g) * 0.98 + 0.01
+    target = (torch.rand(2, 1, 8, 8, generator=g) > 0.8).float()
+    torch.testing.assert_close(focal_loss(prob, target, gamma=0.0), F.binary_cross_entropy(prob, target))
+    easy, hard = torch.full((1, 1, 2, 2), 0.1), torch.full((1, 1, 2, 2), 0.9)  # normal pixels (target 0)
+    zero = torch.zeros(1, 1, 2, 2)
+    # gamma 2 scales each pixel's BCE by (1 - p_t)^2: 0.01 for the easy pixel, 0.81 for the hard one
+    torch.testing.assert_close(focal_loss(easy, zero), 0.01 * F.binary_cross_entropy(easy, zero))
+    torch.testing.assert_close(focal_loss(hard, zero), 0.81 * F.binary_cross_entropy(hard, zero))

@@ -37,6 +37,7 @@ TINY: dict[str, dict] = {
 # (model name, extra model kwargs, objective kwargs): the registry, plus variants worth covering.
 CASES = [(name, {}, {}) for name in list_models()] + [
     ("cyclegan", {"generator": "unet"}, {}),
+    ("cyclegan", {"generator": "unet", "segmenter": True, "segmenter_channels": 8}, {}),  # DRAEM-style segmenter
     ("cgan", {"arch": "mlp", "hidden_dim": 32}, {}),
     ("dcgan", {}, {"gan_mode": "wgan", "n_critic": 1}),
     ("ae", {}, {"recon_loss": "ssim"}),
@@ -256,11 +257,12 @@ ONNX_CASES = [c for c in CASES if not c[2]]
 @pytest.mark.parametrize("case", ONNX_CASES, ids=_case_id)
 def test_onnx_parity(case, tmp_path):
     """torch and onnxruntime agree (max abs diff < 1e-4) on every output, at a batch size other
-    than the one exported with."""
+    than the one exported with. Models with a segmenter export its learned map."""
     ort = pytest.importorskip("onnxruntime")
     name, extra, _ = case
     model = _build(name, extra).eval()
-    graph = ReconstructionScorer(model, Scorer(residual="l1", smoothing_sigma=1.0, aggregate="max",
+    residual = "learned" if hasattr(model, "segmenter") else "l1"
+    graph = ReconstructionScorer(model, Scorer(residual=residual, smoothing_sigma=1.0, aggregate="max",
                                                image_size=(SIZE, SIZE))).eval()
     conditional = get_spec(name).conditional
     _export(graph, tmp_path / "model.onnx", _batch(name, seed=5)["image"], conditional)

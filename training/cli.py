@@ -69,7 +69,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "regions, as DRAEM does; default: altered copies of the training image")
     p.add_argument("--model-kwargs", type=_json_arg, default={}, help="JSON object for the model factory")
     p.add_argument("--objective-kwargs", type=_json_arg, default={}, help="JSON object for the objective")
-    p.add_argument("--residual", default=None, help="residual kind used at export (l1, l2, ssim, gms, ms, l1_ssim)")
+    p.add_argument("--residual", default=None, help="residual kind used at export (l1, l2, ssim, gms, ms, l1_ssim; with a segmenter also learned, l1_learned, …)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.add_argument("--generative", action="store_true",
                    help="also write OUT/samples.png, a grid of what the model generates (see what it learned)")

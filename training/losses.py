@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-__all__ = ["GANLoss", "GAN_MODES", "reconstruction_loss", "gradient_penalty"]
+__all__ = ["GANLoss", "GAN_MODES", "reconstruction_loss", "gradient_penalty", "focal_loss"]
 
 GAN_MODES = ("bce", "lsgan", "hinge", "wgan")
 
@@ -71,3 +71,18 @@ def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: str = "l2", 
 
         loss = loss + ssim_weight * (1.0 - ssim_map(x_hat, x)).mean()
     return loss
+
+
+def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
+    """Binary focal loss (Lin et al., 2017) on probabilities, as DRAEM trains its segmenter.
+
+    ``mean(-(1 - p_t)^gamma * log(p_t))`` with ``p_t = p`` where ``target`` is 1 and ``1 - p``
+    where it is 0. Defect pixels are a few percent of an image; the ``(1 - p_t)^gamma`` factor
+    keeps the many easy normal pixels from drowning them. ``gamma = 0`` is binary cross-entropy.
+
+    Args:
+        prob: ``(N, 1, H, W)`` predicted defect probability in [0, 1].
+        target: same shape, the defect mask in {0, 1}.
+    """
+    p_t = (prob * target + (1.0 - prob) * (1.0 - target)).clamp(eps, 1.0)
+    return (-((1.0 - p_t) ** gamma) * torch.log(p_t)).mean()

@@ -14,6 +14,13 @@ Generators (``generator=`` kwarg):
 Instance norm and reflection padding as in the reference code; the output is a sigmoid because
 inputs are in [0, 1]. The losses live in :mod:`training.objectives.cyclegan`.
 
+Optional ``segmenter`` (DRAEM's discriminative sub-network, Zavrtanik et al., ICCV 2021): a U-Net
+that reads the input and its repair side by side, ``cat([x, G_r(x)])`` ``(N, 2C, S, S)``, and
+outputs the probability ``(N, 1, S, S)`` that each pixel is defective. It is trained on the
+synthetic defects' masks and is what the ``learned`` residual of :mod:`anomaly.scoring` reads. A
+residual only shows what the repair generator removed; the segmenter can also flag what the
+generator copies but which does not belong (a foreign texture that passes through the repair).
+
 Example::
 
     from anomaly.registry import create_model
@@ -177,6 +184,9 @@ class CycleGAN(nn.Module):
         disc_layers: PatchGAN stride-2 stages (default: 3, fewer for S < 32 so patches stay >= 1 px).
         norm: generator/discriminator normalisation (``instance``).
         dropout: U-Net dropout.
+        segmenter: add the defect segmenter (see the module docstring); needs synthetic defects
+            (their masks) in training.
+        segmenter_channels: width of the segmenter's U-Net.
     """
 
     def __init__(
@@ -191,6 +201,8 @@ class CycleGAN(nn.Module):
         disc_layers: int | None = None,
         norm: str = "instance",
         dropout: bool = False,
+        segmenter: bool = False,
+        segmenter_channels: int = 16,
     ) -> None:
         super().__init__()
         if generator not in _GENERATORS:
@@ -215,11 +227,24 @@ class CycleGAN(nn.Module):
                                                        n_layers=n_layers, norm=norm)  # judges domain B
         self.discriminator_defect = PatchDiscriminator(in_channels=in_channels, base_channels=disc_channels,
                                                        n_layers=n_layers, norm=norm)  # judges domain A
+        if segmenter:  # (x, repair) -> P(defect) per pixel
+            self.segmenter = UnetGenerator(in_channels=2 * in_channels, out_channels=1, image_size=image_size,
+                                           base_channels=segmenter_channels, norm=norm)
         init_dcgan(self)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Repaired image ``(N, C, S, S)`` in [0, 1] (``cond`` is ignored)."""
         return self.generator_repair(x)
+
+    def defect_map(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """Defect probability ``(N, 1, S, S)`` in [0, 1] from the input and its repair ``(N, C, S, S)``.
+
+        Raises:
+            ValueError: the model was built without ``segmenter=True``.
+        """
+        if not hasattr(self, "segmenter"):
+            raise ValueError("this CycleGAN has no segmenter (build it with segmenter=True)")
+        return self.segmenter(torch.cat([x, x_hat], 1))
 
     @torch.no_grad()
     def translate(self, x: torch.Tensor, to: str = "normal") -> torch.Tensor:

@@ -17,6 +17,13 @@ Steps, every batch:
 
        L_D = 1/2 [GAN(D_B(B), real) + GAN(D_B(G_r(A)), fake)] + 1/2 [GAN(D_A(A), real) + GAN(D_A(G_d(B)), fake)]
 
+3. ``S`` (only when the model has a ``segmenter``; DRAEM's discriminative loss)::
+
+       L_S = Focal(S(cat[A, sg(G_r(A))]), M)      # M = the synthetic defect mask, sg = stop-gradient
+
+   The repair is detached: the segmenter learns to read the generator, and the generator's own
+   losses stay those of steps 1-2.
+
 Fallback without ``target`` (a folder of normal images only): B = ``image`` and A = ``image`` with a
 light synthetic corruption made here (:func:`corrupt`: one random rectangle per image filled with a
 random grey level, plus faint Gaussian noise). A and B are then pairs, so the paired term applies.
@@ -31,17 +38,19 @@ from __future__ import annotations
 
 import torch
 
-from training.losses import GANLoss
+from training.losses import GANLoss, focal_loss
 from training.objectives.base import Batch, Objective, Step, register_objective
 
 __all__ = ["CycleGANObjective", "corrupt"]
 
 
-def corrupt(x: torch.Tensor, max_fraction: float = 0.25, noise_std: float = 0.02) -> torch.Tensor:
+def corrupt(x: torch.Tensor, max_fraction: float = 0.25, noise_std: float = 0.02,
+            return_mask: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Light synthetic defects for the no-target fallback: ``(N, C, H, W)`` -> same shape in [0, 1].
 
     Each image gets one axis-aligned rectangle (sides between 1/8 and ``max_fraction`` of the
-    image) filled with a uniform random grey level, plus Gaussian noise of ``noise_std``.
+    image) filled with a uniform random grey level, plus Gaussian noise of ``noise_std``. With
+    ``return_mask`` also the rectangles, ``(N, 1, H, W)`` float in {0, 1}.
     """
     n, _, h, w = x.shape
     dev = x.device
@@ -55,8 +64,8 @@ def corrupt(x: torch.Tensor, max_fraction: float = 0.25, noise_std: float = 0.02
     inside = ((yy >= top.view(n, 1, 1)) & (yy < (top + rh).view(n, 1, 1))
               & (xx >= left.view(n, 1, 1)) & (xx < (left + rw).view(n, 1, 1))).unsqueeze(1)
     level = torch.rand(n, 1, 1, 1, device=dev).expand_as(x)
-    out = torch.where(inside, level, x) + noise_std * torch.randn_like(x)
-    return out.clamp(0.0, 1.0)
+    out = (torch.where(inside, level, x) + noise_std * torch.randn_like(x)).clamp(0.0, 1.0)
+    return (out, inside.float()) if return_mask else out
 
 
 @register_objective("cyclegan")
@@ -66,20 +75,27 @@ class CycleGANObjective(Objective):
         lambda_cyc: cycle-consistency weight (10 in the paper).
         lambda_id: identity weight, relative to ``lambda_cyc`` (0.5 in the paper).
         lambda_pair: weight of the direct ``||G_r(A) - B||_1`` term when pairs are known (0 disables).
-        lr: learning rate of both steps (2e-4, Adam betas (0.5, 0.999) as in the paper).
+        lr: learning rate of every step (2e-4, Adam betas (0.5, 0.999) as in the paper).
+        focal_gamma: focusing parameter of the segmenter's focal loss (2, as DRAEM).
+        segmenter_lr: learning rate of the ``S`` step (1e-3; DRAEM uses 1e-4 for ~700 epochs, our budgets are
+            30-100 epochs; Adam betas (0.9, 0.999)).
     """
 
     def __init__(self, model, *, gan_mode: str = "lsgan", lambda_cyc: float = 10.0, lambda_id: float = 0.5,
-                 lambda_pair: float = 10.0, lr: float = 2e-4) -> None:
+                 lambda_pair: float = 10.0, lr: float = 2e-4, focal_gamma: float = 2.0,
+                 segmenter_lr: float = 1e-3) -> None:
         super().__init__(model)
         self.gan = GANLoss(gan_mode)
         self.lambda_cyc = lambda_cyc
         self.lambda_id = lambda_id
         self.lambda_pair = lambda_pair
+        self.focal_gamma = focal_gamma
         self.steps = (
             Step("G", ("generator_repair", "generator_defect"), lr=lr, betas=(0.5, 0.999)),
             Step("D", ("discriminator_normal", "discriminator_defect"), lr=lr, betas=(0.5, 0.999)),
         )
+        if hasattr(model, "segmenter"):
+            self.steps += (Step("S", ("segmenter",), lr=segmenter_lr, betas=(0.9, 0.999)),)
 
     @staticmethod
     def domains(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -121,4 +137,15 @@ class CycleGANObjective(Objective):
             loss_a = 0.5 * (self.gan(d_a(real_a), True) + self.gan(d_a(fake_a), False))  # D_A: A real, G_d(B) fake
             loss = loss_a + loss_b
             return loss, {"D_normal": loss_b.item(), "D_defect": loss_a.item(), "D": loss.item()}
+        if step == "S":
+            if "mask" in batch:
+                real_a, mask = batch["image"], batch["mask"]
+            elif "target" in batch:
+                raise ValueError("the segmenter step needs batch['mask'] with batch['target'] (the synthetic defect's mask)")
+            else:
+                real_a, mask = corrupt(batch["image"], return_mask=True)
+            with torch.no_grad():
+                repaired = m.generator_repair(real_a)   # sg(G_r(A))
+            loss = focal_loss(m.defect_map(real_a, repaired), mask, gamma=self.focal_gamma)
+            return loss, {"S": loss.item()}
         raise KeyError(f"cyclegan objective has no step {step!r}")
