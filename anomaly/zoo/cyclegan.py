@@ -184,8 +184,8 @@ class CycleGAN(nn.Module):
         disc_layers: PatchGAN stride-2 stages (default: 3, fewer for S < 32 so patches stay >= 1 px).
         norm: generator/discriminator normalisation (``instance``).
         dropout: U-Net dropout.
-        segmenter: add the defect segmenter (see the module docstring); needs synthetic defects
-            (their masks) in training.
+        segmenter: add the defect segmenter (see the module docstring); it learns from the masks of
+            the synthetic defects (``--synthetic-defects``; without them, the objective's rectangles).
         segmenter_channels: width of the segmenter's U-Net.
     """
 

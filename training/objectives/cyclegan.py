@@ -75,7 +75,7 @@ class CycleGANObjective(Objective):
         lambda_cyc: cycle-consistency weight (10 in the paper).
         lambda_id: identity weight, relative to ``lambda_cyc`` (0.5 in the paper).
         lambda_pair: weight of the direct ``||G_r(A) - B||_1`` term when pairs are known (0 disables).
-        lr: learning rate of every step (2e-4, Adam betas (0.5, 0.999) as in the paper).
+        lr: learning rate of the ``G`` and ``D`` steps (2e-4, Adam betas (0.5, 0.999) as in the paper).
         focal_gamma: focusing parameter of the segmenter's focal loss (2, as DRAEM).
         segmenter_lr: learning rate of the ``S`` step (1e-3; DRAEM uses 1e-4 for ~700 epochs, our budgets are
             30-100 epochs; Adam betas (0.9, 0.999)).
