@@ -63,12 +63,22 @@ _RESIDUALS: dict[str, Scoring] = {
 }
 
 def _cyclegan(name: str, description: str, *, synthetic_defects: float = 0.5,
-              scorings: dict[str, Scoring] | None = None, **model_kwargs: Any) -> Preset:
+              scorings: dict[str, Scoring] | None = None, objective_kwargs: dict[str, Any] | None = None,
+              **model_kwargs: Any) -> Preset:
     """A CycleGAN repair preset: U-Net generators of base 16, discriminators of 16, batch 8, synthetic
     defects p=0.5, every residual kind exported; ``model_kwargs`` override the network settings."""
     return Preset(name, "cyclegan", description, synthetic_defects=synthetic_defects, batch_size=8,
                   model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16, **model_kwargs},
+                  objective_kwargs=dict(objective_kwargs or {}),
                   scorings=dict(_RESIDUALS) if scorings is None else scorings)
+
+
+# The segmenter presets' exports: its learned map alone, the residuals alone, and their standardised sums.
+_SEGMENTER_SCORINGS: dict[str, Scoring] = {
+    "learned": ({"residual": "learned"}, False),
+    "l1_learned+norm": ({"residual": "l1_learned"}, True),
+    "l1_ssim_learned+norm": ({"residual": "l1_ssim_learned"}, True),
+    "l1+norm": _RESIDUALS["l1+norm"], "l1_ssim+norm": _RESIDUALS["l1_ssim+norm"]}
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
@@ -119,10 +129,20 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _cyclegan("cyclegan_repair_seg", "cyclegan_repair plus DRAEM's segmenter (U-Net base 16 on (input, repair), focal "
               "loss on the synthetic masks); exported with its learned map, with the residuals, and with their "
               "sum (each standardised on normal validation images)",
-              segmenter=True, scorings={"learned": ({"residual": "learned"}, False),
-                                        "l1_learned+norm": ({"residual": "l1_learned"}, True),
-                                        "l1_ssim_learned+norm": ({"residual": "l1_ssim_learned"}, True),
-                                        "l1+norm": _RESIDUALS["l1+norm"], "l1_ssim+norm": _RESIDUALS["l1_ssim+norm"]}),
+              segmenter=True, scorings=_SEGMENTER_SCORINGS),
+    _cyclegan("cyclegan_repair_seg32", "cyclegan_repair_seg with a segmenter twice as wide (U-Net base 32)",
+              segmenter=True, segmenter_channels=32, scorings=_SEGMENTER_SCORINGS),
+    _cyclegan("cyclegan_repair_segdiff", "cyclegan_repair_seg whose segmenter also reads |input - repair|",
+              segmenter=True, segmenter_input="pair_diff", scorings=_SEGMENTER_SCORINGS),
+    _cyclegan("cyclegan_repair_seg_long", "cyclegan_repair_seg whose generators and discriminators stop after 30 "
+              "epochs; the remaining epochs (--epochs minus 30) train the segmenter alone on the finished repair",
+              segmenter=True, objective_kwargs={"repair_epochs": 30}, scorings=_SEGMENTER_SCORINGS),
+    _cyclegan("cyclegan_repair_segdiff_long", "cyclegan_repair_segdiff with cyclegan_repair_seg_long's schedule "
+              "(generators and discriminators 30 epochs, the segmenter all --epochs)", segmenter=True,
+              segmenter_input="pair_diff", objective_kwargs={"repair_epochs": 30}, scorings=_SEGMENTER_SCORINGS),
+    _cyclegan("cyclegan_repair_segjoint", "cyclegan_repair_seg trained jointly as DRAEM: the segmenter's focal "
+              "loss (weight 10) also trains the repair generator", segmenter=True,
+              objective_kwargs={"lambda_seg": 10.0}, scorings=_SEGMENTER_SCORINGS),
     _cyclegan("cyclegan_repair_resnet", "cyclegan_repair with ResNet generators (base 16, 6 blocks): "
               "full-resolution residual path instead of the U-Net's skips", generator="resnet", n_blocks=6),
 ]}

@@ -113,6 +113,23 @@ def test_learned_residual_reads_the_models_segmenter() -> None:
     assert float(want.min()) >= 0.0 and float(want.max()) <= 1.0
 
 
+def test_segmenter_can_read_the_residual_too() -> None:
+    """``segmenter_input="pair_diff"`` hands the segmenter ``cat[x, x_hat, |x - x_hat|]``."""
+    from anomaly.registry import create_model
+
+    with pytest.raises(ValueError, match="segmenter_input"):
+        create_model("cyclegan", in_channels=1, image_size=32, generator="unet", segmenter=True, segmenter_input="diff")
+    torch.manual_seed(0)
+    model = create_model("cyclegan", in_channels=1, image_size=32, generator="unet", base_channels=8,
+                         disc_channels=8, segmenter=True, segmenter_channels=8, segmenter_input="pair_diff").eval()
+    x, y = _pair(2, size=32)
+    with torch.no_grad():
+        got = model.defect_map(x, y)
+        assert torch.equal(got, model.segmenter(torch.cat([x, y, (x - y).abs()], 1)))
+    first_conv = next(m for m in model.segmenter.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 3 and got.shape == (2, 1, 32, 32)
+
+
 def test_mixed_residual_sums_standardised_parts_and_exports(tmp_path) -> None:
     import onnxruntime as ort
 

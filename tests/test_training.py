@@ -162,6 +162,78 @@ def test_segmenter_learns_to_localise_synthetic_defects(tmp_path: Path) -> None:
         objective.loss("S", {"image": test_x, "target": test_x})
 
 
+def test_joint_segmenter_loss_trains_the_repair_generator() -> None:
+    """``lambda_seg``: the generators' step adds ``lambda_seg * Focal(S(cat[A, G_r(A)]), M)``, and its
+    gradient reaches the repair generator through the (frozen) segmenter."""
+    from training.losses import focal_loss
+    from training.objectives.cyclegan import corrupt
+
+    kw = dict(in_channels=1, image_size=32, generator="unet", base_channels=8, disc_channels=8)
+    with pytest.raises(ValueError, match="needs a model with a segmenter"):
+        create_objective("cyclegan", create_model("cyclegan", **kw), lambda_seg=1.0)
+    with pytest.raises(ValueError, match="lambda_seg"):
+        create_objective("cyclegan", create_model("cyclegan", segmenter=True, **kw), lambda_seg=-1.0)
+    torch.manual_seed(0)
+    model = create_model("cyclegan", segmenter=True, segmenter_channels=8, **kw)
+    clean = _batch(4)["image"]
+    image, mask = corrupt(clean, return_mask=True)
+    batch = {"image": image, "target": clean, "mask": mask}
+    plain, joint = create_objective("cyclegan", model), create_objective("cyclegan", model, lambda_seg=10.0)
+    loss0, logs0 = plain.loss("G", batch)
+    loss1, logs1 = joint.loss("G", batch)
+    want_seg = focal_loss(model.defect_map(image, model.generator_repair(image)), mask)
+    assert "G_seg" not in logs0 and logs1["G_seg"] == pytest.approx(want_seg.item(), rel=1e-5)
+    torch.testing.assert_close(loss1, loss0 + 10.0 * want_seg)
+    # the focal term alone moves the repair generator's weights
+    model.zero_grad()
+    (loss1 - loss0).backward()
+    grads = [p.grad for p in model.generator_repair.parameters()]
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+    with pytest.raises(ValueError, match="mask"):
+        joint.loss("G", {"image": image, "target": clean})
+
+
+def test_repair_epochs_leave_later_epochs_to_the_segmenter(tmp_path: Path) -> None:
+    """``repair_epochs=1``: epoch 1 trains G, D and S; epoch 2 trains S alone (``Step.until_epoch``)."""
+    kw = dict(in_channels=1, image_size=32, generator="unet", base_channels=8, disc_channels=8)
+    with pytest.raises(ValueError, match="repair_epochs"):
+        create_objective("cyclegan", create_model("cyclegan", **kw), repair_epochs=1)
+    with pytest.raises(ValueError, match="repair_epochs"):
+        create_objective("cyclegan", create_model("cyclegan", segmenter=True, **kw), repair_epochs=0)
+    torch.manual_seed(0)
+    model = create_model("cyclegan", segmenter=True, segmenter_channels=8, **kw)
+    objective = create_objective("cyclegan", model, repair_epochs=1)
+    trainer = Trainer(objective, out_dir=tmp_path, epochs=2, device="cpu")
+    batches = [_batch(4)] * 2
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("weight")}
+
+    def changed(a: dict, b: dict, prefix: str) -> bool:
+        return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+    start = snapshot()
+    trainer.fit(batches, val_loader=[_batch(4)])
+    assert trainer.epoch == 2
+    # losses.csv: epoch 1 logs every step; epoch 2 only the segmenter's
+    with open(tmp_path / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["G"] and rows[0]["D"] and rows[0]["S"]
+    assert not rows[1]["G"] and not rows[1]["D"] and rows[1]["S"]
+    # a second fit of one more epoch moves the segmenter only
+    after_two = snapshot()
+    assert changed(start, after_two, "generator_repair") and changed(start, after_two, "segmenter")
+    trainer.epochs = 3
+    trainer.fit(batches, val_loader=[_batch(4)])
+    after_three = snapshot()
+    for name in ("generator_repair", "generator_defect", "discriminator_normal", "discriminator_defect"):
+        assert not changed(after_two, after_three, name), name
+    assert changed(after_two, after_three, "segmenter")
+    # the validation error cannot rank the segmenter-only epochs: best.pt is the latest state
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")["model_state"]
+    assert all(torch.equal(best[k], v) for k, v in after_three.items())
+
+
 def test_focal_loss_is_bce_at_gamma_zero_and_discounts_easy_pixels() -> None:
     from torch.nn import functional as F
 

@@ -161,7 +161,7 @@ class Trainer:
         self.model.train()
         logs: dict[str, float] = {}
         for step in self.steps:
-            if self.global_step % step.every:
+            if self.global_step % step.every or (step.until_epoch is not None and self.epoch >= step.until_epoch):
                 continue
             self._set_trainable(step)
             opt = self.optimizers[step.name]
@@ -221,6 +221,11 @@ class Trainer:
             means = {k: v / max(count, 1) for k, v in sums.items()}
             val = self.validate(val_loader)
             improved = not math.isnan(val) and val < self.best_val
+            # Once a step has stopped (Step.until_epoch), the validation error measures a frozen part and
+            # cannot rank the steps still training: best.pt follows last.pt from then on, so the exported
+            # model is the finished part plus the latest state of the rest.
+            if any(s.until_epoch is not None and self.epoch > s.until_epoch for s in self.steps):
+                improved = not math.isnan(val)
             if improved:
                 self.best_val = val
             row = {"epoch": self.epoch, "seconds": round(time.monotonic() - t_epoch, 3), **means, "val_error": val}

@@ -40,6 +40,7 @@ from anomaly.zoo.layers import PatchDiscriminator, init_dcgan, norm_layer
 __all__ = ["ReflectionPad", "ResnetGenerator", "UnetGenerator", "CycleGAN"]
 
 _GENERATORS = ("resnet", "unet")
+_SEGMENTER_INPUTS = ("pair", "pair_diff")
 
 
 class ReflectionPad(nn.Module):
@@ -187,6 +188,9 @@ class CycleGAN(nn.Module):
         segmenter: add the defect segmenter (see the module docstring); it learns from the masks of
             the synthetic defects (``--synthetic-defects``; without them, the objective's rectangles).
         segmenter_channels: width of the segmenter's U-Net.
+        segmenter_input: what the segmenter reads: ``pair`` = ``cat[x, x_hat]`` (DRAEM), or
+            ``pair_diff`` = ``cat[x, x_hat, |x - x_hat|]`` (the residual handed over explicitly, so the
+            small U-Net need not learn the subtraction).
     """
 
     def __init__(
@@ -203,14 +207,18 @@ class CycleGAN(nn.Module):
         dropout: bool = False,
         segmenter: bool = False,
         segmenter_channels: int = 16,
+        segmenter_input: str = "pair",
     ) -> None:
         super().__init__()
         if generator not in _GENERATORS:
             raise ValueError(f"unknown generator {generator!r}; expected one of {_GENERATORS}")
         if image_size < 16 or image_size & (image_size - 1):
             raise ValueError(f"image_size must be a power of two >= 16, got {image_size}")
+        if segmenter_input not in _SEGMENTER_INPUTS:
+            raise ValueError(f"unknown segmenter_input {segmenter_input!r}; expected one of {_SEGMENTER_INPUTS}")
         self.in_channels = in_channels
         self.image_size = image_size
+        self.segmenter_input = segmenter_input
         # PatchGAN output side is S / 2^n - 2; keep it >= 2.
         n_layers = disc_layers if disc_layers is not None else min(3, int(math.log2(image_size)) - 2)
 
@@ -227,8 +235,9 @@ class CycleGAN(nn.Module):
                                                        n_layers=n_layers, norm=norm)  # judges domain B
         self.discriminator_defect = PatchDiscriminator(in_channels=in_channels, base_channels=disc_channels,
                                                        n_layers=n_layers, norm=norm)  # judges domain A
-        if segmenter:  # (x, repair) -> P(defect) per pixel
-            self.segmenter = UnetGenerator(in_channels=2 * in_channels, out_channels=1, image_size=image_size,
+        if segmenter:  # (x, repair[, |x - repair|]) -> P(defect) per pixel
+            parts = 3 if segmenter_input == "pair_diff" else 2
+            self.segmenter = UnetGenerator(in_channels=parts * in_channels, out_channels=1, image_size=image_size,
                                            base_channels=segmenter_channels, norm=norm)
         init_dcgan(self)
 
@@ -244,6 +253,8 @@ class CycleGAN(nn.Module):
         """
         if not hasattr(self, "segmenter"):
             raise ValueError("this CycleGAN has no segmenter (build it with segmenter=True)")
+        if self.segmenter_input == "pair_diff":
+            return self.segmenter(torch.cat([x, x_hat, (x - x_hat).abs()], 1))
         return self.segmenter(torch.cat([x, x_hat], 1))
 
     @torch.no_grad()

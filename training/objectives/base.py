@@ -35,6 +35,8 @@ class Step:
         lr: learning rate of this step's Adam optimizer (``None``: the trainer's default).
         betas: Adam betas (GANs use (0.5, 0.999), as DCGAN).
         every: run this step once every ``every`` batches (e.g. generator steps under WGAN).
+        until_epoch: run this step only in the first ``until_epoch`` epochs (``None``: always); later
+            epochs train the other steps alone (e.g. a segmenter reading a finished generator).
     """
 
     name: str
@@ -42,6 +44,7 @@ class Step:
     lr: float | None = None
     betas: tuple[float, float] = (0.5, 0.999)
     every: int = 1
+    until_epoch: int | None = None
 
 
 class Objective:

@@ -12,6 +12,7 @@ Steps, every batch:
            + lambda_cyc * (||G_d(G_r(A)) - A||_1 + ||G_r(G_d(B)) - B||_1)     # cycle consistency
            + lambda_cyc * lambda_id * (||G_r(B) - B||_1 + ||G_d(A) - A||_1)   # identity (Taesung Park's term)
            + lambda_pair * ||G_r(A) - B||_1                                   # only when A and B are pairs
+           + lambda_seg * Focal(S(cat[A, G_r(A)]), M)                         # only with a segmenter, lambda_seg > 0
 
 2. ``D`` (both discriminators)::
 
@@ -21,8 +22,10 @@ Steps, every batch:
 
        L_S = Focal(S(cat[A, sg(G_r(A))]), M)      # M = the synthetic defect mask, sg = stop-gradient
 
-   The repair is detached: the segmenter learns to read the generator, and the generator's own
-   losses stay those of steps 1-2.
+   The repair is detached: the segmenter learns to read the generator. With ``lambda_seg > 0`` the
+   generator also learns from the segmenter (step 1's last term, the segmenter frozen there), which
+   is DRAEM's joint training split into alternating updates: the repair is pushed to leave
+   residuals the segmenter can find.
 
 Fallback without ``target`` (a folder of normal images only): B = ``image`` and A = ``image`` with a
 light synthetic corruption made here (:func:`corrupt`: one random rectangle per image filled with a
@@ -79,20 +82,34 @@ class CycleGANObjective(Objective):
         focal_gamma: focusing parameter of the segmenter's focal loss (2, as DRAEM).
         segmenter_lr: learning rate of the ``S`` step (1e-3; DRAEM uses 1e-4 for ~700 epochs, our budgets are
             30-100 epochs; Adam betas (0.9, 0.999)).
+        lambda_seg: weight of the segmenter's focal loss in the generators' step (0: the repair
+            ignores the segmenter; needs a model with a segmenter).
+        repair_epochs: train the generators and discriminators (steps ``G``, ``D``) only in the first
+            ``repair_epochs`` epochs; the remaining epochs train the segmenter alone on the finished
+            repair, at a fraction of a full epoch's cost (``None``: every step in every epoch; needs a
+            model with a segmenter).
     """
 
     def __init__(self, model, *, gan_mode: str = "lsgan", lambda_cyc: float = 10.0, lambda_id: float = 0.5,
                  lambda_pair: float = 10.0, lr: float = 2e-4, focal_gamma: float = 2.0,
-                 segmenter_lr: float = 1e-3) -> None:
+                 segmenter_lr: float = 1e-3, lambda_seg: float = 0.0, repair_epochs: int | None = None) -> None:
         super().__init__(model)
+        if repair_epochs is not None and (repair_epochs < 1 or not hasattr(model, "segmenter")):
+            raise ValueError(f"repair_epochs needs a model with a segmenter and a value >= 1, got {repair_epochs}")
+        if lambda_seg < 0:
+            raise ValueError(f"lambda_seg must be >= 0, got {lambda_seg}")
+        if lambda_seg > 0 and not hasattr(model, "segmenter"):
+            raise ValueError("lambda_seg > 0 needs a model with a segmenter (segmenter=True)")
+        self.lambda_seg = lambda_seg
         self.gan = GANLoss(gan_mode)
         self.lambda_cyc = lambda_cyc
         self.lambda_id = lambda_id
         self.lambda_pair = lambda_pair
         self.focal_gamma = focal_gamma
         self.steps = (
-            Step("G", ("generator_repair", "generator_defect"), lr=lr, betas=(0.5, 0.999)),
-            Step("D", ("discriminator_normal", "discriminator_defect"), lr=lr, betas=(0.5, 0.999)),
+            Step("G", ("generator_repair", "generator_defect"), lr=lr, betas=(0.5, 0.999), until_epoch=repair_epochs),
+            Step("D", ("discriminator_normal", "discriminator_defect"), lr=lr, betas=(0.5, 0.999),
+                 until_epoch=repair_epochs),
         )
         if hasattr(model, "segmenter"):
             self.steps += (Step("S", ("segmenter",), lr=segmenter_lr, betas=(0.9, 0.999)),)
@@ -100,14 +117,23 @@ class CycleGANObjective(Objective):
     @staticmethod
     def domains(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """``(A, B, paired)`` from a batch (see the module docstring for the fallback)."""
+        real_a, real_b, paired, _ = CycleGANObjective._domains_and_mask(batch)
+        return real_a, real_b, paired
+
+    @staticmethod
+    def _domains_and_mask(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]:
+        """``(A, B, paired, mask)``; ``mask`` (N, 1, H, W) is the defect mask when known, else None."""
         if "target" in batch:
-            return batch["image"], batch["target"], True
+            return batch["image"], batch["target"], True, batch.get("mask")
         b = batch["image"]
-        return corrupt(b), b, True
+        a, mask = corrupt(b, return_mask=True)
+        return a, b, True, mask
 
     def loss(self, step: str, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         m = self.model
-        real_a, real_b, paired = self.domains(batch)
+        if step == "S":
+            return self._segmenter_loss(batch)
+        real_a, real_b, paired, mask = self._domains_and_mask(batch)
         if step == "G":
             fake_b = m.generator_repair(real_a)       # G_r(A)
             fake_a = m.generator_defect(real_b)       # G_d(B)
@@ -126,6 +152,12 @@ class CycleGANObjective(Objective):
                 pair = (fake_b - real_b).abs().mean()                    # || G_r(A) - B ||
                 loss = loss + self.lambda_pair * pair
                 logs["repair"] = pair.item()
+            if self.lambda_seg > 0:
+                if mask is None:
+                    raise ValueError("lambda_seg > 0 needs batch['mask'] with batch['target'] (the synthetic defect's mask)")
+                seg = focal_loss(m.defect_map(real_a, fake_b), mask, gamma=self.focal_gamma)
+                loss = loss + self.lambda_seg * seg
+                logs["G_seg"] = seg.item()
             logs["G"] = loss.item()
             return loss, logs
         if step == "D":
@@ -137,15 +169,18 @@ class CycleGANObjective(Objective):
             loss_a = 0.5 * (self.gan(d_a(real_a), True) + self.gan(d_a(fake_a), False))  # D_A: A real, G_d(B) fake
             loss = loss_a + loss_b
             return loss, {"D_normal": loss_b.item(), "D_defect": loss_a.item(), "D": loss.item()}
-        if step == "S":
-            if "mask" in batch:
-                real_a, mask = batch["image"], batch["mask"]
-            elif "target" in batch:
-                raise ValueError("the segmenter step needs batch['mask'] with batch['target'] (the synthetic defect's mask)")
-            else:
-                real_a, mask = corrupt(batch["image"], return_mask=True)
-            with torch.no_grad():
-                repaired = m.generator_repair(real_a)   # sg(G_r(A))
-            loss = focal_loss(m.defect_map(real_a, repaired), mask, gamma=self.focal_gamma)
-            return loss, {"S": loss.item()}
         raise KeyError(f"cyclegan objective has no step {step!r}")
+
+    def _segmenter_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Step ``S``: focal loss of the segmenter on the defect mask, the repair detached."""
+        m = self.model
+        if "mask" in batch:
+            real_a, mask = batch["image"], batch["mask"]
+        elif "target" in batch:
+            raise ValueError("the segmenter step needs batch['mask'] with batch['target'] (the synthetic defect's mask)")
+        else:
+            real_a, mask = corrupt(batch["image"], return_mask=True)
+        with torch.no_grad():
+            repaired = m.generator_repair(real_a)   # sg(G_r(A))
+        loss = focal_loss(m.defect_map(real_a, repaired), mask, gamma=self.focal_gamma)
+        return loss, {"S": loss.item()}
