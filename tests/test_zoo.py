@@ -38,6 +38,9 @@ TINY: dict[str, dict] = {
 CASES = [(name, {}, {}) for name in list_models()] + [
     ("cyclegan", {"generator": "unet"}, {}),
     ("cyclegan", {"generator": "unet", "segmenter": True, "segmenter_channels": 8}, {}),  # DRAEM-style segmenter
+    # the segmenter reading |x - x_hat| too, trained jointly with the repair
+    ("cyclegan", {"generator": "unet", "segmenter": True, "segmenter_channels": 8, "segmenter_input": "pair_diff"},
+     {"lambda_seg": 1.0}),
     ("cgan", {"arch": "mlp", "hidden_dim": 32}, {}),
     ("dcgan", {}, {"gan_mode": "wgan", "n_critic": 1}),
     ("ae", {}, {"recon_loss": "ssim"}),
