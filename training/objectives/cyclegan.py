@@ -115,14 +115,9 @@ class CycleGANObjective(Objective):
             self.steps += (Step("S", ("segmenter",), lr=segmenter_lr, betas=(0.9, 0.999)),)
 
     @staticmethod
-    def domains(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """``(A, B, paired)`` from a batch (see the module docstring for the fallback)."""
-        real_a, real_b, paired, _ = CycleGANObjective._domains_and_mask(batch)
-        return real_a, real_b, paired
-
-    @staticmethod
-    def _domains_and_mask(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]:
-        """``(A, B, paired, mask)``; ``mask`` (N, 1, H, W) is the defect mask when known, else None."""
+    def domains(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]:
+        """``(A, B, paired, mask)`` from a batch (see the module docstring for the fallback); ``mask``
+        ``(N, 1, H, W)`` is the defect mask when known, else None."""
         if "target" in batch:
             return batch["image"], batch["target"], True, batch.get("mask")
         b = batch["image"]
@@ -133,7 +128,7 @@ class CycleGANObjective(Objective):
         m = self.model
         if step == "S":
             return self._segmenter_loss(batch)
-        real_a, real_b, paired, mask = self._domains_and_mask(batch)
+        real_a, real_b, paired, mask = self.domains(batch)
         if step == "G":
             fake_b = m.generator_repair(real_a)       # G_r(A)
             fake_a = m.generator_defect(real_b)       # G_d(B)
