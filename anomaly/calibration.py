@@ -1,7 +1,8 @@
 """Threshold calibration: turn raw anomaly scores into decisions (and probabilities).
 
-Torch-free (numpy, scikit-learn, OpenCV): the deployed runtime rebuilds a calibrator from the
-sidecar JSON with :meth:`ThresholdCalibrator.from_dict` and needs nothing else.
+Torch-free (numpy, scikit-learn, OpenCV). The deployed runtime does not import this module: it
+applies the sidecar's calibration with :class:`anomaly.decision.ImageDecision` (numpy alone, no
+scikit-learn import at load time), and :class:`ThresholdCalibrator` calls the same functions.
 
 Scores follow the PyOD sign (higher = more anomalous) and a sample is a defect when
 ``score > threshold_`` (strictly).
@@ -26,8 +27,8 @@ For ``f1`` / ``youden`` the curve's ``score >= t`` threshold is converted to ``s
 
 Optionally (``probability="isotonic"`` or ``"logistic"``, with labelled defects) a probability
 model maps scores to P(defect) (Platt, 1999; Zadrozny & Elkan, 2002). Both are evaluated with
-plain numpy (``np.interp`` for isotonic, a sigmoid for logistic), so a calibrator rebuilt from its
-dict gives bit-identical outputs.
+plain numpy (``np.interp`` for isotonic, a sigmoid for logistic; :mod:`anomaly.decision`), so a
+calibrator rebuilt from its dict, and the runtime, give bit-identical outputs.
 
 :class:`PixelThresholdCalibrator` (and :func:`fit_pixel_threshold`) does the same for the pixel
 threshold used to segment anomaly maps: ``fpr`` on normal pixels, or ``f1`` over pixels with
@@ -53,6 +54,7 @@ from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
+from anomaly.decision import PROBABILITY_MODELS, SCHEMA, check_calibration_dict, decide, defect_probability
 from anomaly.metrics import (
     _as_labels,
     _as_scores,
@@ -77,13 +79,10 @@ logger = logging.getLogger(__name__)
 NORMAL_METHODS = ("fpr", "sigma", "percentile")
 DEFECT_METHODS = ("f1", "youden")
 METHODS = NORMAL_METHODS + DEFECT_METHODS
-PROBABILITY_MODELS = ("isotonic", "logistic")
 PIXEL_METHODS = ("fpr", "f1")
 
 #: Number of bins of the stored normal-score histogram.
 HISTOGRAM_BINS = 50
-#: Schema tag written by ``to_dict`` (bump when the layout changes).
-SCHEMA = "anomaly.threshold_calibrator/1"
 PIXEL_SCHEMA = "anomaly.pixel_threshold_calibrator/1"
 
 
@@ -264,8 +263,7 @@ class ThresholdCalibrator(BaseEstimator):
     def predict(self, scores: ArrayLike) -> np.ndarray:
         """Decisions ``(N,)`` int 0/1: 1 where ``score > threshold_``."""
         self._check_fitted()
-        s = _as_scores(scores)
-        return (s > self.threshold_).astype(np.int64)
+        return decide(scores, self.threshold_)
 
     def decision_function(self, scores: ArrayLike) -> np.ndarray:
         """Signed margin ``score - threshold_`` ``(N,)``: positive = defect."""
@@ -286,12 +284,7 @@ class ThresholdCalibrator(BaseEstimator):
                 "predict_proba needs a probability model: construct the calibrator with "
                 "probability='isotonic' or 'logistic' and fit it with labelled defects"
             )
-        s = _as_scores(scores)
-        if pm["kind"] == "isotonic":
-            # same as IsotonicRegression(out_of_bounds="clip").predict: linear interpolation
-            return np.interp(s, np.asarray(pm["X_thresholds_"]), np.asarray(pm["y_thresholds_"]))
-        z = pm["coef"] * (s - pm["center"]) / pm["scale"] + pm["intercept"]
-        return 1.0 / (1.0 + np.exp(-z))
+        return defect_probability(scores, pm)
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -322,15 +315,10 @@ class ThresholdCalibrator(BaseEstimator):
         """Rebuild a fitted calibrator from :meth:`to_dict` output.
 
         Raises:
-            ValueError: not a dict, wrong schema tag, or missing keys.
+            ValueError: see :func:`anomaly.decision.check_calibration_dict` (not a dict, wrong
+                schema tag, missing keys, a bad probability model), or unexpected params.
         """
-        if not isinstance(d, dict):
-            raise ValueError(f"expected a dict from ThresholdCalibrator.to_dict(); got {type(d).__name__}")
-        if d.get("schema") != SCHEMA:
-            raise ValueError(f"unsupported calibrator schema {d.get('schema')!r}; expected {SCHEMA!r}")
-        missing = [k for k in ("params", "threshold", "method", "n_normal", "n_defect") if k not in d]
-        if missing:
-            raise ValueError(f"calibrator dict is missing key(s) {missing}")
+        check_calibration_dict(d)
         try:
             obj = cls(**d["params"])
         except TypeError as exc:
@@ -343,10 +331,7 @@ class ThresholdCalibrator(BaseEstimator):
         obj.recall_ = d.get("recall")
         obj.normal_histogram_ = d.get("normal_histogram")
         obj.normal_stats_ = d.get("normal_stats")
-        pm = d.get("probability_model")
-        if pm is not None and pm.get("kind") not in PROBABILITY_MODELS:
-            raise ValueError(f"unknown probability model kind {pm.get('kind')!r} in calibrator dict")
-        obj.probability_model_ = pm
+        obj.probability_model_ = d.get("probability_model")
         return obj
 
 

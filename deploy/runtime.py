@@ -1,7 +1,9 @@
 """The deployed runtime: a bundle scored with onnxruntime. Torch-free (numpy, OpenCV, onnxruntime).
 
-A test imports this module in a fresh interpreter and asserts ``torch`` never gets imported: a
-line PC installs ``pip install .`` without the training stack.
+Tests load a calibrated bundle in a fresh interpreter and assert that neither ``torch`` nor
+scikit-learn gets imported: a line PC installs ``pip install .`` without the training stack, and
+the calibration is applied with :class:`anomaly.decision.ImageDecision` (importing scikit-learn
+took longer than loading the model).
 
 Execution providers: ``device="auto"`` picks TensorRT/CUDA when their provider is installed
 (onnxruntime-gpu), else the CPU; ``cpu``, ``cuda`` and ``tensorrt`` force one and fail with a
@@ -47,6 +49,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from anomaly.decision import ImageDecision
 from data.io import ImageReadError, read_image
 from data.preprocess import Preprocess
 from deploy.bundle import MODEL_FILE, BundleError, load_sidecar
@@ -227,9 +230,8 @@ class Runtime:
         cal = self.meta.get("calibration") or {}
         self.calibrator = None
         if cal.get("image"):
-            from anomaly.calibration import ThresholdCalibrator
-
-            self.calibrator = ThresholdCalibrator.from_dict(cal["image"])
+            # numpy alone: importing scikit-learn for ThresholdCalibrator cost more than the model load
+            self.calibrator = ImageDecision.from_dict(cal["image"])
         self.pixel_threshold: float | None = (cal.get("pixel") or {}).get("threshold")
         self.stats = PipelineStats()
         self._on_decode: Callable[[str], None] | None = None  # test hook: called in the worker per path
@@ -296,7 +298,7 @@ class Runtime:
     @property
     def threshold(self) -> float | None:
         """The image threshold from the sidecar's calibration (``None`` if uncalibrated)."""
-        return None if self.calibrator is None else float(self.calibrator.threshold_)
+        return None if self.calibrator is None else float(self.calibrator.threshold)
 
     # -- inference -----------------------------------------------------------------------------
     def infer(self, batch: np.ndarray, labels: np.ndarray | None = None, *,
@@ -326,7 +328,7 @@ class Runtime:
         scores = out["score"].astype(np.float64)
         labels = self.calibrator.predict(scores) if self.calibrator is not None else np.full(len(scores), -1)
         probs = None
-        if self.calibrator is not None and getattr(self.calibrator, "has_probability", False):
+        if self.calibrator is not None and self.calibrator.has_probability:
             probs = self.calibrator.predict_proba(scores)
         threshold = self.threshold
         results = []

@@ -9,6 +9,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from anomaly.calibration import PixelThresholdCalibrator, ThresholdCalibrator, fit_pixel_threshold
+from anomaly.decision import ImageDecision
 
 
 def _separable(n: int = 50, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -188,6 +189,49 @@ def test_from_dict_errors():
     del d["threshold"]
     with pytest.raises(ValueError, match="threshold"):
         ThresholdCalibrator.from_dict(d)
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="fpr"), dict(method="f1", probability="isotonic"),
+                                    dict(method="youden", probability="logistic")])
+def test_image_decision_matches_calibrator(kwargs):
+    """The runtime's numpy-only decision gives the calibrator's labels and probabilities, bit for bit."""
+    scores, labels = _overlapping()
+    cal = ThresholdCalibrator(**kwargs).fit(scores, labels)
+    dec = ImageDecision.from_dict(json.loads(json.dumps(cal.to_dict())))
+    test = np.r_[np.random.default_rng(3).normal(1, 2, 1000), cal.threshold_]  # the threshold itself is normal
+    assert dec.threshold == cal.threshold_ and dec.method == kwargs["method"]
+    np.testing.assert_array_equal(dec.predict(test), cal.predict(test))
+    assert dec.predict([cal.threshold_])[0] == 0 and dec.predict([np.nextafter(cal.threshold_, np.inf)])[0] == 1
+    assert dec.has_probability == cal.has_probability
+    if cal.has_probability:
+        p = dec.predict_proba(test)
+        np.testing.assert_array_equal(p, cal.predict_proba(test))
+        assert ((p >= 0) & (p <= 1)).all() and p[np.argmax(test)] > p[np.argmin(test)]
+    else:
+        with pytest.raises(ValueError, match="no probability model"):
+            dec.predict_proba(test)
+
+
+def test_image_decision_rejects_damaged_calibrations():
+    good = ThresholdCalibrator(method="f1", probability="logistic").fit(*_overlapping()).to_dict()
+    cases = [
+        ({**good, "schema": "other/9"}, "schema"),
+        ({**good, "threshold": float("nan")}, "finite threshold"),
+        ({**good, "threshold": None}, "finite threshold"),
+        ({k: v for k, v in good.items() if k != "method"}, "missing key"),
+        ({**good, "probability_model": {"kind": "platt"}}, "unknown probability model kind 'platt'"),
+        ({**good, "probability_model": {"kind": "logistic", "coef": 1.0}}, "missing key.*intercept"),
+        ({**good, "probability_model": {"kind": "isotonic", "X_thresholds_": [0.0]}}, "y_thresholds_"),
+    ]
+    for d, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ImageDecision.from_dict(d)
+        with pytest.raises(ValueError, match=match):  # the training side checks the same way
+            ThresholdCalibrator.from_dict(d)
+    with pytest.raises(ValueError, match="expected a dict"):
+        ImageDecision.from_dict([1, 2])
+    with pytest.raises(ValueError, match="NaN"):
+        ImageDecision.from_dict(good).predict([np.nan])
 
 
 def test_bad_input_errors():

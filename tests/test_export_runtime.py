@@ -115,6 +115,31 @@ def test_runtime_is_torch_free(trained_bundle: dict, tmp_path: Path) -> None:
     assert "torch-free ok" in proc.stdout
 
 
+def test_runtime_loads_a_calibrated_bundle_without_scikit_learn(trained_bundle: dict) -> None:
+    """Loading and scoring a calibrated bundle imports neither scikit-learn nor SciPy (that import
+    took longer than the model load), and the labels are the training-side calibrator's."""
+    code = (
+        "import sys, numpy as np\n"
+        "from deploy.runtime import Runtime\n"
+        f"rt = Runtime({str(trained_bundle['bundle'])!r}, device='cpu')\n"
+        f"rs = list(rt.score_paths(sorted(str(p) for p in __import__('pathlib').Path({str(trained_bundle['data'] / 'test')!r}).rglob('*.png'))))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy', 'torch'))\n"
+        "assert not bad, bad[:5]\n"
+        "assert rt.threshold is not None and all(r.error is None for r in rs) and len(rs) > 0\n"
+        "print(rt.threshold, *(r.score for r in rs))\n"
+        "print(*(r.label for r in rs))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.strip().splitlines()[-2:]
+    threshold, *scores = map(float, first.split())
+    from anomaly.calibration import ThresholdCalibrator
+
+    cal = ThresholdCalibrator.from_dict(load_sidecar(trained_bundle["bundle"])["calibration"]["image"])
+    assert threshold == cal.threshold_
+    assert [int(v) for v in second.split()] == cal.predict(scores).tolist()
+
+
 def test_segmenter_run_exports_learned_and_mixed_maps(tmp_path: Path) -> None:
     """A CycleGAN with a segmenter, trained briefly on synthetic defects, exports its learned map and
     the l1 + learned mix; the runtime matches torch, and the mix's standardisation is in the sidecar."""
