@@ -58,12 +58,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from deploy.bundle import BundleError
 
     errors: list[type[BaseException]] = [UnknownModelError, DatasetError, ImageReadError, BundleError, FileNotFoundError]
-    from deploy.audit import AuditError
-    from deploy.calibrate import CalibrationError
-    from deploy.evaluate import EvaluationError
-    from deploy.review import ReviewError
-
-    errors += [AuditError, CalibrationError, EvaluationError, ReviewError]
+    # a command's own error class can only have been raised if its module was imported; importing
+    # the others here would load scikit-learn (deploy.calibrate) just to print a bad path's message
+    for module, name in (("deploy.audit", "AuditError"), ("deploy.calibrate", "CalibrationError"),
+                         ("deploy.evaluate", "EvaluationError"), ("deploy.review", "ReviewError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +93,22 @@ def test_audit_missing_bundle_and_input(trained_bundle: dict, tmp_path: Path, ca
     assert "no such bundle" in capsys.readouterr().err
     assert main(["audit", str(trained_bundle["bundle"]), str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_user_errors_in_a_fresh_process(trained_bundle: dict, tmp_path: Path) -> None:
+    """Each command's own error still exits 2 with its message when nothing else was imported,
+    and the audit's path errors come without loading scikit-learn."""
+    bundle, data = str(trained_bundle["bundle"]), trained_bundle["data"]
+    code = (
+        "import sys\n"
+        "from anomaly.cli import main\n"
+        f"assert main(['audit', {bundle!r}, {str(tmp_path / 'nothing')!r}, '--out', {str(tmp_path / 'o')!r}]) == 2\n"
+        "assert not [m for m in sys.modules if m.startswith('sklearn')], 'sklearn imported'\n"
+        f"assert main(['calibrate', {bundle!r}, '--normal', {str(data / 'train' / 'good')!r}]) == 2\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "no such file or folder" in proc.stderr and "used to train" in proc.stderr
 
 
 def test_calibrate_refuses_training_images(trained_bundle: dict, capsys) -> None:
