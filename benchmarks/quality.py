@@ -21,7 +21,10 @@ Example (what ``benchmarks/results/quality.md`` holds)::
 Datasets: ``elpv_mono``, ``elpv_poly`` (real EL solar-cell images, :func:`data.elpv.prepare_elpv`;
 train = functional cells of ``train/good``, test = ``test/good`` vs ``test/defective``) and
 ``brick``, ``grass``, ``gravel`` (:func:`data.textures.make_texture_dataset`, masks from the
-evaluation defect generator, which differs from the training ``DefectSynthesizer``).
+evaluation defect generator, which differs from the training ``DefectSynthesizer``). Textures are
+cut at ``--image-size`` at the photograph's scale unless ``--crop-size`` says otherwise: the
+defects are drawn as a fraction of the image, so the crop size sets how large they are against the
+texture's grain, and comparing two image sizes fairly means holding the crop size fixed.
 
 Configs are the presets of :mod:`anomaly.reconstructors` (``--list-configs``); a config may carry
 several *scorings* (exports of the same run), each reported as its own row ``config/scoring``.
@@ -49,18 +52,30 @@ TEXTURES = ("brick", "grass", "gravel")
 ELPV = ("elpv_mono", "elpv_poly")
 
 
-def prepare_dataset(name: str, cache: Path, image_size: int, seed: int = 0) -> Path:
-    """The MVTec-style folder of dataset ``name`` under ``cache`` (created once, then reused)."""
+def prepare_dataset(name: str, cache: Path, image_size: int, seed: int = 0, crop_size: int | None = None) -> Path:
+    """The MVTec-style folder of dataset ``name`` under ``cache`` (created once, then reused).
+
+    Textures are cut as ``crop_size`` squares at the photograph's own scale and resized to
+    ``image_size`` (default: cut at ``image_size``, no resizing). Their defects are drawn as a
+    fraction of the written image's side, so the crop size sets how large a defect is against the
+    texture's grain; ``image_size`` alone sets the model's resolution.
+
+    Raises:
+        ValueError: unknown dataset, or ``crop_size`` for an ELPV dataset (whole cells, never cropped).
+    """
     if name in ELPV:
+        if crop_size is not None:
+            raise ValueError(f"--crop-size applies to the textures only; {name} images are whole solar cells")
         from data.elpv import prepare_elpv
 
         return prepare_elpv(cache, cell_type=name.split("_", 1)[1], seed=seed)
     if name in TEXTURES:
         from data.textures import make_texture_dataset
 
-        root = cache / f"{name}_{image_size}"
+        crop = int(crop_size or image_size)
+        root = cache / (f"{name}_{image_size}" if crop == image_size else f"{name}_{image_size}_crop{crop}")
         if not (root / "train" / "good").is_dir():
-            make_texture_dataset(root, name, image_size=image_size, seed=seed)
+            make_texture_dataset(root, name, image_size=image_size, crop_size=crop, seed=seed)
         return root
     raise ValueError(f"unknown dataset {name!r}; expected one of {ELPV + TEXTURES}")
 
@@ -247,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0", help="comma list of seeds")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--crop-size", type=int, default=None,
+                   help="textures: cut squares of this side at the photograph's scale, then resize them to "
+                        "--image-size (default: cut at --image-size)")
     p.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads")
     p.add_argument("--train-limit", type=int, default=None, help="use only N training images (subset)")
     p.add_argument("--test-limit", type=int, default=None, help="at most N test images per class")
@@ -278,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
         sources = str(write_defect_sources(cache / "defect_sources_skimage"))
     for dataset in args.datasets.split(","):
-        root = prepare_dataset(dataset, cache, args.image_size)
+        root = prepare_dataset(dataset, cache, args.image_size, crop_size=args.crop_size)
         for config in args.configs.split(","):
             for seed in [int(s) for s in args.seeds.split(",")]:
                 if (dataset, config, seed) in done:
@@ -292,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                             "error": f"{type(exc).__name__}: {exc}"}]
                 for r in new:
                     r["command"] = "python benchmarks/quality.py " + shlex.join(argv)
+                    if dataset in TEXTURES:
+                        r["crop_size"] = args.crop_size or args.image_size
                 rows += new
                 for r in new:
                     print(json.dumps({k: v for k, v in r.items() if k != "scoring_settings"}), flush=True)

@@ -65,3 +65,21 @@ def test_audit_split_accounts_for_the_audit_per_stage(trained_bundle: dict, tmp_
     assert 0 < r["heatmap_kb"] < 100
     assert (Runtime._decode, Runtime.infer, audit._finish, audit.write_image) == originals
     assert list(tmp_path.iterdir()) == []  # its audit folder is removed
+
+
+def test_texture_crop_size_sets_the_field_of_view_not_the_resolution(tmp_path: Path) -> None:
+    """``--crop-size 64 --image-size 32``: 64-px cuts written at 32 px, in their own cache folder."""
+    import json
+
+    import cv2
+
+    q = _quality()
+    root = q.prepare_dataset("brick", tmp_path, 32, crop_size=64)
+    assert root.name == "brick_32_crop64"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["params"]["crop_size"] == 64 and manifest["params"]["image_size"] == 32
+    img = cv2.imread(str(sorted((root / "train" / "good").glob("*.png"))[0]), cv2.IMREAD_UNCHANGED)
+    assert img.shape[:2] == (32, 32)
+    assert q.prepare_dataset("brick", tmp_path, 32).name == "brick_32"  # default: cut at the image size
+    with pytest.raises(ValueError, match="textures only"):
+        q.prepare_dataset("elpv_mono", tmp_path, 32, crop_size=64)
