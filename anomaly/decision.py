@@ -4,7 +4,7 @@
 them is a comparison and an interpolation (isotonic) or a sigmoid (logistic), so the deployed
 runtime rebuilds an :class:`ImageDecision` from the sidecar instead of a
 :class:`~anomaly.calibration.ThresholdCalibrator`: importing scikit-learn (and SciPy with it)
-took 1.2–1.5 s on the 2-core development VM, several times what loading the ONNX model takes, and
+took 1.2–1.6 s on the 2-core development VM, several times what loading the ONNX model takes, and
 a line PC would pay it every time it loads a bundle. ``ThresholdCalibrator.predict``,
 ``predict_proba`` and ``from_dict`` call the functions below, so training and runtime share one
 definition of the decision (bit-identical outputs, tested).
