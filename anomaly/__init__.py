@@ -19,6 +19,7 @@ _LAZY = {
     "PixelThresholdCalibrator": "anomaly.calibration",
     "Scorer": "anomaly.scoring",
     "ReconstructionScorer": "anomaly.scoring",
+    "FlipAveraged": "anomaly.scoring",
     "Preprocess": "data.preprocess",
     "read_image": "data.io",
     "Runtime": "deploy.runtime",

@@ -44,11 +44,15 @@ __all__ = [
     "residual_map",
     "Scorer",
     "ReconstructionScorer",
+    "TTA_MODES",
+    "FlipAveraged",
+    "scoring_graph",
 ]
 
 PIXEL_RESIDUALS = ("l1", "l2", "ssim", "gms", "ms", "l1_ssim")  # computed from x and x_hat alone
 RESIDUALS = PIXEL_RESIDUALS + ("learned",) + tuple(f"{k}_learned" for k in PIXEL_RESIDUALS)
 AGGREGATES = ("max", "mean", "topk")
+TTA_MODES = ("none", "flips")  # test-time augmentation of the exported graph (see FlipAveraged)
 
 
 class ScoreOutput(NamedTuple):
@@ -224,8 +228,8 @@ class Scorer(nn.Module):
             r = (r - self.pixel_mean) / self.pixel_std
         return [r] + [residual_map(x, x_hat, kind, model) for kind in self.parts[1:]]
 
-    def forward(self, x: torch.Tensor, x_hat: torch.Tensor,
-                model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def anomaly_map(self, x: torch.Tensor, x_hat: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """The smoothed (and normalised / standardised) map ``(N, 1, H, W)``."""
         parts = self.components(x, x_hat, model)
         if len(parts) == 1:
             r = parts[0]
@@ -235,16 +239,22 @@ class Scorer(nn.Module):
             # sum of standardised parts; smoothing is linear, so the map is the sum of the
             # standardised smoothed parts whose statistics set_mix_statistics holds
             r = sum((p - self.mix_mean[i]) / self.mix_std[i] for i, p in enumerate(parts))
-        amap = gaussian_blur(r, self.smoothing_sigma)
+        return gaussian_blur(r, self.smoothing_sigma)
+
+    def image_score(self, amap: torch.Tensor) -> torch.Tensor:
+        """The image score ``(N,)`` of a map ``(N, 1, H, W)``: its max, mean or top-k mean."""
         flat = amap.flatten(1)
         if self.aggregate == "max":
-            score = flat.max(1).values
-        elif self.aggregate == "mean":
-            score = flat.mean(1)
-        else:
-            k = max(1, int(round(self.topk_fraction * self.image_size[0] * self.image_size[1])))
-            score = flat.topk(k, dim=1).values.mean(1)
-        return amap, score
+            return flat.max(1).values
+        if self.aggregate == "mean":
+            return flat.mean(1)
+        k = max(1, int(round(self.topk_fraction * self.image_size[0] * self.image_size[1])))
+        return flat.topk(k, dim=1).values.mean(1)
+
+    def forward(self, x: torch.Tensor, x_hat: torch.Tensor,
+                model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = self.anomaly_map(x, x_hat, model)
+        return amap, self.image_score(amap)
 
     def config(self) -> dict:
         """The scorer's settings, as stored in checkpoints and the sidecar."""
@@ -272,3 +282,44 @@ class ReconstructionScorer(nn.Module):
         x_hat = self.model(image, label)
         amap, score = self.scorer(image, x_hat, self.model)
         return ScoreOutput(amap, score, x_hat)
+
+
+class FlipAveraged(nn.Module):
+    """Test-time augmentation: the map averaged over the image and its three flips.
+
+    The graph runs the reconstructor once on a batch of ``4N`` views (as is, left-right,
+    up-down, both), flips each view's map back, averages the four and scores the average with
+    the scorer's own aggregate. The flips are exactly those of ``anomaly train --augment flip``,
+    so every view is an orientation the model trained on (rotations are not: a brick wall turned
+    by 90 degrees is not a normal brick wall). Averaging removes the part of the map that depends
+    on the orientation, mostly the repair's noise at the texture's grain; it costs four times the
+    inference. ``reconstruction`` is the un-flipped view's.
+
+    Args and shapes as :class:`ReconstructionScorer`: ``image (N, C, H, W) [, label (N,)] -> ScoreOutput``.
+    """
+
+    def __init__(self, model: nn.Module, scorer: Scorer) -> None:
+        super().__init__()
+        self.model = model
+        self.scorer = scorer
+
+    def forward(self, image: torch.Tensor, label: torch.Tensor | None = None) -> ScoreOutput:
+        model, scorer = self.model, self.scorer
+        views = torch.cat([image, image.flip(-1), image.flip(-2), image.flip(-2, -1)], 0)
+        x_hat = model(views, None if label is None else label.repeat(4))
+        m = scorer.anomaly_map(views, x_hat, model)
+        maps = m.reshape(4, -1, *m.shape[1:])  # (4, N, 1, H, W)
+        amap = (maps[0] + maps[1].flip(-1) + maps[2].flip(-2) + maps[3].flip(-2, -1)) / 4
+        return ScoreOutput(amap, scorer.image_score(amap), x_hat.reshape(4, -1, *x_hat.shape[1:])[0])
+
+
+def scoring_graph(model: nn.Module, scorer: Scorer, tta: str = "none") -> nn.Module:
+    """The graph that export traces: :class:`ReconstructionScorer`, wrapped in
+    :class:`FlipAveraged` when ``tta == "flips"``.
+
+    Raises:
+        ValueError: ``tta`` is not one of :data:`TTA_MODES`.
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; expected one of {TTA_MODES}")
+    return FlipAveraged(model, scorer) if tta == "flips" else ReconstructionScorer(model, scorer)

@@ -28,6 +28,8 @@ texture's grain, and comparing two image sizes fairly means holding the crop siz
 
 Configs are the presets of :mod:`anomaly.reconstructors` (``--list-configs``); a config may carry
 several *scorings* (exports of the same run), each reported as its own row ``config/scoring``.
+``--tta flips`` exports them with flip test-time augmentation (``anomaly export --tta flips``), and
+``--tta both`` exports each scoring both ways (rows ``<scoring>`` and ``<scoring>+tta``).
 """
 from __future__ import annotations
 
@@ -162,12 +164,12 @@ def per_kind_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, 
 
 def run_trial(dataset: str, root: Path, config_name: str, seed: int, epochs: int, image_size: int,
               out: Path, threads: int, test_limit: int | None, train_limit: int | None,
-              defect_sources: str | None = None) -> list[dict[str, Any]]:
-    """Train one config once; export + evaluate each of its scorings. Returns one row per scoring."""
+              defect_sources: str | None = None, tta: Sequence[str] = ("none",)) -> list[dict[str, Any]]:
+    """Train one config once; export + evaluate each of its scorings, once per test-time
+    augmentation in ``tta``. Returns one row per scoring and augmentation."""
     import torch
 
     from anomaly.reconstructors import get_preset
-    from deploy.export import export_run
     from training.run import train
 
     torch.set_num_threads(threads)
@@ -182,20 +184,33 @@ def run_trial(dataset: str, root: Path, config_name: str, seed: int, epochs: int
     c0, w0 = time.process_time(), time.perf_counter()
     res = train(cfg)
     train_cpu, train_wall = time.process_time() - c0, time.perf_counter() - w0
-    samples = test_samples(root, test_limit, seed)
+    common = {"dataset": dataset, "config": config_name, "seed": seed, "model": cfg.model, "epochs": cfg.epochs,
+              "image_size": image_size, "synthetic_defects": cfg.synthetic_defects,
+              "defect_sources": cfg.defect_sources, "train_cpu_s": round(train_cpu, 1),
+              "train_wall_s": round(train_wall, 1), "best_epoch": getattr(res, "best_epoch", None)}
+    return [{**common, **row} for row in evaluate_run(run_dir, dataset, config_name, seed, test_samples(root, test_limit, seed),
+                                                      out, threads, tta)]
+
+
+def evaluate_run(run_dir: Path, dataset: str, config_name: str, seed: int, samples: list[Any], out: Path,
+                 threads: int, tta: Sequence[str] = ("none",)) -> list[dict[str, Any]]:
+    """Export a trained run with each scoring of its preset (and each test-time augmentation in
+    ``tta``; ``flips`` rows are named ``<scoring>+tta``) into ``out/bundles`` and evaluate each
+    bundle on ``samples``. Returns the metric rows."""
+    from anomaly.reconstructors import get_preset
+    from deploy.export import export_run
+
+    cfg_scoring = json.loads((run_dir / "config.json").read_text())["scoring"]  # what `anomaly train` wrote
     rows = []
-    for scoring_name, (scoring, normalize) in preset.scorings.items():
-        bundle = out / "bundles" / f"{dataset}__{config_name}__{scoring_name}__s{seed}"
-        c1 = time.process_time()
-        export_run(run_dir, bundle, scoring=scoring, normalize=normalize)
-        metrics = evaluate_bundle(bundle, samples, threads)
-        rows.append({"dataset": dataset, "config": config_name, "scoring": scoring_name, "seed": seed,
-                     "model": cfg.model, "epochs": cfg.epochs, "image_size": image_size,
-                     "synthetic_defects": cfg.synthetic_defects, "defect_sources": cfg.defect_sources,
-                     "train_cpu_s": round(train_cpu, 1),
-                     "train_wall_s": round(train_wall, 1), "eval_cpu_s": round(time.process_time() - c1, 1),
-                     "scoring_settings": {**cfg.scoring, **scoring}, "normalize": normalize,
-                     "best_epoch": getattr(res, "best_epoch", None), **metrics})
+    for scoring_name, (scoring, normalize) in get_preset(config_name).scorings.items():
+        for mode in tta:
+            name = scoring_name + ("+tta" if mode == "flips" else "")
+            bundle = out / "bundles" / f"{dataset}__{config_name}__{name}__s{seed}"
+            c1 = time.process_time()
+            export_run(run_dir, bundle, scoring=scoring, normalize=normalize, tta=mode)
+            metrics = evaluate_bundle(bundle, samples, threads)
+            rows.append({"scoring": name, "tta": mode, "eval_cpu_s": round(time.process_time() - c1, 1),
+                         "scoring_settings": {**cfg_scoring, **scoring}, "normalize": normalize, **metrics})
     return rows
 
 
@@ -273,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--defect-sources", default=None, metavar="DIR|skimage",
                    help="fill the synthetic defects of repair presets from this image folder (DRAEM's DTD); "
                         "'skimage': scikit-image's photographs, none of the evaluated textures (written to the cache)")
+    p.add_argument("--tta", default="none", choices=("none", "flips", "both"),
+                   help="test-time augmentation of the exported bundles (`anomaly export --tta`): flips, or both "
+                        "(each scoring exported without and with it; the flipped rows are named <scoring>+tta)")
     p.add_argument("--list-configs", action="store_true")
     args = p.parse_args(argv)
 
@@ -304,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {dataset} / {config} / seed {seed}", file=sys.stderr, flush=True)
                 try:
                     new = run_trial(dataset, root, config, seed, args.epochs, args.image_size, out, args.threads,
-                                    args.test_limit, args.train_limit, sources)
+                                    args.test_limit, args.train_limit, sources,
+                                    ("none", "flips") if args.tta == "both" else (args.tta,))
                 except Exception as exc:  # record the failure, carry on
                     new = [{"dataset": dataset, "config": config, "scoring": "-", "seed": seed,
                             "error": f"{type(exc).__name__}: {exc}"}]

@@ -116,7 +116,7 @@ def _torch_graph(meta: dict[str, Any], threads: int) -> tuple[Callable[[np.ndarr
     run = meta.get("model", {}).get("run")
     if not run or not (Path(run) / "checkpoints").is_dir():
         return None, f"run folder {run!r} not found"
-    from anomaly.scoring import ReconstructionScorer, Scorer
+    from anomaly.scoring import Scorer, scoring_graph
     from deploy.export import load_run
 
     model, _ckpt, cfg = load_run(run, meta["model"].get("checkpoint", "best"))
@@ -128,7 +128,7 @@ def _torch_graph(meta: dict[str, Any], threads: int) -> tuple[Callable[[np.ndarr
         scorer.set_normalization(torch.zeros(1, 1, s, s), torch.ones(1, 1, s, s))
     if sc.get("mix"):  # mixed residual (l1_learned): the stored standardisation
         scorer.set_mix_statistics(torch.tensor(sc["mix"]["mean"]), torch.tensor(sc["mix"]["std"]))
-    graph = ReconstructionScorer(model, scorer).eval()
+    graph = scoring_graph(model, scorer, sc.get("tta", "none")).eval()
     torch.set_num_threads(threads)
     conditional = bool(meta["model"].get("conditional"))
 

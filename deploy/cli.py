@@ -20,6 +20,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aggregate", default=None, choices=("max", "mean", "topk"))
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="per-pixel normalisation by validation residual statistics (default: on with >= 16 validation images)")
+    p.add_argument("--tta", default="none", choices=("none", "flips"),
+                   help="flips: average the maps of the image and its three flips (the orientations --augment flip "
+                        "trains on); four times the inference, less orientation noise in the maps")
     p.add_argument("--int8", metavar="CALIB_DIR", default=None,
                    help="also write OUT_int8/: int8 static quantisation for CPUs, activation ranges calibrated on the "
                         "normal images in CALIB_DIR (e.g. the training folder)")
@@ -86,7 +89,8 @@ def _export(args: argparse.Namespace) -> int:
 
     scoring = {k: v for k, v in {"residual": args.residual, "smoothing_sigma": args.smoothing_sigma,
                                   "aggregate": args.aggregate}.items() if v is not None}
-    out = export_run(args.run, args.out, checkpoint=args.checkpoint, scoring=scoring, normalize=args.normalize)
+    out = export_run(args.run, args.out, checkpoint=args.checkpoint, scoring=scoring, normalize=args.normalize,
+                     tta=args.tta)
     meta = json.loads((out / "model.json").read_text())
     print(f"exported {out}/model.onnx and {out}/model.json")
     if meta.get("parity"):

@@ -1,7 +1,8 @@
 """Export a trained run to a bundle: ``model.onnx`` (torch -> ONNX) and ``model.json`` (sidecar).
 
 The graph is :class:`anomaly.scoring.ReconstructionScorer`: reconstruct -> residual ->
-(per-pixel normalisation) -> smoothing -> ``anomaly_map``, ``score``, ``reconstruction``. Input
+(per-pixel normalisation) -> smoothing -> ``anomaly_map``, ``score``, ``reconstruction``, optionally
+averaged over flipped views (``tta="flips"``, :class:`anomaly.scoring.FlipAveraged`). Input
 ``image`` ``(N, C, S, S)`` float32 in [0, 1] — exactly what :class:`data.preprocess.Preprocess`
 produces — plus ``label`` ``(N,)`` int64 for conditional models; the batch axis is dynamic.
 
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomaly.scoring import ReconstructionScorer, ScoreOutput, Scorer
+from anomaly.scoring import TTA_MODES, ScoreOutput, Scorer, scoring_graph
 from data.preprocess import Preprocess
 from deploy.bundle import MODEL_FILE, SCHEMA_VERSION, sha256_file, write_sidecar
 from training.run import load_run
@@ -52,12 +53,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def export_onnx(graph: ReconstructionScorer, path: str | os.PathLike, example: torch.Tensor,
+def export_onnx(graph: torch.nn.Module, path: str | os.PathLike, example: torch.Tensor,
                 conditional: bool, opset: int = OPSET) -> None:
     """Trace ``graph`` with the torch.export-based exporter into one self-contained ``.onnx`` file.
 
     Args:
-        graph: the scorer graph in ``eval()`` mode.
+        graph: the scorer graph (:func:`anomaly.scoring.scoring_graph`) in ``eval()`` mode.
         path: destination file (written atomically).
         example: ``(N, C, S, S)`` example input (N >= 2 so the batch axis stays symbolic).
         conditional: add the ``label`` input.
@@ -100,7 +101,8 @@ def _mix_statistics(model: torch.nn.Module, scorer: Scorer, val: np.ndarray, lab
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint: str = "best",
-               scoring: dict[str, Any] | None = None, normalize: bool | None = None, opset: int = OPSET) -> Path:
+               scoring: dict[str, Any] | None = None, normalize: bool | None = None, opset: int = OPSET,
+               tta: str = "none") -> Path:
     """Export ``run_dir`` to the bundle folder ``out_dir`` (created; existing files replaced).
 
     Args:
@@ -113,13 +115,22 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
             :data:`MIN_NORMALIZATION_IMAGES` validation images: in benchmarks/results/quality.md it
             adds 0.04–0.13 image AUROC on ELPV for every trained model.
         opset: ONNX opset (>= 17).
+        tta: ``none``, or ``flips``: the graph averages the maps of the image and its three flips
+            (:class:`anomaly.scoring.FlipAveraged`; four times the inference). The normalisation
+            statistics are those of single views; the threshold and parity are measured on the
+            averaged graph, like any other.
 
     Returns:
         the bundle folder.
+
+    Raises:
+        ValueError: unknown ``tta``; normalisation or a mixed residual without validation images.
     """
     from anomaly.calibration import PixelThresholdCalibrator, ThresholdCalibrator
     from deploy.runtime import Runtime
 
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; expected one of {TTA_MODES}")
     model, ckpt, cfg = load_run(run_dir, checkpoint)
     settings = {**cfg.scoring, **(scoring or {})}
     pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
@@ -144,7 +155,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
             raise ValueError(f"residual {scorer.residual!r} standardises its parts on normal validation images: "
                              f"found {len(val)}; train with --val-fraction > 0")
         _mix_statistics(model, scorer, val, val_labels)
-    graph = ReconstructionScorer(model, scorer).eval()
+    graph = scoring_graph(model, scorer, tta).eval()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +171,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
                   "epochs": ckpt.get("epoch"), "val_error": ckpt.get("val")},
         "inputs": ["image", "label"] if conditional else ["image"],
         "outputs": list(ScoreOutput._fields),
-        "scoring": scorer.config(),
+        "scoring": {**scorer.config(), "tta": tta},
         "onnx": {"file": MODEL_FILE, "sha256": sha256_file(out / MODEL_FILE), "opset": opset},
         "versions": _versions(),
         "normal_stats": None,

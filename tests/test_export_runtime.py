@@ -188,3 +188,50 @@ def test_segmenter_run_exports_learned_and_mixed_maps(tmp_path: Path) -> None:
     train(cfg0)
     with pytest.raises(ValueError, match="validation images"):
         export_run(tmp_path / "run0", tmp_path / "b0", scoring={"residual": "l1_learned"}, normalize=False)
+
+
+def test_flip_tta_bundle_averages_the_flipped_maps(trained_bundle: dict, tmp_path: Path, capsys) -> None:
+    """``anomaly export --tta flips``: the bundle's map is the mean of the plain bundle's maps of the
+    image and its three flips (each flipped back), its score that map's aggregate, and onnxruntime
+    matches the torch graph; an unknown mode is refused."""
+    import torch
+
+    from anomaly.cli import main
+    from anomaly.scoring import FlipAveraged, Scorer
+    from data.folder import discover
+    from data.preprocess import Preprocess
+    from deploy.export import export_run, load_run
+    from deploy.runtime import Runtime
+
+    tta = tmp_path / "tta"
+    assert main(["export", str(trained_bundle["run"]), "--out", str(tta), "--tta", "flips"]) == 0
+    assert "exported" in capsys.readouterr().out
+    meta = load_sidecar(tta)
+    sc = meta["scoring"]
+    assert sc["tta"] == "flips" and load_sidecar(trained_bundle["bundle"])["scoring"]["tta"] == "none"
+    assert meta["parity"]["max_abs_diff_score"] < PARITY_ATOL
+
+    x = Preprocess(32, 1).load_batch([s.path for s in discover(trained_bundle["data"]).test])
+    plain, flipped = Runtime(trained_bundle["bundle"], device="cpu"), Runtime(tta, device="cpu")
+    out = flipped.infer(x)
+    views = [(), (-1,), (-2,), (-2, -1)]
+    maps = [np.flip(plain.infer(np.ascontiguousarray(np.flip(x, d) if d else x))["anomaly_map"], d) if d
+            else plain.infer(x)["anomaly_map"] for d in views]
+    expected = np.mean(maps, axis=0)
+    assert np.abs(out["anomaly_map"] - expected).max() < PARITY_ATOL
+    model, _, cfg = load_run(trained_bundle["run"])
+    scorer = Scorer(residual=sc["residual"], smoothing_sigma=sc["smoothing_sigma"], aggregate=sc["aggregate"],
+                    topk_fraction=sc["topk_fraction"], image_size=(32, 32))
+    assert np.abs(out["score"] - scorer.image_score(torch.from_numpy(expected)).numpy()).max() < PARITY_ATOL
+    assert np.abs(out["reconstruction"] - plain.infer(x)["reconstruction"]).max() < PARITY_ATOL
+    with torch.no_grad():
+        ref = FlipAveraged(model, scorer).eval()(torch.from_numpy(x))
+    assert np.abs(out["anomaly_map"] - ref.anomaly_map.numpy()).max() < PARITY_ATOL
+    # a flipped image gets the flipped map and the same score
+    out_f = flipped.infer(np.ascontiguousarray(x[..., ::-1]))
+    assert np.abs(out_f["anomaly_map"][..., ::-1] - out["anomaly_map"]).max() < PARITY_ATOL
+    assert np.abs(out_f["score"] - out["score"]).max() < PARITY_ATOL
+
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'rot90'"):
+        export_run(trained_bundle["run"], tmp_path / "bad", tta="rot90")
+    assert not (tmp_path / "bad").exists()

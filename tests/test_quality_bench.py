@@ -83,3 +83,25 @@ def test_texture_crop_size_sets_the_field_of_view_not_the_resolution(tmp_path: P
     assert q.prepare_dataset("brick", tmp_path, 32).name == "brick_32"  # default: cut at the image size
     with pytest.raises(ValueError, match="textures only"):
         q.prepare_dataset("elpv_mono", tmp_path, 32, crop_size=64)
+
+
+def test_evaluate_run_exports_each_scoring_with_and_without_flip_tta(trained_bundle: dict, tmp_path: Path) -> None:
+    """``quality.py --tta both``: each scoring of the preset is exported and scored twice; the
+    flipped bundle is named ``<scoring>+tta`` and its sidecar says so."""
+    from deploy.bundle import load_sidecar
+
+    q = _quality()
+    samples = q.test_samples(Path(trained_bundle["data"]))
+    rows = q.evaluate_run(Path(trained_bundle["run"]), "tiles", "aae_norm", 0, samples, tmp_path, 1, ("none", "flips"))
+    assert [(r["scoring"], r["tta"]) for r in rows] == [("l1_ssim+norm", "none"), ("l1_ssim+norm+tta", "flips")]
+    for r in rows:
+        assert 0.0 <= r["image_auroc"] <= 1.0 and r["n_test_good"] + r["n_test_bad"] == len(samples)
+        assert r["scoring_settings"]["residual"] == "l1_ssim" and r["normalize"] is True
+        meta = load_sidecar(tmp_path / "bundles" / f"tiles__aae_norm__{r['scoring']}__s0")
+        assert meta["scoring"]["tta"] == r["tta"] and meta["scoring"]["normalized"]
+    from deploy.runtime import Runtime
+
+    paths = [str(s.path) for s in samples]
+    plain, tta = (list(Runtime(tmp_path / "bundles" / f"tiles__aae_norm__{r['scoring']}__s0", device="cpu").score_paths(paths))
+                  for r in rows)
+    assert max(abs(a.score - b.score) for a, b in zip(plain, tta)) > 0  # two different graphs were scored

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly.scoring import PIXEL_RESIDUALS, ReconstructionScorer, Scorer, gaussian_blur, residual_map, ssim_map
+from anomaly.scoring import (PIXEL_RESIDUALS, FlipAveraged, ReconstructionScorer, Scorer, gaussian_blur, residual_map,
+                             scoring_graph, ssim_map)
 
 
 def _pair(seed: int = 0, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,3 +163,44 @@ def test_mixed_residual_sums_standardised_parts_and_exports(tmp_path) -> None:
     # the map is in units of the parts' std (0.01 here): compare relative to its scale
     assert np.abs(got[0] - ref.anomaly_map.numpy()).max() < 1e-5 * float(ref.anomaly_map.abs().max()) + 1e-4
     assert np.abs(got[1] - ref.score.numpy()).max() < 1e-5 * float(ref.score.abs().max()) + 1e-4
+
+
+def test_flip_averaged_map_is_the_mean_of_the_flipped_views_and_exports(tmp_path) -> None:
+    """A reconstructor that is not flip-symmetric (its error grows left to right): the TTA map is
+    the mean of the four views' maps flipped back, so it is symmetric under flips and differs from
+    the plain map; the score aggregates that map; the ONNX graph matches torch on another batch size."""
+    import onnxruntime as ort
+
+    from deploy.export import export_onnx
+
+    class Lopsided(torch.nn.Module):
+        def forward(self, x, cond=None):
+            ramp = torch.linspace(0.0, 0.5, x.shape[-1])
+            return (x * (1 - ramp) + 0.5 * ramp).clamp(0, 1)
+
+    scorer = Scorer(residual="l1", smoothing_sigma=1.0, aggregate="topk", image_size=(32, 32))
+    x = torch.rand(3, 1, 32, 32)
+    plain = ReconstructionScorer(Lopsided(), scorer).eval()
+    graph = scoring_graph(Lopsided(), scorer, "flips").eval()
+    assert isinstance(graph, FlipAveraged) and isinstance(scoring_graph(Lopsided(), scorer), ReconstructionScorer)
+    with torch.no_grad():
+        out = graph(x)
+        views = [plain(x).anomaly_map] + [plain(x.flip(d)).anomaly_map.flip(d) for d in ((-1,), (-2,), (-2, -1))]
+        p = plain(x)
+    expected = torch.stack(views).mean(0)
+    assert torch.allclose(out.anomaly_map, expected, atol=1e-6)
+    assert (out.anomaly_map - p.anomaly_map).abs().max() > 0.05  # the views differ: not a no-op
+    assert torch.allclose(out.score, scorer.image_score(expected), atol=1e-6)
+    assert torch.equal(out.reconstruction, p.reconstruction)
+    with torch.no_grad():
+        mirrored = graph(x.flip(-1))
+    assert torch.allclose(mirrored.anomaly_map.flip(-1), out.anomaly_map, atol=1e-6)
+    assert torch.allclose(mirrored.score, out.score, atol=1e-6)
+
+    export_onnx(graph, tmp_path / "tta.onnx", x[:2], conditional=False)
+    sess = ort.InferenceSession(str(tmp_path / "tta.onnx"), providers=["CPUExecutionProvider"])
+    amap, score, recon = sess.run(None, {"image": x.numpy()})  # batch 3 != export batch 2
+    assert np.abs(amap - out.anomaly_map.numpy()).max() < 1e-5
+    assert np.abs(score - out.score.numpy()).max() < 1e-5 and recon.shape == (3, 1, 32, 32)
+    with pytest.raises(ValueError, match="expected one of"):
+        scoring_graph(Lopsided(), scorer, "d8")
