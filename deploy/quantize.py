@@ -328,7 +328,8 @@ def _half_reconstructor(model: Any) -> int:
     elem = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(g.input) + list(g.output)}
     new_nodes: list[Any] = []
     casts_in: dict[str, str] = {}
-    renamed: dict[str, str] = {}
+    renamed: dict[str, str] = {}  # outputs whose Cast back to float32 is still to be emitted
+    half_of: dict[str, str] = {}  # every renamed output: other reconstructor nodes read the float16 name
     half_inits: dict[str, str] = {}
     for n in g.node:
         if n.name not in recon:
@@ -339,7 +340,10 @@ def _half_reconstructor(model: Any) -> int:
                 if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
                     a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
         for k, name in enumerate(n.input):
-            if not name or name in produced_in_r:
+            if not name:
+                continue
+            if name in produced_in_r:  # float16 already; read the float16 copy if the name went to a Cast back
+                n.input[k] = half_of.get(name, name)
                 continue
             if name in inits and inits[name].data_type == TensorProto.FLOAT:
                 if name not in half_inits:
@@ -362,7 +366,7 @@ def _half_reconstructor(model: Any) -> int:
         for k, name in enumerate(n.output):
             outside = name in graph_outputs or any(c.name not in recon for c in consumers.get(name, []))
             if outside and elem.get(name, TensorProto.FLOAT) == TensorProto.FLOAT:
-                renamed[name] = f"{name}__fp16"
+                renamed[name] = half_of[name] = f"{name}__fp16"
                 n.output[k] = renamed[name]
         new_nodes.append(n)
         for old, half in list(renamed.items()):

@@ -203,3 +203,19 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
     assert main(["bench", str(trained_bundle["bundle"]), "--audit-dir", str(trained_bundle["data"] / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "--audit-dir" in err and "no such folder" in err
+
+
+def test_fp16_of_a_flip_tta_bundle_loads_and_agrees(trained_bundle: dict, tmp_path: Path) -> None:
+    """In a ``--tta flips`` graph the stacked views feed both the reconstructor (float16) and the
+    scoring tail (float32): the reconstructor must keep reading its float16 copy, or onnxruntime
+    refuses the model (Conv bound to float and float16)."""
+    from deploy.export import export_run
+    from deploy.quantize import convert_fp16
+    from deploy.runtime import Runtime
+
+    tta = export_run(trained_bundle["run"], tmp_path / "tta", tta="flips")
+    rt = Runtime(convert_fp16(tta, tmp_path / "tta16"), device="cpu")
+    x = rt.preprocess.load_batch(_test_paths(trained_bundle))
+    ref, got = Runtime(tta, device="cpu").infer(x), rt.infer(x)
+    assert np.abs(got["score"] - ref["score"]).max() < FP16_MAX_REL_DIFF * np.abs(ref["score"]).max()
+    assert np.abs(got["anomaly_map"] - ref["anomaly_map"]).max() < FP16_MAX_REL_DIFF * np.abs(ref["anomaly_map"]).max()
