@@ -92,7 +92,8 @@ def _export(args: argparse.Namespace) -> int:
     out = export_run(args.run, args.out, checkpoint=args.checkpoint, scoring=scoring, normalize=args.normalize,
                      tta=args.tta)
     meta = json.loads((out / "model.json").read_text())
-    print(f"exported {out}/model.onnx and {out}/model.json")
+    print(f"exported {out}/model.onnx and {out}/model.json"
+          + (" (test-time augmentation: each image and its 3 flips, 4x the inference)" if args.tta == "flips" else ""))
     if meta.get("parity"):
         par = meta["parity"]
         print(f"onnxruntime vs torch on {par['images']} validation images: max |score diff| {par['max_abs_diff_score']:.2e}, "

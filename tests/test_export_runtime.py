@@ -205,7 +205,7 @@ def test_flip_tta_bundle_averages_the_flipped_maps(trained_bundle: dict, tmp_pat
 
     tta = tmp_path / "tta"
     assert main(["export", str(trained_bundle["run"]), "--out", str(tta), "--tta", "flips"]) == 0
-    assert "exported" in capsys.readouterr().out
+    assert "its 3 flips" in capsys.readouterr().out
     meta = load_sidecar(tta)
     sc = meta["scoring"]
     assert sc["tta"] == "flips" and load_sidecar(trained_bundle["bundle"])["scoring"]["tta"] == "none"
