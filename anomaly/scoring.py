@@ -19,6 +19,15 @@ Residual kinds:
              so neither scale dominates: the residual finds what the repair removed, the segmenter
              what passes through it
 
+Latent scores (``Scorer(latent=...)``, image score only; the map is unchanged):
+    ``none`` the image score is the map's aggregate
+    ``knn``  the map's aggregate plus the mean Euclidean distance of the image's code
+             ``model.encode(x)`` to its ``latent_k`` nearest codes of normal training images
+             (:meth:`Scorer.set_latent_bank`), each standardised on normal validation images
+             (:meth:`Scorer.set_score_mix`). An AAE's adversary shapes its codes to a prior, so a
+             code far from every normal code flags an image even where the decoder's output is
+             close to the input (measured in ``benchmarks/results/quality_session10.md``)
+
 Example::
 
     scorer = Scorer(residual="ssim", smoothing_sigma=2.0, aggregate="topk")
@@ -45,6 +54,8 @@ __all__ = [
     "Scorer",
     "ReconstructionScorer",
     "TTA_MODES",
+    "LATENT_SCORES",
+    "encode_decode",
     "FlipAveraged",
     "scoring_graph",
 ]
@@ -53,6 +64,22 @@ PIXEL_RESIDUALS = ("l1", "l2", "ssim", "gms", "ms", "l1_ssim")  # computed from 
 RESIDUALS = PIXEL_RESIDUALS + ("learned",) + tuple(f"{k}_learned" for k in PIXEL_RESIDUALS)
 AGGREGATES = ("max", "mean", "topk")
 TTA_MODES = ("none", "flips")  # test-time augmentation of the exported graph (see FlipAveraged)
+LATENT_SCORES = ("none", "knn")  # image-score term from the encoder's code (see Scorer)
+
+
+def encode_decode(model: nn.Module, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z (N, D), x_hat (N, C, H, W))`` from one encoder pass: ``model.decode(model.encode(x))``,
+    which is what ``forward`` computes in ``eval()`` for the autoencoder family (AE, VAE, AAE and
+    their conditional variants).
+
+    Raises:
+        ValueError: ``model`` has no ``encode``/``decode`` pair (e.g. a CycleGAN repair generator).
+    """
+    if not (hasattr(model, "encode") and hasattr(model, "decode")):
+        raise ValueError(f"a latent score needs a model with encode() and decode() (ae, vae, aae, cond_vae, cond_aae); "
+                         f"got {type(model).__name__}")
+    z = model.encode(x, cond)
+    return z, model.decode(z, cond)
 
 
 class ScoreOutput(NamedTuple):
@@ -173,6 +200,9 @@ class Scorer(nn.Module):
         topk_fraction: fraction of pixels averaged by ``topk``.
         image_size: ``(H, W)``; needed for ``topk`` (k is fixed in the graph) and for per-pixel
             normalisation.
+        latent: one of :data:`LATENT_SCORES`; ``knn`` needs :meth:`set_latent_bank` and
+            :meth:`set_score_mix` before use.
+        latent_k: neighbours averaged by ``knn``.
 
     The optional per-pixel normalisation (``set_normalization``) stores the mean and std of the
     residual of *normal* validation images at each pixel; dividing by them removes the model's
@@ -182,8 +212,13 @@ class Scorer(nn.Module):
     """
 
     def __init__(self, *, residual: str = "l1", smoothing_sigma: float = 4.0, aggregate: str = "max",
-                 topk_fraction: float = 0.01, image_size: tuple[int, int] = (64, 64)) -> None:
+                 topk_fraction: float = 0.01, image_size: tuple[int, int] = (64, 64),
+                 latent: str = "none", latent_k: int = 5) -> None:
         super().__init__()
+        if latent not in LATENT_SCORES:
+            raise ValueError(f"unknown latent score {latent!r}; expected one of {LATENT_SCORES}")
+        if int(latent_k) < 1:
+            raise ValueError(f"latent_k must be >= 1, got {latent_k}")
         if residual not in RESIDUALS:
             raise ValueError(f"unknown residual {residual!r}; expected one of {RESIDUALS}")
         if aggregate not in AGGREGATES:
@@ -200,6 +235,14 @@ class Scorer(nn.Module):
         self.register_buffer("mix_mean", torch.zeros(len(self.parts)))
         self.register_buffer("mix_std", torch.ones(len(self.parts)))
         self.mixed = False
+        self.latent = latent
+        self.latent_k = int(latent_k)
+        self.register_buffer("latent_bank", torch.zeros(0, 0))
+        self.register_buffer("latent_labels", torch.zeros(0, dtype=torch.int64))
+        self.latent_conditional = False
+        self.register_buffer("score_mean", torch.zeros(2))
+        self.register_buffer("score_std", torch.ones(2))
+        self.score_mixed = False
 
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-3) -> None:
         """Use per-pixel ``mean``/``std`` ``(1, 1, H, W)`` of normal residuals (before smoothing)."""
@@ -213,6 +256,58 @@ class Scorer(nn.Module):
         self.mix_mean.copy_(mean.reshape(self.mix_mean.shape))
         self.mix_std.copy_(std.reshape(self.mix_std.shape).clamp_min(eps))
         self.mixed = True
+
+    def set_latent_bank(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Store the codes ``(M, D)`` of normal training images that ``knn`` measures against;
+        with ``labels`` ``(M,)`` (conditional models) an image is compared with its own class only.
+
+        Raises:
+            ValueError: fewer than ``latent_k`` codes (in any class, with labels).
+        """
+        codes = codes.detach().float().reshape(codes.shape[0], -1)
+        if len(codes) < self.latent_k:
+            raise ValueError(f"latent knn needs at least latent_k={self.latent_k} training codes, got {len(codes)}")
+        if labels is not None:
+            labels = labels.detach().long().reshape(-1)
+            counts = torch.bincount(labels)
+            present = counts[counts > 0]
+            if len(labels) != len(codes) or int(present.min()) < self.latent_k:
+                raise ValueError(f"latent knn needs one label per code and at least latent_k={self.latent_k} codes "
+                                 f"per class; got {len(labels)} labels, per-class counts {counts.tolist()}")
+        self.latent_bank = codes.clone()
+        self.latent_labels = labels.clone() if labels is not None else torch.zeros(0, dtype=torch.int64)
+        self.latent_conditional = labels is not None
+
+    def set_score_mix(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
+        """Mean and std ``(2,)`` over normal validation images of the map's aggregate and of the
+        latent distance; :meth:`combine` standardises both with them."""
+        self.score_mean.copy_(mean.reshape(2))
+        self.score_std.copy_(std.reshape(2).clamp_min(eps))
+        self.score_mixed = True
+
+    def latent_distance(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N,)``: mean Euclidean distance of each code ``z (N, D)`` to its ``latent_k`` nearest
+        bank codes (of the same class when the bank has labels)."""
+        if self.latent_bank.numel() == 0:
+            raise ValueError("latent knn needs set_latent_bank() with codes of normal training images first")
+        z = z.reshape(z.shape[0], -1)
+        bank = self.latent_bank
+        # exact differences (N, M, D), not |z|^2 - 2 z.b + |b|^2: the expansion cancels badly for the
+        # near neighbours that decide the score, and onnxruntime and torch then disagree by ~1e-3
+        d2 = ((z[:, None, :] - bank[None]) ** 2).sum(2)
+        if self.latent_conditional:
+            if label is None:
+                raise ValueError("this scorer's bank is per class: pass the label")
+            # other classes' codes are pushed out of reach instead of masked (traceable, fixed shapes)
+            d2 = d2 + (label.reshape(-1, 1) != self.latent_labels[None]).to(d2.dtype) * 1e12
+        nearest = torch.topk(d2, self.latent_k, dim=1, largest=False).values
+        return nearest.clamp_min(0.0).sqrt().mean(1)
+
+    def combine(self, map_score: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+        """Image score ``(N,)``: the sum of the standardised map aggregate and latent distance."""
+        if not self.score_mixed:
+            raise ValueError("latent knn needs set_score_mix() from normal validation images first")
+        return (map_score - self.score_mean[0]) / self.score_std[0] + (distance - self.score_mean[1]) / self.score_std[1]
 
     def raw_residual(self, x: torch.Tensor, x_hat: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """``(N, 1, H, W)`` residual before normalisation and smoothing (``model``: see
@@ -262,6 +357,12 @@ class Scorer(nn.Module):
                "topk_fraction": self.topk_fraction, "normalized": self.normalized}
         if self.mixed:
             out["mix"] = {"parts": list(self.parts), "mean": self.mix_mean.tolist(), "std": self.mix_std.tolist()}
+        out["latent"] = self.latent
+        if self.latent != "none":
+            out["latent_k"] = self.latent_k
+            out["latent_bank"] = {"codes": int(self.latent_bank.shape[0]), "dim": int(self.latent_bank.shape[1]),
+                                  "per_class": self.latent_conditional}
+            out["score_mix"] = {"parts": ["map", "latent"], "mean": self.score_mean.tolist(), "std": self.score_std.tolist()}
         return out
 
 
@@ -279,8 +380,13 @@ class ReconstructionScorer(nn.Module):
         self.scorer = scorer
 
     def forward(self, image: torch.Tensor, label: torch.Tensor | None = None) -> ScoreOutput:
-        x_hat = self.model(image, label)
-        amap, score = self.scorer(image, x_hat, self.model)
+        if self.scorer.latent == "none":
+            x_hat = self.model(image, label)
+            amap, score = self.scorer(image, x_hat, self.model)
+            return ScoreOutput(amap, score, x_hat)
+        z, x_hat = encode_decode(self.model, image, label)
+        amap = self.scorer.anomaly_map(image, x_hat, self.model)
+        score = self.scorer.combine(self.scorer.image_score(amap), self.scorer.latent_distance(z, label))
         return ScoreOutput(amap, score, x_hat)
 
 
@@ -293,7 +399,8 @@ class FlipAveraged(nn.Module):
     so every view is an orientation the model trained on (rotations are not: a brick wall turned
     by 90 degrees is not a normal brick wall). Averaging removes the part of the map that depends
     on the orientation, mostly the repair's noise at the texture's grain; it costs four times the
-    inference. ``reconstruction`` is the un-flipped view's.
+    inference. ``reconstruction`` is the un-flipped view's, and so is the code a ``knn`` latent
+    score measures (the bank holds codes of un-flipped training images).
 
     Args and shapes as :class:`ReconstructionScorer`: ``image (N, C, H, W) [, label (N,)] -> ScoreOutput``.
     """
@@ -306,11 +413,18 @@ class FlipAveraged(nn.Module):
     def forward(self, image: torch.Tensor, label: torch.Tensor | None = None) -> ScoreOutput:
         model, scorer = self.model, self.scorer
         views = torch.cat([image, image.flip(-1), image.flip(-2), image.flip(-2, -1)], 0)
-        x_hat = model(views, None if label is None else label.repeat(4))
+        labels = None if label is None else label.repeat(4)
+        if scorer.latent == "none":
+            x_hat = model(views, labels)
+        else:
+            z, x_hat = encode_decode(model, views, labels)
         m = scorer.anomaly_map(views, x_hat, model)
         maps = m.reshape(4, -1, *m.shape[1:])  # (4, N, 1, H, W)
         amap = (maps[0] + maps[1].flip(-1) + maps[2].flip(-2) + maps[3].flip(-2, -1)) / 4
-        return ScoreOutput(amap, scorer.image_score(amap), x_hat.reshape(4, -1, *x_hat.shape[1:])[0])
+        score = scorer.image_score(amap)
+        if scorer.latent != "none":
+            score = scorer.combine(score, scorer.latent_distance(z[: image.shape[0]], label))
+        return ScoreOutput(amap, score, x_hat.reshape(4, -1, *x_hat.shape[1:])[0])
 
 
 def scoring_graph(model: nn.Module, scorer: Scorer, tta: str = "none") -> nn.Module:

@@ -122,12 +122,19 @@ def _torch_graph(meta: dict[str, Any], threads: int) -> tuple[Callable[[np.ndarr
     model, _ckpt, cfg = load_run(run, meta["model"].get("checkpoint", "best"))
     sc = meta["scoring"]
     scorer = Scorer(residual=sc["residual"], smoothing_sigma=sc["smoothing_sigma"], aggregate=sc["aggregate"],
-                    topk_fraction=sc.get("topk_fraction", 0.01), image_size=(cfg.image_size, cfg.image_size))
+                    topk_fraction=sc.get("topk_fraction", 0.01), image_size=(cfg.image_size, cfg.image_size),
+                    latent=sc.get("latent", "none"), latent_k=sc.get("latent_k", 5))
     if sc.get("normalized"):  # same arithmetic as the export (values do not change the timing)
         s = cfg.image_size
         scorer.set_normalization(torch.zeros(1, 1, s, s), torch.ones(1, 1, s, s))
     if sc.get("mix"):  # mixed residual (l1_learned): the stored standardisation
         scorer.set_mix_statistics(torch.tensor(sc["mix"]["mean"]), torch.tensor(sc["mix"]["std"]))
+    if sc.get("latent", "none") != "none":  # a bank of the stored size (its values do not change the timing)
+        bank = sc["latent_bank"]
+        per_class = bank.get("per_class", False)
+        scorer.set_latent_bank(torch.randn(bank["codes"], bank["dim"]),
+                               torch.zeros(bank["codes"], dtype=torch.int64) if per_class else None)
+        scorer.set_score_mix(torch.tensor(sc["score_mix"]["mean"]), torch.tensor(sc["score_mix"]["std"]))
     graph = scoring_graph(model, scorer, sc.get("tta", "none")).eval()
     torch.set_num_threads(threads)
     conditional = bool(meta["model"].get("conditional"))

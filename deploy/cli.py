@@ -23,6 +23,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", default="none", choices=("none", "flips"),
                    help="flips: average the maps of the image and its three flips (the orientations --augment flip "
                         "trains on); four times the inference, less orientation noise in the maps")
+    p.add_argument("--latent", default=None, choices=("auto", "none", "knn"),
+                   help="knn: add to the image score the distance of the image's code to its 5 nearest codes of normal "
+                        "training images (encoder-decoder models; the graph carries the codes). auto (default, unless "
+                        "the run's scoring names one): knn for aae and cond_aae, none otherwise")
     p.add_argument("--int8", metavar="CALIB_DIR", default=None,
                    help="also write OUT_int8/: int8 static quantisation for CPUs, activation ranges calibrated on the "
                         "normal images in CALIB_DIR (e.g. the training folder)")
@@ -90,10 +94,14 @@ def _export(args: argparse.Namespace) -> int:
     scoring = {k: v for k, v in {"residual": args.residual, "smoothing_sigma": args.smoothing_sigma,
                                   "aggregate": args.aggregate}.items() if v is not None}
     out = export_run(args.run, args.out, checkpoint=args.checkpoint, scoring=scoring, normalize=args.normalize,
-                     tta=args.tta)
+                     tta=args.tta, latent=args.latent)
     meta = json.loads((out / "model.json").read_text())
     print(f"exported {out}/model.onnx and {out}/model.json"
           + (" (test-time augmentation: each image and its 3 flips, 4x the inference)" if args.tta == "flips" else ""))
+    if meta["scoring"].get("latent", "none") != "none":
+        bank = meta["scoring"]["latent_bank"]
+        print(f"image score: map aggregate + distance to the {meta['scoring']['latent_k']} nearest of {bank['codes']} "
+              f"normal training codes (--latent none for the map alone)")
     if meta.get("parity"):
         par = meta["parity"]
         print(f"onnxruntime vs torch on {par['images']} validation images: max |score diff| {par['max_abs_diff_score']:.2e}, "

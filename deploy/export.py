@@ -2,7 +2,9 @@
 
 The graph is :class:`anomaly.scoring.ReconstructionScorer`: reconstruct -> residual ->
 (per-pixel normalisation) -> smoothing -> ``anomaly_map``, ``score``, ``reconstruction``, optionally
-averaged over flipped views (``tta="flips"``, :class:`anomaly.scoring.FlipAveraged`). Input
+averaged over flipped views (``tta="flips"``, :class:`anomaly.scoring.FlipAveraged`). With a
+latent score (``latent="knn"``, the default for AAEs) the image score also measures how far the
+image's code lies from the codes of the normal training images, which the graph carries. Input
 ``image`` ``(N, C, S, S)`` float32 in [0, 1] — exactly what :class:`data.preprocess.Preprocess`
 produces — plus ``label`` ``(N,)`` int64 for conditional models; the batch axis is dynamic.
 
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomaly.scoring import TTA_MODES, ScoreOutput, Scorer, scoring_graph
+from anomaly.scoring import LATENT_SCORES, TTA_MODES, ScoreOutput, Scorer, encode_decode, scoring_graph
 from data.preprocess import Preprocess
 from deploy.bundle import MODEL_FILE, SCHEMA_VERSION, sha256_file, write_sidecar
 from training.run import load_run
@@ -41,6 +43,13 @@ log = logging.getLogger(__name__)
 OPSET = 18
 # per-pixel std from fewer images is too noisy to divide by
 MIN_NORMALIZATION_IMAGES = 16
+# models whose codes an adversary shapes to a prior: `latent="auto"` gives them the knn score
+# (ELPV poly 0.774 -> 0.831 image AUROC over 3 seeds; the plain AE's codes do not help, see
+# benchmarks/results/quality_session10.md)
+LATENT_AUTO_MODELS = ("aae", "cond_aae")
+# the graph carries at most this many training codes (a deterministic subset beyond it); the
+# distances take N x M x D floats: 33 MB for a batch of 64 with 64-d codes
+MAX_LATENT_BANK = 2048
 
 
 def _versions() -> dict[str, str]:
@@ -100,9 +109,83 @@ def _mix_statistics(model: torch.nn.Module, scorer: Scorer, val: np.ndarray, lab
     scorer.set_mix_statistics(torch.stack([p.mean() for p in parts]), torch.stack([p.std() for p in parts]))
 
 
+def _resolve_latent(latent: str, model_name: str, model: torch.nn.Module, split: dict[str, Any], conditional: bool,
+                    k: int) -> str:
+    """``auto`` -> ``knn`` for :data:`LATENT_AUTO_MODELS` when the run has what it needs (>= 2
+    validation images, >= ``k`` training images, per class for conditional models), else
+    ``none``; an explicit ``knn`` that cannot work raises."""
+    if latent not in LATENT_SCORES + ("auto",):
+        raise ValueError(f"unknown latent score {latent!r}; expected one of {LATENT_SCORES + ('auto',)}")
+    if latent == "none":
+        return latent
+    n_val = len(split.get("val", []))
+    classes = split.get("train_categories")
+    if conditional and classes is None:
+        problem = ("the training images' classes, which this run's split.json predates (retrain, or export "
+                   "with latent 'none')")
+    elif not (hasattr(model, "encode") and hasattr(model, "decode")):
+        problem = f"a model with an encoder and a decoder (ae, vae, aae, cvae, cond_aae); {model_name!r} has none"
+    elif n_val < 2:
+        problem = f"at least 2 normal validation images to standardise its distance, found {n_val} (train with --val-fraction > 0)"
+    else:
+        if conditional:  # every class the model knows needs its own k codes
+            counts = np.bincount(np.asarray(classes, dtype=np.int64), minlength=max(1, len(split.get("categories", []))))
+            fewest = int(counts.min())
+        else:
+            fewest = len(split.get("train", []))
+        problem = f"at least {k} training images{' of each class' if conditional else ''}, found {fewest}" if fewest < k else ""
+    if latent == "auto":
+        if model_name not in LATENT_AUTO_MODELS:
+            return "none"
+        if problem:
+            log.info("latent score off: knn needs %s", problem)
+            return "none"
+        return "knn"
+    if problem:
+        raise ValueError(f"latent 'knn' needs {problem}")
+    return latent
+
+
+@torch.no_grad()
+def _latent_bank(model: torch.nn.Module, scorer: Scorer, pre: Preprocess, split: dict[str, Any],
+                 conditional: bool, batch_size: int = 256) -> None:
+    """Encode the run's training images (at most :data:`MAX_LATENT_BANK`, a fixed subset) into the
+    scorer's bank; conditional models keep each code's class."""
+    paths = list(split.get("train", []))
+    labels = split.get("train_categories")
+    keep = np.arange(len(paths))
+    if len(paths) > MAX_LATENT_BANK:  # a fixed subset; per class for conditional models, so none falls below k
+        rng = np.random.default_rng(0)
+        if conditional:
+            cls = np.asarray(labels, dtype=np.int64)
+            per = max(scorer.latent_k, MAX_LATENT_BANK // len(np.unique(cls)))
+            keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(cls == c))[:per] for c in np.unique(cls)]))
+        else:
+            keep = np.sort(rng.permutation(len(paths))[:MAX_LATENT_BANK])
+        log.info("latent bank: %d of %d training images", len(keep), len(paths))
+    codes = []
+    for i in range(0, len(keep), batch_size):
+        idx = keep[i:i + batch_size]
+        x = torch.from_numpy(pre.load_batch([paths[j] for j in idx]))
+        cond = torch.as_tensor([labels[j] for j in idx], dtype=torch.int64) if conditional else None
+        codes.append(model.encode(x, cond))
+    scorer.set_latent_bank(torch.cat(codes), torch.as_tensor([labels[j] for j in keep], dtype=torch.int64)
+                           if conditional else None)
+
+
+@torch.no_grad()
+def _score_mix(model: torch.nn.Module, scorer: Scorer, val: np.ndarray, labels: np.ndarray | None) -> None:
+    """Mean/std of the map aggregate and of the latent distance on normal validation images."""
+    x = torch.from_numpy(val)
+    cond = None if labels is None else torch.from_numpy(labels)
+    z, x_hat = encode_decode(model, x, cond)
+    parts = torch.stack([scorer.image_score(scorer.anomaly_map(x, x_hat, model)), scorer.latent_distance(z, cond)])
+    scorer.set_score_mix(parts.mean(1), parts.std(1))
+
+
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint: str = "best",
                scoring: dict[str, Any] | None = None, normalize: bool | None = None, opset: int = OPSET,
-               tta: str = "none") -> Path:
+               tta: str = "none", latent: str | None = None) -> Path:
     """Export ``run_dir`` to the bundle folder ``out_dir`` (created; existing files replaced).
 
     Args:
@@ -119,12 +202,18 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
             (:class:`anomaly.scoring.FlipAveraged`; four times the inference). The normalisation
             statistics are those of single views; the threshold and parity are measured on the
             averaged graph, like any other.
+        latent: image-score term from the encoder's code (:data:`anomaly.scoring.LATENT_SCORES`
+            or ``auto``). ``None`` (default) takes ``scoring["latent"]``, then the run's scoring
+            settings, then ``auto``: ``knn`` for :data:`LATENT_AUTO_MODELS`, ``none`` otherwise.
+            ``knn`` encodes the run's training images into the graph and standardises the distance
+            and the map's aggregate on the validation images.
 
     Returns:
         the bundle folder.
 
     Raises:
-        ValueError: unknown ``tta``; normalisation or a mixed residual without validation images.
+        ValueError: unknown ``tta`` or ``latent``; normalisation, a mixed residual or a latent score
+            without validation images; a latent score for a model without an encoder and decoder.
     """
     from anomaly.calibration import PixelThresholdCalibrator, ThresholdCalibrator
     from deploy.runtime import Runtime
@@ -134,13 +223,17 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
     model, ckpt, cfg = load_run(run_dir, checkpoint)
     settings = {**cfg.scoring, **(scoring or {})}
     pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
-    scorer = Scorer(residual=settings["residual"], smoothing_sigma=settings["smoothing_sigma"],
-                    aggregate=settings["aggregate"], topk_fraction=settings.get("topk_fraction", 0.01),
-                    image_size=(cfg.image_size, cfg.image_size))
     split = json.loads((Path(run_dir) / "split.json").read_text())
     val_paths = split.get("val", [])
-    val = pre.load_batch(val_paths) if val_paths else np.zeros((0, cfg.channels, cfg.image_size, cfg.image_size), np.float32)
     conditional = _is_conditional(ckpt)
+    latent_k = int(settings.get("latent_k", 5))
+    latent = _resolve_latent(latent or settings.get("latent", "auto"), ckpt["model_name"], model, split, conditional,
+                             latent_k)
+    scorer = Scorer(residual=settings["residual"], smoothing_sigma=settings["smoothing_sigma"],
+                    aggregate=settings["aggregate"], topk_fraction=settings.get("topk_fraction", 0.01),
+                    image_size=(cfg.image_size, cfg.image_size), latent=latent,
+                    latent_k=latent_k)
+    val = pre.load_batch(val_paths) if val_paths else np.zeros((0, cfg.channels, cfg.image_size, cfg.image_size), np.float32)
     val_labels = np.asarray(split.get("val_categories", [0] * len(val_paths)), np.int64) if conditional else None
     if normalize is None:
         normalize = len(val) >= MIN_NORMALIZATION_IMAGES
@@ -155,6 +248,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
             raise ValueError(f"residual {scorer.residual!r} standardises its parts on normal validation images: "
                              f"found {len(val)}; train with --val-fraction > 0")
         _mix_statistics(model, scorer, val, val_labels)
+    if latent != "none":
+        _latent_bank(model, scorer, pre, split, conditional)
+        _score_mix(model, scorer, val, val_labels)
     graph = scoring_graph(model, scorer, tta).eval()
 
     out = Path(out_dir)

@@ -84,5 +84,9 @@ def trained_bundle(tmp_path_factory) -> dict:
     cfg = TrainConfig(data=str(data), out=str(root / "run"), model="aae", image_size=32, epochs=3, batch_size=8,
                       model_kwargs={"latent_dim": 16, "base_channels": 8}, seed=0)
     train(cfg)
-    bundle = export_run(root / "run", root / "bundle")
+    # The map's aggregate alone: the runtime tests compare scores across batch compositions at
+    # rtol 1e-5, and this 3-epoch model's normal scores barely vary (std 0.003 on a mean of 0.5),
+    # so the latent knn score's standardisation would magnify float noise ~200-fold. The default
+    # export (knn for an AAE) is tested from the same run in test_export_runtime.py.
+    bundle = export_run(root / "run", root / "bundle", latent="none")
     return {"data": data, "run": root / "run", "bundle": bundle}

@@ -143,6 +143,12 @@ def test_conditional_model_end_to_end(tmp_path: Path) -> None:
     assert main(["export", str(run), "--out", str(bundle)]) == 0
     meta = load_sidecar(bundle)
     assert meta["inputs"] == ["image", "label"] and meta["model"]["categories"] == ["tiles_a", "tiles_b"]
+    # the latent knn score (cond_aae's default) compares each image with its own class's codes
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(set(split["train_categories"])) == [0, 1]
+    assert meta["scoring"]["latent"] == "knn" and meta["scoring"]["latent_bank"]["per_class"]
+    assert meta["scoring"]["latent_bank"]["codes"] == len(split["train"])
+    assert meta["parity"]["max_abs_diff_score"] < 0.01 * meta["normal_stats"]["std"]
     with pytest.raises(ValueError, match="pass a category"):
         Runtime(bundle)
     x = Runtime(bundle, category="tiles_a").preprocess.load_batch(sorted((root / "tiles_a" / "test" / "good").glob("*.png")))

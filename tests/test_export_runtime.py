@@ -15,33 +15,70 @@ from deploy.bundle import BundleError, load_sidecar
 # fp32 graph, same preprocessed batch: observed max differences are ~1e-6 (see the sidecar's
 # "parity" entry); 1e-4 leaves room for other CPUs while catching any real divergence.
 PARITY_ATOL = 1e-4
+# standardised scores (latent knn): tolerance as a fraction of the normal scores' std
+PARITY_SIGMA = 0.01
 
 
-def test_export_matches_torch(trained_bundle: dict) -> None:
+def reference_scorer(run: Path, meta: dict):
+    """The torch :class:`Scorer` of an un-normalised bundle, rebuilt independently of the export
+    code: settings from the sidecar and, for a ``knn`` latent score, a bank re-encoded here from
+    the run's training images (its standardisation from the sidecar)."""
     import torch
 
-    from anomaly.scoring import ReconstructionScorer, Scorer
-    from data.folder import discover
+    from anomaly.scoring import Scorer
     from data.preprocess import Preprocess
     from deploy.export import load_run
+
+    model, _, cfg = load_run(run)
+    sc = meta["scoring"]
+    assert not sc["normalized"]
+    scorer = Scorer(residual=sc["residual"], smoothing_sigma=sc["smoothing_sigma"], aggregate=sc["aggregate"],
+                    topk_fraction=sc["topk_fraction"], image_size=(cfg.image_size, cfg.image_size),
+                    latent=sc["latent"], latent_k=sc.get("latent_k", 5))
+    if sc["latent"] == "knn":
+        train = json.loads((run / "split.json").read_text())["train"]
+        with torch.no_grad():
+            scorer.set_latent_bank(model.encode(torch.from_numpy(Preprocess(cfg.image_size, cfg.channels).load_batch(train))))
+        scorer.set_score_mix(torch.tensor(sc["score_mix"]["mean"]), torch.tensor(sc["score_mix"]["std"]))
+    return model, scorer
+
+
+@pytest.mark.parametrize("latent", ["none", "auto"])
+def test_export_matches_torch(trained_bundle: dict, tmp_path: Path, latent: str) -> None:
+    """onnxruntime matches a torch graph rebuilt here, for the map's aggregate alone (the shared
+    fixture's bundle) and for the default export of an AAE (``auto``: plus the latent knn distance)."""
+    import torch
+
+    from anomaly.scoring import ReconstructionScorer
+    from data.folder import discover
+    from data.preprocess import Preprocess
+    from deploy.export import export_run
     from deploy.runtime import Runtime
 
-    model, ckpt, cfg = load_run(trained_bundle["run"])
-    meta = load_sidecar(trained_bundle["bundle"])
-    sc = meta["scoring"]
-    scorer = Scorer(residual=sc["residual"], smoothing_sigma=sc["smoothing_sigma"], aggregate=sc["aggregate"],
-                    topk_fraction=sc["topk_fraction"], image_size=(cfg.image_size, cfg.image_size))
+    bundle = trained_bundle["bundle"] if latent == "none" else export_run(trained_bundle["run"], tmp_path / "default")
+    meta = load_sidecar(bundle)
+    assert meta["scoring"]["latent"] == ("none" if latent == "none" else "knn")
+    model, scorer = reference_scorer(trained_bundle["run"], meta)
     graph = ReconstructionScorer(model, scorer).eval()
-    pre = Preprocess(cfg.image_size, cfg.channels)
+    pre = Preprocess(32, 1)
     x = pre.load_batch([s.path for s in discover(trained_bundle["data"]).test])  # 8 images: batch axis is dynamic
     with torch.no_grad():
         ref = graph(torch.from_numpy(x))
-    out = Runtime(trained_bundle["bundle"], device="cpu").infer(x)
+    out = Runtime(bundle, device="cpu").infer(x)
     assert out["anomaly_map"].shape == (8, 1, 32, 32) and out["score"].shape == (8,)
-    assert np.abs(out["score"] - ref.score.numpy()).max() < PARITY_ATOL
     assert np.abs(out["anomaly_map"] - ref.anomaly_map.numpy()).max() < PARITY_ATOL
     assert np.abs(out["reconstruction"] - ref.reconstruction.numpy()).max() < PARITY_ATOL
-    assert meta["parity"]["max_abs_diff_score"] < PARITY_ATOL
+    if latent == "none":
+        assert np.abs(out["score"] - ref.score.numpy()).max() < PARITY_ATOL
+        assert meta["parity"]["max_abs_diff_score"] < PARITY_ATOL
+        return
+    # The knn score is a sum of two parts, each divided by its std over 4 validation images. This
+    # 3-epoch model's normal scores and codes barely vary (std 0.003 and 5e-4), so float32 noise of
+    # ~5e-6 comes out as ~2e-3 in those units. Decisions compare scores with a threshold among the
+    # normal scores, so the tolerance is stated in their spread: 1 % of it.
+    spread = meta["normal_stats"]["std"]
+    assert np.abs(out["score"] - ref.score.numpy()).max() < PARITY_SIGMA * spread
+    assert meta["parity"]["max_abs_diff_score"] < PARITY_SIGMA * spread
 
 
 def test_sidecar_contents(trained_bundle: dict) -> None:
@@ -162,10 +199,14 @@ def test_segmenter_run_exports_learned_and_mixed_maps(tmp_path: Path) -> None:
     train(cfg)
     model, _, _ = load_run(tmp_path / "run")
     x = Preprocess(32, 1).load_batch([s.path for s in discover(data).test])
+    # a repair generator has no code: no latent score by default, and a clear error when asked for one
+    with pytest.raises(ValueError, match="needs a model with an encoder and a decoder"):
+        export_run(tmp_path / "run", tmp_path / "knn", latent="knn")
+    assert not (tmp_path / "knn").exists()
     for residual in ("learned", "l1_learned"):
         bundle = export_run(tmp_path / "run", tmp_path / residual, scoring={"residual": residual}, normalize=True)
         sc = load_sidecar(bundle)["scoring"]
-        assert sc["residual"] == residual and sc["normalized"]
+        assert sc["residual"] == residual and sc["normalized"] and sc["latent"] == "none"
         scorer = Scorer(residual=residual, smoothing_sigma=sc["smoothing_sigma"], aggregate=sc["aggregate"],
                         topk_fraction=sc["topk_fraction"], image_size=(32, 32))
         val = Preprocess(32, 1).load_batch(json.loads((tmp_path / "run" / "split.json").read_text())["val"])
@@ -204,11 +245,12 @@ def test_flip_tta_bundle_averages_the_flipped_maps(trained_bundle: dict, tmp_pat
     from deploy.runtime import Runtime
 
     tta = tmp_path / "tta"
-    assert main(["export", str(trained_bundle["run"]), "--out", str(tta), "--tta", "flips"]) == 0
+    # the map's aggregate alone (--latent none), so that the score below is the averaged map's
+    assert main(["export", str(trained_bundle["run"]), "--out", str(tta), "--tta", "flips", "--latent", "none"]) == 0
     assert "its 3 flips" in capsys.readouterr().out
     meta = load_sidecar(tta)
     sc = meta["scoring"]
-    assert sc["tta"] == "flips" and load_sidecar(trained_bundle["bundle"])["scoring"]["tta"] == "none"
+    assert sc["tta"] == "flips" and sc["latent"] == "none" and load_sidecar(trained_bundle["bundle"])["scoring"]["tta"] == "none"
     assert meta["parity"]["max_abs_diff_score"] < PARITY_ATOL
 
     x = Preprocess(32, 1).load_batch([s.path for s in discover(trained_bundle["data"]).test])
@@ -235,3 +277,43 @@ def test_flip_tta_bundle_averages_the_flipped_maps(trained_bundle: dict, tmp_pat
     with pytest.raises(ValueError, match="unknown test-time augmentation 'rot90'"):
         export_run(trained_bundle["run"], tmp_path / "bad", tta="rot90")
     assert not (tmp_path / "bad").exists()
+
+
+def test_latent_knn_is_the_aae_default_and_can_be_chosen(trained_bundle: dict, tmp_path: Path, capsys) -> None:
+    """An AAE's bundle adds the latent knn distance by default (`--latent auto`); `--latent none`
+    keeps the map's aggregate alone with the same maps; knn that cannot work is refused before any
+    folder is written, and `auto` then falls back to the map alone."""
+    from anomaly.cli import main
+    from data.folder import discover
+    from data.preprocess import Preprocess
+    from deploy.export import export_run
+    from deploy.runtime import Runtime
+
+    run = trained_bundle["run"]
+    split = json.loads((run / "split.json").read_text())
+    default = export_run(run, tmp_path / "default")
+    sc = load_sidecar(default)["scoring"]
+    assert sc["latent"] == "knn" and sc["latent_k"] == 5
+    assert sc["latent_bank"] == {"codes": len(split["train"]), "dim": 16, "per_class": False}
+    assert sc["score_mix"]["parts"] == ["map", "latent"] and min(sc["score_mix"]["std"]) > 0
+
+    plain = tmp_path / "plain"
+    assert main(["export", str(run), "--out", str(plain), "--latent", "none"]) == 0
+    assert "nearest of" not in capsys.readouterr().out
+    assert load_sidecar(plain)["scoring"]["latent"] == "none"
+    assert main(["export", str(run), "--out", str(tmp_path / "knn"), "--latent", "knn"]) == 0
+    assert f"5 nearest of {len(split['train'])} normal training codes" in capsys.readouterr().out
+    x = Preprocess(32, 1).load_batch([s.path for s in discover(trained_bundle["data"]).test])
+    a, b = Runtime(default, device="cpu").infer(x), Runtime(plain, device="cpu").infer(x)
+    assert np.abs(a["anomaly_map"] - b["anomaly_map"]).max() < PARITY_ATOL
+    assert not np.allclose(a["score"], b["score"])
+
+    with pytest.raises(ValueError, match="unknown latent score 'pca'"):
+        export_run(run, tmp_path / "bad", latent="pca")
+    no_val = tmp_path / "run_no_val"
+    shutil.copytree(run, no_val)
+    (no_val / "split.json").write_text(json.dumps({**split, "val": [], "val_categories": []}))
+    with pytest.raises(ValueError, match="at least 2 normal validation images"):
+        export_run(no_val, tmp_path / "bad", latent="knn")
+    assert not (tmp_path / "bad").exists()
+    assert load_sidecar(export_run(no_val, tmp_path / "auto"))["scoring"]["latent"] == "none"

@@ -204,3 +204,106 @@ def test_flip_averaged_map_is_the_mean_of_the_flipped_views_and_exports(tmp_path
     assert np.abs(score - out.score.numpy()).max() < 1e-5 and recon.shape == (3, 1, 32, 32)
     with pytest.raises(ValueError, match="expected one of"):
         scoring_graph(Lopsided(), scorer, "d8")
+
+
+# -- latent knn score ------------------------------------------------------------------------------
+
+def test_encode_decode_is_the_eval_forward_of_every_encoder_decoder_model() -> None:
+    """The knn graph reconstructs as ``decode(encode(x))`` (one encoder pass for code and image);
+    for every registered model with both methods that must be exactly its eval ``forward``."""
+    from anomaly.registry import get_spec, list_models
+    from anomaly.scoring import encode_decode
+    from training.run import build_model
+
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    checked = []
+    for name in list_models():
+        conditional = get_spec(name).conditional
+        model = build_model(name, in_channels=1, image_size=32, num_classes=3 if conditional else 1).eval()
+        cond = torch.tensor([0, 2, 1]) if conditional else None
+        if not (hasattr(model, "encode") and hasattr(model, "decode")):
+            with pytest.raises(ValueError, match="needs a model with encode"):
+                encode_decode(model, x, cond)
+            continue
+        with torch.no_grad():
+            z, x_hat = encode_decode(model, x, cond)
+            assert z.shape[0] == 3 and torch.equal(x_hat, model(x, cond)), name
+        checked.append(name)
+    assert {"ae", "vae", "aae", "cond_aae", "cvae"} <= set(checked)
+
+
+def test_latent_knn_distance_is_the_mean_of_the_k_nearest() -> None:
+    g = torch.Generator().manual_seed(0)
+    bank, z = torch.randn(40, 6, generator=g), torch.randn(5, 6, generator=g)
+    scorer = Scorer(latent="knn", latent_k=3, image_size=(8, 8))
+    scorer.set_latent_bank(bank)
+    d = np.linalg.norm(z.numpy()[:, None] - bank.numpy()[None], axis=2)
+    expected = np.sort(d, axis=1)[:, :3].mean(1)
+    np.testing.assert_allclose(scorer.latent_distance(z).numpy(), expected, rtol=1e-5)
+    # a code in the bank is at distance 0 from itself: with k=1 its score is 0
+    one = Scorer(latent="knn", latent_k=1, image_size=(8, 8))
+    one.set_latent_bank(bank)
+    assert one.latent_distance(bank[:4]).abs().max() < 1e-6
+
+    # per class: an image is compared with its own class's codes only
+    labels = torch.arange(40) % 2
+    per_class = Scorer(latent="knn", latent_k=3, image_size=(8, 8))
+    per_class.set_latent_bank(bank, labels)
+    lab = torch.tensor([0, 1, 1, 0, 1])
+    for i in range(5):
+        own = d[i][(labels == lab[i]).numpy()]
+        assert float(per_class.latent_distance(z[i:i + 1], lab[i:i + 1])) == pytest.approx(np.sort(own)[:3].mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="pass the label"):
+        per_class.latent_distance(z)
+
+
+def test_latent_score_combines_standardised_parts_and_refuses_bad_setups() -> None:
+    scorer = Scorer(latent="knn", latent_k=2, image_size=(8, 8))
+    with pytest.raises(ValueError, match="set_latent_bank"):
+        scorer.latent_distance(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="set_score_mix"):
+        scorer.combine(torch.zeros(1), torch.zeros(1))
+    with pytest.raises(ValueError, match="at least latent_k=2"):
+        scorer.set_latent_bank(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="per class"):
+        scorer.set_latent_bank(torch.zeros(5, 4), torch.tensor([0, 0, 0, 0, 1]))  # class 1 has one code
+    with pytest.raises(ValueError, match="unknown latent score 'pca'"):
+        Scorer(latent="pca")
+    scorer.set_score_mix(torch.tensor([1.0, 10.0]), torch.tensor([2.0, 5.0]))
+    out = scorer.combine(torch.tensor([1.0, 5.0]), torch.tensor([10.0, 0.0]))
+    np.testing.assert_allclose(out.numpy(), [0.0, 2.0 - 2.0])
+    cfg = Scorer(latent="none").config()
+    assert cfg["latent"] == "none" and "score_mix" not in cfg
+
+
+def test_latent_knn_graph_and_its_flip_tta_export_exactly(tmp_path) -> None:
+    """The knn graph adds the distance of the code to the map's aggregate; its flip-TTA graph
+    measures the un-flipped view's code; both match onnxruntime."""
+    import onnxruntime as ort
+
+    from anomaly.scoring import encode_decode
+    from deploy.export import export_onnx
+    from training.run import build_model
+
+    torch.manual_seed(0)
+    model = build_model("aae", in_channels=1, image_size=32, num_classes=1, latent_dim=8, base_channels=8).eval()
+    g = torch.Generator().manual_seed(1)
+    train, x = torch.rand(12, 1, 32, 32, generator=g), torch.rand(3, 1, 32, 32, generator=g)
+    scorer = Scorer(residual="l1", smoothing_sigma=1.0, aggregate="max", image_size=(32, 32), latent="knn", latent_k=2)
+    with torch.no_grad():
+        scorer.set_latent_bank(model.encode(train))
+    scorer.set_score_mix(torch.tensor([0.5, 0.1]), torch.tensor([0.2, 0.05]))
+    plain_scorer = Scorer(residual="l1", smoothing_sigma=1.0, aggregate="max", image_size=(32, 32))
+    for tta in ("none", "flips"):
+        graph = scoring_graph(model, scorer, tta).eval()
+        with torch.no_grad():
+            ref = graph(x)
+            z, _ = encode_decode(model, x)
+            map_only = scoring_graph(model, plain_scorer, tta).eval()(x)
+        expected = (map_only.score - 0.5) / 0.2 + (scorer.latent_distance(z) - 0.1) / 0.05
+        torch.testing.assert_close(ref.score, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ref.anomaly_map, map_only.anomaly_map)
+        path = tmp_path / f"knn_{tta}.onnx"
+        export_onnx(graph, path, x[:2], False, 18)
+        out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})
+        np.testing.assert_allclose(out[1], ref.score.numpy(), rtol=1e-4, atol=1e-4)

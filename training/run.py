@@ -119,6 +119,7 @@ def train(config: TrainConfig, *, resume: bool = False,
     with atomic_write(out / "split.json") as fh:
         json.dump({"layout": layout.kind, "root": str(layout.root), "categories": layout.categories,
                    "train": [str(s.path) for s in train_s], "val": [str(s.path) for s in val_s],
+                   "train_categories": [s.category for s in train_s],
                    "val_categories": [s.category for s in val_s]}, fh, indent=1)
 
     augment = flip_augment if config.augment == "flip" else None
