@@ -62,6 +62,11 @@ _RESIDUALS: dict[str, Scoring] = {
     "mean": ({"residual": "l1_ssim", "aggregate": "mean"}, False),
 }
 
+# Image score plus the latent knn distance (anomaly.scoring, latent="knn"): for the encoder-decoder
+# presets only (a CycleGAN repair generator has no code to measure).
+_LATENT_SCORINGS: dict[str, Scoring] = {"l1_ssim+norm+knn": ({"residual": "l1_ssim", "latent": "knn"}, True)}
+
+
 def _cyclegan(name: str, description: str, *, synthetic_defects: float = 0.5,
               scorings: dict[str, Scoring] | None = None, objective_kwargs: dict[str, Any] | None = None,
               **model_kwargs: Any) -> Preset:
@@ -83,15 +88,15 @@ _SEGMENTER_SCORINGS: dict[str, Scoring] = {
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("ae", "ae", "floor: plain convolutional autoencoder (exported with every residual kind)",
-           scorings=dict(_RESIDUALS)),
+           scorings={**_RESIDUALS, **_LATENT_SCORINGS}),
     Preset("aae", "aae", "adversarial autoencoder (latent discriminator), defaults as `anomaly train`; "
            "exported with every residual kind and with per-pixel normalisation (one training run)",
-           scorings=dict(_RESIDUALS)),
+           scorings={**_RESIDUALS, **_LATENT_SCORINGS}),
     # Negative control: learning rate 0 (random weights; only BatchNorm statistics see the data).
     # Shows how much of a score comes from training rather than from the scoring pipeline.
     Preset("untrained_aae", "aae", "negative control: aae with lr=0 (random init), 1 epoch",
            lr=0.0, objective_kwargs={"lr": 0.0}, fixed_epochs=1,
-           scorings={"l1_ssim": _RESIDUALS["l1_ssim"], "l1_ssim+norm": _RESIDUALS["l1_ssim+norm"]}),
+           scorings={"l1_ssim": _RESIDUALS["l1_ssim"], "l1_ssim+norm": _RESIDUALS["l1_ssim+norm"], **_LATENT_SCORINGS}),
     Preset("aae_norm", "aae", "aae, per-pixel residual normalisation from validation images at export",
            scorings={"l1_ssim+norm": _RESIDUALS["l1_ssim+norm"]}),
     Preset("aae_residuals", "aae", "aae, exported with every residual kind (one training run)",

@@ -207,10 +207,12 @@ def evaluate_run(run_dir: Path, dataset: str, config_name: str, seed: int, sampl
             name = scoring_name + ("+tta" if mode == "flips" else "")
             bundle = out / "bundles" / f"{dataset}__{config_name}__{name}__s{seed}"
             c1 = time.process_time()
-            export_run(run_dir, bundle, scoring=scoring, normalize=normalize, tta=mode)
+            # a row's latent score is what its preset names ("none" unless it says otherwise)
+            export_run(run_dir, bundle, scoring={"latent": "none", **scoring}, normalize=normalize, tta=mode)
             metrics = evaluate_bundle(bundle, samples, threads)
             rows.append({"scoring": name, "tta": mode, "eval_cpu_s": round(time.process_time() - c1, 1),
-                         "scoring_settings": {**cfg_scoring, **scoring}, "normalize": normalize, **metrics})
+                         "scoring_settings": {**cfg_scoring, "latent": "none", **scoring}, "normalize": normalize,
+                         **metrics})
     return rows
 
 
