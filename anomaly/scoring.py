@@ -76,7 +76,7 @@ def encode_decode(model: nn.Module, x: torch.Tensor, cond: torch.Tensor | None =
         ValueError: ``model`` has no ``encode``/``decode`` pair (e.g. a CycleGAN repair generator).
     """
     if not (hasattr(model, "encode") and hasattr(model, "decode")):
-        raise ValueError(f"a latent score needs a model with encode() and decode() (ae, vae, aae, cond_vae, cond_aae); "
+        raise ValueError(f"a latent score needs a model with encode() and decode() (ae, vae, aae, cvae, cond_aae); "
                          f"got {type(model).__name__}")
     z = model.encode(x, cond)
     return z, model.decode(z, cond)
@@ -348,6 +348,8 @@ class Scorer(nn.Module):
 
     def forward(self, x: torch.Tensor, x_hat: torch.Tensor,
                 model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(map (N, 1, H, W), the map's aggregate (N,))``. A ``knn`` latent term needs the code as
+        well: :class:`ReconstructionScorer` adds it (:meth:`combine`)."""
         amap = self.anomaly_map(x, x_hat, model)
         return amap, self.image_score(amap)
 
