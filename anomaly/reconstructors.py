@@ -111,7 +111,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("aae_patchgan", "aae", "aae plus a PatchGAN image discriminator on reconstructions (sharper outputs)",
            model_kwargs={"image_discriminator": True}, scorings=dict(_RESIDUALS)),
     Preset("aae_z16", "aae", "aae with a 16-d latent (tighter bottleneck: defects harder to reproduce)",
-           model_kwargs={"latent_dim": 16}, scorings=dict(_RESIDUALS)),
+           model_kwargs={"latent_dim": 16}, scorings={**_RESIDUALS, **_LATENT_SCORINGS}),
+    Preset("aae_z128", "aae", "aae with a 128-d latent (more room for the latent knn score to tell codes apart)",
+           model_kwargs={"latent_dim": 128}, scorings={"l1_ssim+norm": _RESIDUALS["l1_ssim+norm"], **_LATENT_SCORINGS}),
     Preset("aae_aggregate", "aae", "aae exported with l1_ssim+norm / ssim+norm maps and other image scores "
            "(the default: mean of the top 1 % of pixels of the map smoothed at sigma 2): max, top 10 %, mean, "
            "and sigma 1 / 4 / 8",

@@ -26,7 +26,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latent", default=None, choices=("auto", "none", "knn"),
                    help="knn: add to the image score the distance of the image's code to its 5 nearest codes of normal "
                         "training images (encoder-decoder models; the graph carries the codes). auto (default, unless "
-                        "the run's scoring names one): knn for aae and cond_aae, none otherwise")
+                        "the run's scoring names one): knn for aae and cond_aae up to 64x64 (measured to help there, to hurt at "
+                        "128x128), none otherwise")
     p.add_argument("--int8", metavar="CALIB_DIR", default=None,
                    help="also write OUT_int8/: int8 static quantisation for CPUs, activation ranges calibrated on the "
                         "normal images in CALIB_DIR (e.g. the training folder)")

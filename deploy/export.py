@@ -44,9 +44,11 @@ OPSET = 18
 # per-pixel std from fewer images is too noisy to divide by
 MIN_NORMALIZATION_IMAGES = 16
 # models whose codes an adversary shapes to a prior: `latent="auto"` gives them the knn score
-# (ELPV poly 0.774 -> 0.831 image AUROC over 3 seeds; the plain AE's codes do not help, see
-# benchmarks/results/quality_session10.md)
+# (ELPV poly 0.774 -> 0.831 image AUROC over 3 seeds at 64²; the plain AE's codes do not help), up to
+# LATENT_AUTO_MAX_SIZE: a 128² AAE's codes were nearly uninformative (poly, seed 0: 0.773 -> 0.725
+# with knn). See benchmarks/results/quality_session10.md.
 LATENT_AUTO_MODELS = ("aae", "cond_aae")
+LATENT_AUTO_MAX_SIZE = 64
 # the graph carries at most this many training codes (a deterministic subset beyond it); the
 # distances take N x M x D floats: 33 MB for a batch of 64 with 64-d codes
 MAX_LATENT_BANK = 2048
@@ -110,10 +112,11 @@ def _mix_statistics(model: torch.nn.Module, scorer: Scorer, val: np.ndarray, lab
 
 
 def _resolve_latent(latent: str, model_name: str, model: torch.nn.Module, split: dict[str, Any], conditional: bool,
-                    k: int) -> str:
-    """``auto`` -> ``knn`` for :data:`LATENT_AUTO_MODELS` when the run has what it needs (>= 2
-    validation images, >= ``k`` training images, per class for conditional models), else
-    ``none``; an explicit ``knn`` that cannot work raises."""
+                    k: int, image_size: int) -> str:
+    """``auto`` -> ``knn`` for :data:`LATENT_AUTO_MODELS` at image sizes up to
+    :data:`LATENT_AUTO_MAX_SIZE` when the run has what it needs (>= 2 validation images, >= ``k``
+    training images, per class for conditional models), else ``none``; an explicit ``knn`` that
+    cannot work raises."""
     if latent not in LATENT_SCORES + ("auto",):
         raise ValueError(f"unknown latent score {latent!r}; expected one of {LATENT_SCORES + ('auto',)}")
     if latent == "none":
@@ -135,7 +138,7 @@ def _resolve_latent(latent: str, model_name: str, model: torch.nn.Module, split:
             fewest = len(split.get("train", []))
         problem = f"at least {k} training images{' of each class' if conditional else ''}, found {fewest}" if fewest < k else ""
     if latent == "auto":
-        if model_name not in LATENT_AUTO_MODELS:
+        if model_name not in LATENT_AUTO_MODELS or image_size > LATENT_AUTO_MAX_SIZE:
             return "none"
         if problem:
             log.info("latent score off: knn needs %s", problem)
@@ -204,7 +207,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
             averaged graph, like any other.
         latent: image-score term from the encoder's code (:data:`anomaly.scoring.LATENT_SCORES`
             or ``auto``). ``None`` (default) takes ``scoring["latent"]``, then the run's scoring
-            settings, then ``auto``: ``knn`` for :data:`LATENT_AUTO_MODELS`, ``none`` otherwise.
+            settings, then ``auto``: ``knn`` for :data:`LATENT_AUTO_MODELS` up to
+            :data:`LATENT_AUTO_MAX_SIZE` pixels a side, ``none`` otherwise.
             ``knn`` encodes the run's training images into the graph and standardises the distance
             and the map's aggregate on the validation images.
 
@@ -228,7 +232,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
     conditional = _is_conditional(ckpt)
     latent_k = int(settings.get("latent_k", 5))
     latent = _resolve_latent(latent or settings.get("latent", "auto"), ckpt["model_name"], model, split, conditional,
-                             latent_k)
+                             latent_k, cfg.image_size)
     scorer = Scorer(residual=settings["residual"], smoothing_sigma=settings["smoothing_sigma"],
                     aggregate=settings["aggregate"], topk_fraction=settings.get("topk_fraction", 0.01),
                     image_size=(cfg.image_size, cfg.image_size), latent=latent,

@@ -317,3 +317,12 @@ def test_latent_knn_is_the_aae_default_and_can_be_chosen(trained_bundle: dict, t
         export_run(no_val, tmp_path / "bad", latent="knn")
     assert not (tmp_path / "bad").exists()
     assert load_sidecar(export_run(no_val, tmp_path / "auto"))["scoring"]["latent"] == "none"
+
+    # auto stops at 64x64: a 128x128 AAE's codes measured nearly uninformative (ELPV poly 0.773 -> 0.725)
+    from deploy.export import LATENT_AUTO_MAX_SIZE, _resolve_latent, load_run
+
+    model = load_run(run)[0]
+    assert LATENT_AUTO_MAX_SIZE == 64
+    assert [_resolve_latent("auto", "aae", model, split, False, 5, size) for size in (32, 64, 128)] == ["knn", "knn", "none"]
+    assert _resolve_latent("knn", "aae", model, split, False, 5, 128) == "knn"  # asked for: given
+    assert _resolve_latent("auto", "ae", model, split, False, 5, 64) == "none"
