@@ -270,8 +270,8 @@ def test_latent_score_combines_standardised_parts_and_refuses_bad_setups() -> No
     with pytest.raises(ValueError, match="unknown latent score 'pca'"):
         Scorer(latent="pca")
     scorer.set_score_mix(torch.tensor([1.0, 10.0]), torch.tensor([2.0, 5.0]))
-    out = scorer.combine(torch.tensor([1.0, 5.0]), torch.tensor([10.0, 0.0]))
-    np.testing.assert_allclose(out.numpy(), [0.0, 2.0 - 2.0])
+    out = scorer.combine(torch.tensor([3.0, 5.0]), torch.tensor([10.0, 20.0]))
+    np.testing.assert_allclose(out.numpy(), [(3 - 1) / 2 + 0.0, (5 - 1) / 2 + (20 - 10) / 5])  # [1, 4]
     cfg = Scorer(latent="none").config()
     assert cfg["latent"] == "none" and "score_mix" not in cfg
 
