@@ -93,6 +93,25 @@ def test_preprocess_antialiases_when_shrinking() -> None:
     assert np.allclose(x, 0.5, atol=0.01)
 
 
+
+@pytest.mark.parametrize("shape", [(300, 300), (40, 50, 3), (300, 200, 4), (64, 64, 1), (31, 90, 3)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_preprocess_uint8_is_bitwise_the_divide_by_255_definition(shape: tuple[int, ...], channels: int) -> None:
+    # the uint8 path uses a lookup table for speed; models trained before it saw x / 255 computed by
+    # division, so the table must give the same bits (any drift would break retraining reproducibility)
+    img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    pre = Preprocess(image_size=64, channels=channels)
+    assert np.array_equal(pre(img), pre(img.astype(np.float32) / 255.0))
+    assert np.array_equal(pre(img[:, ::2]), pre(img[:, ::2].astype(np.float32) / 255.0))  # a strided view
+
+
+def test_preprocess_leaves_its_input_alone() -> None:
+    # the output is clipped in place: that must never reach the caller's array (same-size float input)
+    img = np.linspace(-0.5, 1.5, 64 * 64, dtype=np.float32).reshape(64, 64)
+    before = img.copy()
+    x = Preprocess(image_size=64, channels=1)(img)
+    assert np.array_equal(img, before) and x.min() == 0.0 and x.max() == 1.0
+
 def test_discover_mvtec(mvtec_dir: Path) -> None:
     layout = discover(mvtec_dir)
     assert layout.kind == "mvtec"
