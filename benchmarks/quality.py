@@ -54,20 +54,28 @@ TEXTURES = ("brick", "grass", "gravel")
 ELPV = ("elpv_mono", "elpv_poly")
 
 
-def prepare_dataset(name: str, cache: Path, image_size: int, seed: int = 0, crop_size: int | None = None) -> Path:
+def prepare_dataset(name: str, cache: Path, image_size: int, seed: int = 0, crop_size: int | None = None,
+                    texture_test: int = 40) -> Path:
     """The MVTec-style folder of dataset ``name`` under ``cache`` (created once, then reused).
 
     Textures are cut as ``crop_size`` squares at the photograph's own scale and resized to
     ``image_size`` (default: cut at ``image_size``, no resizing). Their defects are drawn as a
     fraction of the written image's side, so the crop size sets how large a defect is against the
-    texture's grain; ``image_size`` alone sets the model's resolution.
+    texture's grain; ``image_size`` alone sets the model's resolution. ``texture_test`` normal and
+    as many defective test crops are written; the test images are drawn from their own random
+    streams, so a larger set begins with the default 40 and the training crops never change.
 
     Raises:
-        ValueError: unknown dataset, or ``crop_size`` for an ELPV dataset (whole cells, never cropped).
+        ValueError: unknown dataset, or ``crop_size`` / ``texture_test`` for an ELPV dataset (whole
+            cells, never cropped; its test split is the data set's own).
     """
+    if texture_test < 1:
+        raise ValueError(f"--texture-test must be >= 1, got {texture_test}")
     if name in ELPV:
         if crop_size is not None:
             raise ValueError(f"--crop-size applies to the textures only; {name} images are whole solar cells")
+        if texture_test != 40:
+            raise ValueError(f"--texture-test applies to the textures only; {name} tests on its own held-out cells")
         from data.elpv import prepare_elpv
 
         return prepare_elpv(cache, cell_type=name.split("_", 1)[1], seed=seed)
@@ -76,8 +84,11 @@ def prepare_dataset(name: str, cache: Path, image_size: int, seed: int = 0, crop
 
         crop = int(crop_size or image_size)
         root = cache / (f"{name}_{image_size}" if crop == image_size else f"{name}_{image_size}_crop{crop}")
+        if texture_test != 40:
+            root = root.with_name(f"{root.name}_test{texture_test}")
         if not (root / "train" / "good").is_dir():
-            make_texture_dataset(root, name, image_size=image_size, crop_size=crop, seed=seed)
+            make_texture_dataset(root, name, image_size=image_size, crop_size=crop, seed=seed,
+                                 n_test_good=texture_test, n_test_bad=texture_test)
         return root
     raise ValueError(f"unknown dataset {name!r}; expected one of {ELPV + TEXTURES}")
 
@@ -282,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop-size", type=int, default=None,
                    help="textures: cut squares of this side at the photograph's scale, then resize them to "
                         "--image-size (default: cut at --image-size)")
+    p.add_argument("--texture-test", type=int, default=40, metavar="N",
+                   help="normal and defective test crops per texture (default 40 each; a larger set starts "
+                        "with the same 40 and trains on the same crops)")
     p.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads")
     p.add_argument("--train-limit", type=int, default=None, help="use only N training images (subset)")
     p.add_argument("--test-limit", type=int, default=None, help="at most N test images per class")
@@ -316,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
 
         sources = str(write_defect_sources(cache / "defect_sources_skimage"))
     for dataset in args.datasets.split(","):
-        root = prepare_dataset(dataset, cache, args.image_size, crop_size=args.crop_size)
+        root = prepare_dataset(dataset, cache, args.image_size, crop_size=args.crop_size,
+                               texture_test=args.texture_test)
         for config in args.configs.split(","):
             for seed in [int(s) for s in args.seeds.split(",")]:
                 if (dataset, config, seed) in done:
@@ -333,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["command"] = "python benchmarks/quality.py " + shlex.join(argv)
                     if dataset in TEXTURES:
                         r["crop_size"] = args.crop_size or args.image_size
+                        r["texture_test"] = args.texture_test
                 rows += new
                 for r in new:
                     print(json.dumps({k: v for k, v in r.items() if k != "scoring_settings"}), flush=True)

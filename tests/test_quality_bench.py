@@ -85,6 +85,25 @@ def test_texture_crop_size_sets_the_field_of_view_not_the_resolution(tmp_path: P
         q.prepare_dataset("elpv_mono", tmp_path, 32, crop_size=64)
 
 
+def test_texture_test_set_grows_without_changing_training_or_the_first_test_images(tmp_path: Path) -> None:
+    """``--texture-test 48``: 48 + 48 test crops in their own folder; the training crops and the
+    default 40 + 40 are the same files, so models trained before can be scored on the larger set."""
+    q = _quality()
+    small = q.prepare_dataset("grass", tmp_path, 32)
+    big = q.prepare_dataset("grass", tmp_path, 32, texture_test=48)
+    assert big.name == "grass_32_test48"
+    files = lambda root, part: sorted(p.relative_to(root) for p in (root / part).rglob("*.png"))  # noqa: E731
+    assert len(files(small, "test")) == 80 and len(files(big, "test")) == 96
+    assert set(files(small, "test")) < set(files(big, "test"))
+    for part in ("train", "test", "ground_truth"):
+        for rel in files(small, part):
+            assert (small / rel).read_bytes() == (big / rel).read_bytes(), rel
+    with pytest.raises(ValueError, match="textures only"):
+        q.prepare_dataset("elpv_mono", tmp_path, 32, texture_test=48)
+    with pytest.raises(ValueError, match=">= 1"):
+        q.prepare_dataset("grass", tmp_path, 32, texture_test=0)
+
+
 def test_evaluate_run_exports_each_scoring_with_and_without_flip_tta(trained_bundle: dict, tmp_path: Path) -> None:
     """``quality.py --tta both``: each scoring of the preset is exported and scored twice; the
     flipped bundle is named ``<scoring>+tta`` and its sidecar says so."""
