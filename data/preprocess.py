@@ -69,7 +69,7 @@ class Preprocess:
         if img.dtype == np.uint8:
             # a table of the 256 values x / 255: the same float32 bits as dividing, without two
             # image-sized temporaries (that step was 40 % of preprocessing a 300 px cell)
-            img = cv2.LUT(np.ascontiguousarray(img), _UINT8_TO_UNIT)
+            img = cv2.LUT(np.ascontiguousarray(img), _UINT8_TO_UNIT) if img.size else img.astype(np.float32) / 255.0
         elif img.dtype == np.uint16:
             img = img.astype(np.float32) / 65535.0
         img = self.convert(img.astype(np.float32, copy=False))
