@@ -34,6 +34,7 @@ class Preset:
     objective_kwargs: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 32
     lr: float = 2e-4
+    lr_decay_from: float | None = None
     scorings: dict[str, Scoring] = field(default_factory=lambda: {"default": ({}, False)})
     fixed_epochs: int | None = None  # a reference that ignores the epoch budget (untrained control)
 
@@ -44,6 +45,7 @@ class Preset:
 
         kw: dict[str, Any] = dict(data=data, out=out, model=self.model, epochs=self.fixed_epochs or epochs, image_size=image_size,
                                   seed=seed, batch_size=self.batch_size, lr=self.lr,
+                                  lr_decay_from=self.lr_decay_from,
                                   synthetic_defects=self.synthetic_defects, model_kwargs=dict(self.model_kwargs),
                                   objective_kwargs=dict(self.objective_kwargs), device="cpu")
         kw.update(overrides)
@@ -69,12 +71,12 @@ _LATENT_SCORINGS: dict[str, Scoring] = {"l1_ssim+norm+knn": ({"residual": "l1_ss
 
 def _cyclegan(name: str, description: str, *, synthetic_defects: float = 0.5,
               scorings: dict[str, Scoring] | None = None, objective_kwargs: dict[str, Any] | None = None,
-              **model_kwargs: Any) -> Preset:
+              lr_decay_from: float | None = None, **model_kwargs: Any) -> Preset:
     """A CycleGAN repair preset: U-Net generators of base 16, discriminators of 16, batch 8, synthetic
     defects p=0.5, every residual kind exported; ``model_kwargs`` override the network settings."""
     return Preset(name, "cyclegan", description, synthetic_defects=synthetic_defects, batch_size=8,
                   model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16, **model_kwargs},
-                  objective_kwargs=dict(objective_kwargs or {}),
+                  objective_kwargs=dict(objective_kwargs or {}), lr_decay_from=lr_decay_from,
                   scorings=dict(_RESIDUALS) if scorings is None else scorings)
 
 
@@ -141,6 +143,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
               segmenter=True, segmenter_channels=32, scorings=_SEGMENTER_SCORINGS),
     _cyclegan("cyclegan_repair_segdiff", "cyclegan_repair_seg whose segmenter also reads |input - repair|",
               segmenter=True, segmenter_input="pair_diff", scorings=_SEGMENTER_SCORINGS),
+    _cyclegan("cyclegan_repair_segdiff_decay", "cyclegan_repair_segdiff with CycleGAN's learning-rate schedule: "
+              "constant for the first half of the epochs, then linear decay towards 0", segmenter=True,
+              segmenter_input="pair_diff", lr_decay_from=0.5, scorings=_SEGMENTER_SCORINGS),
     _cyclegan("cyclegan_repair_seg_long", "cyclegan_repair_seg whose generators and discriminators stop after 30 "
               "epochs; the remaining epochs (--epochs minus 30) train the segmenter alone on the finished repair",
               segmenter=True, objective_kwargs={"repair_epochs": 30}, scorings=_SEGMENTER_SCORINGS),

@@ -68,6 +68,15 @@ def test_train_defect_sources_errors(mvtec_dir: Path, tmp_path: Path, capsys) ->
     assert "no readable images" in capsys.readouterr().err
 
 
+def test_train_lr_decay_option(mvtec_dir: Path, tmp_path: Path, capsys) -> None:
+    args = ["train", "--data", str(mvtec_dir), "--out", str(tmp_path / "r"), "--image-size", "32", "--epochs", "2",
+            "--batch-size", "4", "--model-kwargs", '{"latent_dim": 8, "base_channels": 8}']
+    assert main(args + ["--lr-decay-from", "1.5"]) == 2
+    assert "lr_decay_from must be in [0, 1)" in capsys.readouterr().err
+    assert main(args + ["--lr-decay-from", "0.5"]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr_decay_from"] == 0.5
+
+
 def test_unknown_model(mvtec_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["train", "--data", str(mvtec_dir), "--model", "nope", "--out", str(tmp_path / "r")]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err

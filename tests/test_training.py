@@ -126,6 +126,29 @@ def test_config_lr_overrides_objective_and_zero_is_honoured(mvtec_dir: Path, tmp
     assert weights and all(torch.equal(init[k], trained[k]) for k in weights)
 
 
+def test_lr_decay_follows_cyclegans_schedule_and_resumes_from_the_base_rate(mvtec_dir: Path, tmp_path: Path) -> None:
+    def last_lrs() -> list[float]:
+        opts = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["optimizers"]
+        return [g["lr"] for name in sorted(opts) for g in opts[name]["param_groups"]]
+
+    cfg = TrainConfig(data=str(mvtec_dir), out=str(tmp_path / "run"), image_size=32, epochs=3, batch_size=4,
+                      lr_decay_from=0.5, model_kwargs={"latent_dim": 8, "base_channels": 8})
+    train(cfg)
+    first = last_lrs()  # decay from epoch round(1.5) = 2: the third and last epoch ran at 1 - 1/2 of the base
+    cfg.epochs = 4
+    train(cfg, resume=True)
+    second = last_lrs()  # now the fourth epoch ran at 1 - 2/3: from the base rate, not the saved (halved) one
+    assert len(first) == len(second) >= 3
+    assert all(b / a == pytest.approx((1 / 3) / (1 / 2)) for a, b in zip(first, second))
+    t = Trainer(create_objective("aae", create_model("aae", in_channels=1, image_size=32, latent_dim=8, base_channels=8)),
+                out_dir=tmp_path / "t", epochs=30, lr_decay_from=0.5, device="cpu")
+    factors = [t.lr_factor(e) for e in range(30)]
+    assert factors[:15] == [1.0] * 15 and factors[15] == pytest.approx(15 / 16) and factors[-1] == pytest.approx(1 / 16)
+    assert all(a > b for a, b in zip(factors[14:], factors[15:]))
+    with pytest.raises(ValueError, match="lr_decay_from"):
+        TrainConfig(data=str(mvtec_dir), lr_decay_from=1.0)
+
+
 def test_segmenter_learns_to_localise_synthetic_defects(tmp_path: Path) -> None:
     """DRAEM's segmenter step (``S``) alone, on the no-target fallback's rectangles: pixel AUROC of its
     map on held-out corrupted images goes from chance to > 0.85 in 300 steps

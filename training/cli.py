@@ -58,6 +58,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; stops cleanly with a checkpoint")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the objective's own)")
+    p.add_argument("--lr-decay-from", type=float, default=None, metavar="F",
+                   help="keep the learning rate for this fraction of the epochs, then decay it linearly towards 0 "
+                        "(CycleGAN's schedule; default: constant)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="normal images held out for validation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -83,7 +86,8 @@ def _config(args: argparse.Namespace, scoring: dict) -> TrainConfig:
     return TrainConfig(
         data=args.data, out=args.out, model=args.model, image_size=args.image_size, channels=args.channels,
         epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
-        val_fraction=args.val_fraction, seed=args.seed, device=args.device, augment=args.augment,
+        lr_decay_from=args.lr_decay_from, val_fraction=args.val_fraction, seed=args.seed, device=args.device,
+        augment=args.augment,
         synthetic_defects=args.synthetic_defects, defect_sources=args.defect_sources, model_kwargs=args.model_kwargs,
         objective_kwargs=args.objective_kwargs, scoring=scoring,
     )

@@ -29,6 +29,8 @@ class TrainConfig:
         batch_size: optimisation batch size.
         lr: learning rate of every step; ``None`` keeps the objective's own default (e.g. 2e-4 for
             adversarial families, 1e-3 for AE/VAE).
+        lr_decay_from: fraction of ``epochs`` after which every learning rate falls linearly
+            towards 0 (CycleGAN's schedule, :class:`training.trainer.Trainer`); ``None``: constant.
         val_fraction: share of normal training images held out for validation (checkpoint choice,
             default threshold, score statistics); never trained on.
         seed: seeds the split, the initialisation and the data order.
@@ -54,6 +56,7 @@ class TrainConfig:
     max_minutes: float | None = None
     batch_size: int = 32
     lr: float | None = None
+    lr_decay_from: float | None = None
     val_fraction: float = 0.15
     seed: int = 0
     device: str = "auto"
@@ -75,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"synthetic_defects must be in [0, 1], got {self.synthetic_defects}")
         if self.defect_sources is not None and not self.synthetic_defects:
             raise ValueError("defect_sources fill synthetic defects: set synthetic_defects > 0 as well")
+        if self.lr_decay_from is not None and not 0.0 <= self.lr_decay_from < 1.0:
+            raise ValueError(f"lr_decay_from must be in [0, 1), got {self.lr_decay_from}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 

@@ -137,7 +137,7 @@ def train(config: TrainConfig, *, resume: bool = False,
 
     trainer = Trainer(
         objective, out_dir=out, epochs=config.epochs, max_minutes=config.max_minutes, lr=config.lr if config.lr is not None else 2e-4,
-        device=config.device, progress=progress,
+        lr_decay_from=config.lr_decay_from, device=config.device, progress=progress,
         extra_state={"config": config.to_dict(), "model_name": config.model, "model_kwargs": model_kwargs,
                      "num_classes": num_classes, "categories": layout.categories, "preprocess": pre.to_dict()},
     )

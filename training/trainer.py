@@ -80,6 +80,10 @@ class Trainer:
         max_minutes: wall-clock budget (``None``: unlimited).
         lr: default learning rate for steps that do not set their own.
         grad_clip: max gradient norm per step (``None``/0 disables).
+        lr_decay_from: CycleGAN's schedule: every step keeps its learning rate for this fraction of
+            ``epochs``, then it falls linearly, epoch by epoch, to ``1 / (n + 1)`` of it in the last
+            of the ``n`` decay epochs. ``None``: constant. Set by epochs, so a run that
+            ``max_minutes`` stops early may not reach the decay.
         device: ``cpu``, ``cuda`` or ``auto``.
         extra_state: saved into every checkpoint (the resolved config, the model's name/kwargs).
         progress: called with event dicts (``{"event": "batch"|"epoch", ...}``) for a CLI display.
@@ -94,6 +98,7 @@ class Trainer:
         max_minutes: float | None = None,
         lr: float = 2e-4,
         grad_clip: float | None = 5.0,
+        lr_decay_from: float | None = None,
         device: str = "auto",
         extra_state: dict[str, Any] | None = None,
         progress: Callable[[dict[str, Any]], None] | None = None,
@@ -116,6 +121,11 @@ class Trainer:
         self.optimizers = {
             s.name: torch.optim.Adam(self.params[s.name], lr=s.lr if s.lr is not None else lr, betas=s.betas) for s in self.steps
         }
+        if lr_decay_from is not None and not 0.0 <= lr_decay_from < 1.0:
+            raise ValueError(f"lr_decay_from must be in [0, 1), got {lr_decay_from}")
+        self.lr_decay_from = lr_decay_from
+        # the constructed rates, not a resumed optimizer's (whose saved rate is already decayed)
+        self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
         self._all_params = list(self.model.parameters())
         self.epoch = 0
         self.global_step = 0
@@ -148,6 +158,21 @@ class Trainer:
         self.global_step = int(ckpt["global_step"])
         self.best_val = float(ckpt.get("best_val", math.inf))
         log.info("resumed from epoch %d (best validation error %.5f)", self.epoch, self.best_val)
+
+    def lr_factor(self, epoch: int) -> float:
+        """Learning-rate multiplier of 0-based ``epoch`` (see ``lr_decay_from``)."""
+        if self.lr_decay_from is None:
+            return 1.0
+        start = int(round(self.lr_decay_from * self.epochs))
+        if epoch < start:
+            return 1.0
+        return max(0.0, 1.0 - (epoch - start + 1) / (self.epochs - start + 1))
+
+    def _apply_lr(self) -> None:
+        factor = self.lr_factor(self.epoch)
+        for k, o in self.optimizers.items():
+            for g, base in zip(o.param_groups, self._base_lrs[k]):
+                g["lr"] = base * factor
 
     # -- one step ------------------------------------------------------------------------------
     def _set_trainable(self, step: Step) -> None:
@@ -206,6 +231,7 @@ class Trainer:
             sums: dict[str, float] = {}
             count = 0
             t_epoch = time.monotonic()
+            self._apply_lr()
             for i, batch in enumerate(train_loader):
                 logs = self.train_batch(_to_device(batch, self.device))
                 count += 1
