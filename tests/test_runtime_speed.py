@@ -198,11 +198,40 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
     assert len(ort) == 4 and sum("int8" in line for line in ort) == 2
     audit = [line for line in lines if line.startswith("audit (end to end)")]
     assert len(audit) == 1 and "of onnxruntime fp32 batch 4" in audit[0] and "a 12 kB file costs" in audit[0]
+    assert "whole run" in audit[0] and "first image after" in audit[0]
     bare = [line for line in lines if line.startswith("audit (no files)")]
     assert len(bare) == 1 and "journal + CSV only" in bare[0]
     assert main(["bench", str(trained_bundle["bundle"]), "--audit-dir", str(trained_bundle["data"] / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "--audit-dir" in err and "no such folder" in err
+
+
+def test_bench_audit_rate_is_the_steady_state_after_the_first_image(trained_bundle: dict, monkeypatch) -> None:
+    """The audit row times the audit from its first finished image to its last, as the graph rows
+    time calls after warm-up; the start-up and the whole run's rate are kept beside it."""
+    import deploy.audit
+    from deploy.audit import AuditProgress
+    from deploy.bench import bench_audit
+
+    n = 40
+    images = trained_bundle["data"] / "test"
+    paths = [str(p) for p in sorted(images.rglob("*.png"))]
+    paths = (paths * (n // len(paths) + 1))[:n]
+
+    def fake_run_audit(bundle, paths, out, *, progress, **kwargs):
+        # first image after 1 s, then 10 images/s up to image 30, 20 images/s in the drain
+        t = 1.0
+        for i in range(len(paths)):
+            progress(AuditProgress(i + 1, len(paths), 0, t))
+            t += 0.1 if i < 30 else 0.05
+        return {"images_per_second": len(paths) / t}
+
+    monkeypatch.setattr(deploy.audit, "run_audit", fake_run_audit)
+    monkeypatch.setattr("data.io.paths_from", lambda _: paths)
+    rate = bench_audit(trained_bundle["bundle"], images=images, max_images=n, repeats=1)
+    assert rate.images == n and f"{n} images from" in rate.source
+    assert rate.images_per_s == pytest.approx(10.0)  # images 10 to 30: neither the start-up nor the drain
+    assert rate.whole_run_images_per_s == pytest.approx(n / 4.5) and rate.startup_s == pytest.approx(1.0)
 
 
 def test_fp16_of_a_flip_tta_bundle_loads_and_agrees(trained_bundle: dict, tmp_path: Path) -> None:
