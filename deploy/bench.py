@@ -17,10 +17,10 @@ row writes no image files (journal and CSV only) and the first row's note gives 
 file costs on the audit's disk, so a slow disk and a slow pipeline can be told apart.
 
 The audit's rate is its steady state, as the graph's rate is timed after warm-up calls: the images
-finished per second between a quarter and three quarters of the run, which leaves out the start-up
-(reading the first batches, the first graph runs: a quarter of a second before the first image on a
-2-core CPU, a third of a 256-image audit) and the drain at the end. That is what a long audit runs
-at; the note gives the start-up and the whole run's rate beside it.
+finished per second from a quarter of the run until the inputs run out (:class:`AuditRate`), which
+leaves out the start-up (reading the first batches, the first graph runs: a quarter of a second
+before the first image on a 2-core CPU, a third of a 256-image audit) and the drain at the end. That
+is what a long audit runs at; the note gives the start-up and the whole run's rate beside it.
 
 Library functions return rows; the CLI handler prints them. Torch is imported only for the
 torch row.
@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["add_parsers", "AuditRate", "BenchRow", "time_calls", "bench_bundle", "bench_audit", "file_write_ms",
+__all__ = ["add_parsers", "AuditRate", "BenchRow", "audit_in_flight", "time_calls", "bench_bundle", "bench_audit", "file_write_ms",
            "format_table", "find_variants"]
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,9 @@ class AuditRate:
     """How fast one audit ran (the fastest of :func:`bench_audit`'s repeats).
 
     Attributes:
-        images_per_s: steady state: the images finished per second between the first quarter and
-            the third quarter of the run (the whole run's rate when that span holds fewer than 8).
+        images_per_s: steady state: the images finished per second from a quarter of the run (and
+            at least :func:`audit_in_flight` images) until that many images are left, when the
+            pipeline stops filling; the whole run's rate when that span holds fewer than 8 images.
         whole_run_images_per_s: all images over the whole run, start-up included.
         startup_s: seconds from the start of the audit's timed span (the bundle loaded, the
             output folder ready) to its first finished image.
@@ -264,6 +265,17 @@ def file_write_ms(folder: str | os.PathLike, n: int = 64, size: int = 12_000) ->
     return float(np.median(times) * 1e3)
 
 
+def audit_in_flight(bundle: str | os.PathLike, device: str, batch_size: int) -> int:
+    """Most images :func:`deploy.audit.run_audit` holds between reading and committing: the
+    runtime's pipeline bound (``Runtime.score_paths``) plus the ``2 * batch_size`` finished images
+    waiting for their files."""
+    from deploy.runtime import Runtime
+
+    rt = Runtime(bundle, device=device)
+    chunks = rt.decode_workers + rt.prefetch if rt.pipeline == "batch" else rt.prefetch + 1
+    return (chunks + 2) * batch_size
+
+
 def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str = "auto",
                 images: str | os.PathLike | None = None, max_images: int = 256, repeats: int = 2,
                 heatmaps: bool = True, thumbnail: int = 256,
@@ -301,6 +313,7 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
             source = f"{len(paths)} images from {images}"
         if not paths:
             raise FileNotFoundError(f"{images}: no images to audit")
+        in_flight = audit_in_flight(bundle, device, batch_size)
         best: AuditRate | None = None
         for k in range(max(1, repeats)):
             out = Path(tmp) / f"audit{k}"
@@ -312,12 +325,14 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
             wall = time.perf_counter() - t
             whole = float(summary.get("images_per_second") or len(paths) / wall)
             steady = whole
-            # the middle half: after the start-up and before the drain (the last batches in flight are
-            # finished with nothing new to overlap them), the same amount of work is in flight at both
-            # ends, so neither inflates the slope
-            mid = [(n, sec) for n, sec in ticks if len(paths) / 4 <= n <= 3 * len(paths) / 4]
-            if len(mid) >= 8 and mid[-1][1] > mid[0][1]:
-                steady = (mid[-1][0] - mid[0][0]) / (mid[-1][1] - mid[0][1])
+            # Between a full pipeline and the moment the inputs run out, as much work is in flight at
+            # both ends of the span, so the slope counts only work done inside it. Past that moment
+            # the images in flight finish with nothing new behind them, and their early stages, done
+            # before, would inflate it.
+            lo, hi = max(len(paths) / 4, in_flight), len(paths) - in_flight
+            span = [(n, sec) for n, sec in ticks if lo <= n <= hi]
+            if len(span) >= 8 and span[-1][1] > span[0][1]:
+                steady = (span[-1][0] - span[0][0]) / (span[-1][1] - span[0][1])
             rate = AuditRate(steady, whole, ticks[0][1] if ticks else wall, len(paths), source)
             if best is None or rate.images_per_s > best.images_per_s:
                 best = rate

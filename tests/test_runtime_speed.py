@@ -211,7 +211,7 @@ def test_bench_audit_rate_is_the_steady_state_after_the_first_image(trained_bund
     time calls after warm-up; the start-up and the whole run's rate are kept beside it."""
     import deploy.audit
     from deploy.audit import AuditProgress
-    from deploy.bench import bench_audit
+    from deploy.bench import audit_in_flight, bench_audit
 
     n = 40
     images = trained_bundle["data"] / "test"
@@ -219,19 +219,22 @@ def test_bench_audit_rate_is_the_steady_state_after_the_first_image(trained_bund
     paths = (paths * (n // len(paths) + 1))[:n]
 
     def fake_run_audit(bundle, paths, out, *, progress, **kwargs):
-        # first image after 1 s, then 10 images/s up to image 30, 20 images/s in the drain
+        # first image after 1 s, then 10 images/s; with 5 images left the inputs ran out, and the rest
+        # come twice as fast (the images in flight were partly done)
         t = 1.0
         for i in range(len(paths)):
             progress(AuditProgress(i + 1, len(paths), 0, t))
-            t += 0.1 if i < 30 else 0.05
+            t += 0.1 if i + 1 < len(paths) - 5 else 0.05
         return {"images_per_second": len(paths) / t}
 
     monkeypatch.setattr(deploy.audit, "run_audit", fake_run_audit)
     monkeypatch.setattr("data.io.paths_from", lambda _: paths)
+    monkeypatch.setattr("deploy.bench.audit_in_flight", lambda *a: 5)
     rate = bench_audit(trained_bundle["bundle"], images=images, max_images=n, repeats=1)
     assert rate.images == n and f"{n} images from" in rate.source
-    assert rate.images_per_s == pytest.approx(10.0)  # images 10 to 30: neither the start-up nor the drain
-    assert rate.whole_run_images_per_s == pytest.approx(n / 4.5) and rate.startup_s == pytest.approx(1.0)
+    assert rate.images_per_s == pytest.approx(10.0)  # images 10 to 35: neither the start-up nor the drain
+    assert rate.whole_run_images_per_s == pytest.approx(n / 4.7) and rate.startup_s == pytest.approx(1.0)
+    assert audit_in_flight(trained_bundle["bundle"], "cpu", 4) >= 3 * 4  # a worker's chunk, the prefetch, the writes
 
 
 def test_fp16_of_a_flip_tta_bundle_loads_and_agrees(trained_bundle: dict, tmp_path: Path) -> None:
