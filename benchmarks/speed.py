@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
-    ap.add_argument("--audit-images", type=int, default=256)
+    ap.add_argument("--audit-images", type=int, default=1024)
     ap.add_argument("--audit-dir", default=None, help="where the audit rows write (default: the system's temp folder)")
     ap.add_argument("--no-accuracy", dest="accuracy", action="store_false")
     ap.add_argument("--accuracy-runs", nargs="*", default=[], metavar="RUN",
