@@ -43,8 +43,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["add_parsers", "AuditRate", "BenchRow", "audit_in_flight", "time_calls", "bench_bundle", "bench_audit", "file_write_ms",
-           "format_table", "find_variants"]
+__all__ = ["add_parsers", "AuditRate", "BenchRow", "audit_in_flight", "time_calls", "bench_bundle", "bench_audit",
+           "file_write_ms", "format_table", "find_variants"]
 
 log = logging.getLogger(__name__)
 
