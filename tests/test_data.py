@@ -93,7 +93,6 @@ def test_preprocess_antialiases_when_shrinking() -> None:
     assert np.allclose(x, 0.5, atol=0.01)
 
 
-
 @pytest.mark.parametrize("shape", [(300, 300), (40, 50, 3), (300, 200, 4), (64, 64, 1), (31, 90, 3)])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_preprocess_uint8_is_bitwise_the_divide_by_255_definition(shape: tuple[int, ...], channels: int) -> None:
@@ -111,6 +110,7 @@ def test_preprocess_leaves_its_input_alone() -> None:
     before = img.copy()
     x = Preprocess(image_size=64, channels=1)(img)
     assert np.array_equal(img, before) and x.min() == 0.0 and x.max() == 1.0
+
 
 def test_discover_mvtec(mvtec_dir: Path) -> None:
     layout = discover(mvtec_dir)
