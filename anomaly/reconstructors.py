@@ -146,6 +146,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _cyclegan("cyclegan_repair_segdiff_decay", "cyclegan_repair_segdiff with CycleGAN's learning-rate schedule: "
               "constant for the first half of the epochs, then linear decay towards 0", segmenter=True,
               segmenter_input="pair_diff", lr_decay_from=0.5, scorings=_SEGMENTER_SCORINGS),
+    _cyclegan("cyclegan_repair_segdiff32_decay", "cyclegan_repair_segdiff_decay with a segmenter twice as wide "
+              "(U-Net base 32): on grass the segmenter's map carries the detection", segmenter=True,
+              segmenter_input="pair_diff", segmenter_channels=32, lr_decay_from=0.5, scorings=_SEGMENTER_SCORINGS),
     _cyclegan("cyclegan_repair_seg_long", "cyclegan_repair_seg whose generators and discriminators stop after 30 "
               "epochs; the remaining epochs (--epochs minus 30) train the segmenter alone on the finished repair",
               segmenter=True, objective_kwargs={"repair_epochs": 30}, scorings=_SEGMENTER_SCORINGS),

@@ -1,0 +1,46 @@
+"""The benchmark's presets (``anomaly.reconstructors``) must build what they name.
+
+A preset is only trained inside ``benchmarks/quality.py``, tens of minutes into a run; a typo in a
+model keyword or a scoring that its model cannot produce would surface only there. These tests
+build every preset's config, model and export scorers at a small size instead.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomaly.reconstructors import PRESETS, get_preset
+from anomaly.scoring import ReconstructionScorer, Scorer
+from training.run import build_model
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_its_model_and_each_export_scorer(name: str) -> None:
+    preset = get_preset(name)
+    assert preset.name == name
+    cfg = preset.train_config(data="unused", out="unused", epochs=4, image_size=32)  # TrainConfig validates
+    assert cfg.model == preset.model and cfg.lr_decay_from == preset.lr_decay_from
+    model = build_model(cfg.model, in_channels=1, image_size=32, num_classes=1, **cfg.model_kwargs).eval()
+    x = torch.rand(2, 1, 32, 32)
+    for label, (overrides, _normalize) in preset.scorings.items():
+        settings = {**cfg.scoring, **overrides}
+        scorer = Scorer(residual=settings["residual"], smoothing_sigma=settings["smoothing_sigma"],
+                        aggregate=settings["aggregate"], topk_fraction=settings.get("topk_fraction", 0.01),
+                        image_size=(32, 32))
+        if len(scorer.parts) > 1:  # export measures these on validation images
+            scorer.set_mix_statistics(torch.zeros(len(scorer.parts)), torch.ones(len(scorer.parts)))
+        with torch.no_grad():  # "learned" raises here unless the model has a segmenter
+            out = ReconstructionScorer(model, scorer)(x)
+        assert out.anomaly_map.shape == (2, 1, 32, 32) and out.score.shape == (2,), label
+        assert torch.isfinite(out.score).all(), label
+
+
+def test_the_wide_segmenter_preset_doubles_only_the_segmenter() -> None:
+    narrow, wide = get_preset("cyclegan_repair_segdiff_decay"), get_preset("cyclegan_repair_segdiff32_decay")
+    assert wide.model_kwargs == {**narrow.model_kwargs, "segmenter_channels": 32}
+    assert wide.lr_decay_from == narrow.lr_decay_from == 0.5 and wide.scorings == narrow.scorings
+
+
+def test_unknown_preset_names_the_known_ones() -> None:
+    with pytest.raises(KeyError, match="cyclegan_repair_segdiff_decay"):
+        get_preset("cyclegan_repair_segdif")
