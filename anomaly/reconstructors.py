@@ -35,6 +35,7 @@ class Preset:
     batch_size: int = 32
     lr: float = 2e-4
     lr_decay_from: float | None = None
+    augment: str = "flip"
     scorings: dict[str, Scoring] = field(default_factory=lambda: {"default": ({}, False)})
     fixed_epochs: int | None = None  # a reference that ignores the epoch budget (untrained control)
 
@@ -45,7 +46,7 @@ class Preset:
 
         kw: dict[str, Any] = dict(data=data, out=out, model=self.model, epochs=self.fixed_epochs or epochs, image_size=image_size,
                                   seed=seed, batch_size=self.batch_size, lr=self.lr,
-                                  lr_decay_from=self.lr_decay_from,
+                                  lr_decay_from=self.lr_decay_from, augment=self.augment,
                                   synthetic_defects=self.synthetic_defects, model_kwargs=dict(self.model_kwargs),
                                   objective_kwargs=dict(self.objective_kwargs), device="cpu")
         kw.update(overrides)
@@ -71,12 +72,12 @@ _LATENT_SCORINGS: dict[str, Scoring] = {"l1_ssim+norm+knn": ({"residual": "l1_ss
 
 def _cyclegan(name: str, description: str, *, synthetic_defects: float = 0.5,
               scorings: dict[str, Scoring] | None = None, objective_kwargs: dict[str, Any] | None = None,
-              lr_decay_from: float | None = None, **model_kwargs: Any) -> Preset:
+              lr_decay_from: float | None = None, augment: str = "flip", **model_kwargs: Any) -> Preset:
     """A CycleGAN repair preset: U-Net generators of base 16, discriminators of 16, batch 8, synthetic
     defects p=0.5, every residual kind exported; ``model_kwargs`` override the network settings."""
     return Preset(name, "cyclegan", description, synthetic_defects=synthetic_defects, batch_size=8,
                   model_kwargs={"generator": "unet", "base_channels": 16, "disc_channels": 16, **model_kwargs},
-                  objective_kwargs=dict(objective_kwargs or {}), lr_decay_from=lr_decay_from,
+                  objective_kwargs=dict(objective_kwargs or {}), lr_decay_from=lr_decay_from, augment=augment,
                   scorings=dict(_RESIDUALS) if scorings is None else scorings)
 
 
@@ -146,6 +147,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _cyclegan("cyclegan_repair_segdiff_decay", "cyclegan_repair_segdiff with CycleGAN's learning-rate schedule: "
               "constant for the first half of the epochs, then linear decay towards 0", segmenter=True,
               segmenter_input="pair_diff", lr_decay_from=0.5, scorings=_SEGMENTER_SCORINGS),
+    _cyclegan("cyclegan_repair_segdiff_decay_rot", "cyclegan_repair_segdiff_decay trained on all 8 orientations "
+              "(flips and 90-degree rotations, --augment flip_rot90): grass and gravel have no preferred direction, "
+              "and their 200 training crops overlap heavily", segmenter=True, segmenter_input="pair_diff",
+              lr_decay_from=0.5, augment="flip_rot90", scorings=_SEGMENTER_SCORINGS),
     _cyclegan("cyclegan_repair_segdiff32_decay", "cyclegan_repair_segdiff_decay with a segmenter twice as wide "
               "(U-Net base 32): on grass the segmenter's map carries the detection", segmenter=True,
               segmenter_input="pair_diff", segmenter_channels=32, lr_decay_from=0.5, scorings=_SEGMENTER_SCORINGS),

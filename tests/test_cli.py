@@ -68,13 +68,17 @@ def test_train_defect_sources_errors(mvtec_dir: Path, tmp_path: Path, capsys) ->
     assert "no readable images" in capsys.readouterr().err
 
 
-def test_train_lr_decay_option(mvtec_dir: Path, tmp_path: Path, capsys) -> None:
+def test_train_lr_decay_and_augment_options(mvtec_dir: Path, tmp_path: Path, capsys) -> None:
     args = ["train", "--data", str(mvtec_dir), "--out", str(tmp_path / "r"), "--image-size", "32", "--epochs", "2",
             "--batch-size", "4", "--model-kwargs", '{"latent_dim": 8, "base_channels": 8}']
     assert main(args + ["--lr-decay-from", "1.5"]) == 2
     assert "lr_decay_from must be in [0, 1)" in capsys.readouterr().err
-    assert main(args + ["--lr-decay-from", "0.5"]) == 0
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr_decay_from"] == 0.5
+    with pytest.raises(SystemExit):
+        main(args + ["--augment", "rot90"])
+    assert "invalid choice: 'rot90'" in capsys.readouterr().err
+    assert main(args + ["--lr-decay-from", "0.5", "--augment", "flip_rot90"]) == 0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["lr_decay_from"] == 0.5 and saved["augment"] == "flip_rot90"
 
 
 def test_unknown_model(mvtec_dir: Path, tmp_path: Path, capsys) -> None:

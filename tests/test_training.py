@@ -12,7 +12,7 @@ import torch
 from anomaly.registry import create_model
 from training.config import TrainConfig
 from training.objectives import create_objective
-from training.run import split_normals, train
+from training.run import flip_rot90_augment, split_normals, train
 from training.trainer import Trainer, load_checkpoint
 
 
@@ -147,6 +147,21 @@ def test_lr_decay_follows_cyclegans_schedule_and_resumes_from_the_base_rate(mvte
     assert all(a > b for a, b in zip(factors[14:], factors[15:]))
     with pytest.raises(ValueError, match="lr_decay_from"):
         TrainConfig(data=str(mvtec_dir), lr_decay_from=1.0)
+
+
+def test_flip_rot90_augment_draws_the_eight_orientations_evenly() -> None:
+    image = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)  # two channels must move together
+    counts = {np.ascontiguousarray(np.rot90(m, k, axes=(1, 2))).tobytes(): 0
+              for m in (image, image[:, :, ::-1]) for k in range(4)}
+    assert len(counts) == 8
+    rng = np.random.default_rng(0)
+    for _ in range(4000):  # a KeyError means an output that is no symmetry of the square
+        counts[np.ascontiguousarray(flip_rot90_augment(image, rng)).tobytes()] += 1
+    assert all(400 < n < 600 for n in counts.values()), counts  # 500 each expected, sd 21
+    with pytest.raises(ValueError, match="square"):
+        flip_rot90_augment(np.zeros((1, 4, 6), np.float32), rng)
+    with pytest.raises(ValueError, match="flip_rot90"):
+        TrainConfig(data="unused", augment="rot90")
 
 
 def test_segmenter_learns_to_localise_synthetic_defects(tmp_path: Path) -> None:

@@ -47,6 +47,8 @@ def _json_arg(text: str) -> dict:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from training.config import AUGMENTS  # plain data: no torch
+
     p = sub.add_parser("train", help="train a model on normal images",
                        description="Train a zoo model on normal images (MVTec-style category folder or a plain folder).")
     p.add_argument("--data", required=True, help="category folder (train/good, test/<type>) or a folder of normal images")
@@ -64,7 +66,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.15, help="normal images held out for validation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--augment", default="flip", choices=("none", "flip"))
+    p.add_argument("--augment", default="flip", choices=AUGMENTS,
+                   help="flip: random horizontal/vertical flips (default); flip_rot90: also 90-degree rotations, "
+                        "for surfaces with no preferred direction; none: for oriented products")
     p.add_argument("--synthetic-defects", type=float, default=0.0, metavar="P",
                    help="probability of a synthetic defect per training image; the model learns to repair (default 0)")
     p.add_argument("--defect-sources", default=None, metavar="DIR",

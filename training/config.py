@@ -10,7 +10,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "DEFAULT_SCORING"]
+__all__ = ["TrainConfig", "DEFAULT_SCORING", "AUGMENTS"]
+
+#: training augmentations (see ``TrainConfig.augment``)
+AUGMENTS = ("none", "flip", "flip_rot90")
 
 DEFAULT_SCORING: dict[str, Any] = {"residual": "l1_ssim", "smoothing_sigma": 2.0, "aggregate": "topk", "topk_fraction": 0.01}
 
@@ -35,8 +38,10 @@ class TrainConfig:
             default threshold, score statistics); never trained on.
         seed: seeds the split, the initialisation and the data order.
         device: ``auto``, ``cpu`` or ``cuda``.
-        augment: ``none`` or ``flip`` (random horizontal/vertical flips, which keep normal normal
-            for symmetric parts; switch off for oriented products).
+        augment: ``none``, ``flip`` (random horizontal/vertical flips, which keep normal normal
+            for symmetric parts; switch off for oriented products) or ``flip_rot90`` (the flips and
+            a random transposition: all 8 orientations of the square, for surfaces with no preferred
+            direction, e.g. grass or gravel; not for brick rows or busbars).
         synthetic_defects: probability that a training image carries a synthetic defect
             (:class:`data.synthetic.DefectSynthesizer`); the batch then holds the clean image as
             ``target`` and the model learns to *repair* (DRAEM-style). 0 disables.
@@ -68,8 +73,8 @@ class TrainConfig:
     scoring: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCORING))
 
     def __post_init__(self) -> None:
-        if self.augment not in ("none", "flip"):
-            raise ValueError(f"augment must be 'none' or 'flip', got {self.augment!r}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.epochs < 1:

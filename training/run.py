@@ -66,6 +66,20 @@ def flip_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return image
 
 
+def flip_rot90_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random flips, then a random transposition of a square ``(C, S, S)`` image: each of the 8
+    orientations of the square (flips and 90-degree rotations) with probability 1/8."""
+    image = flip_augment(image, rng)
+    if image.shape[1] != image.shape[2]:
+        raise ValueError(f"flip_rot90 needs square images, got {image.shape[1]}x{image.shape[2]}")
+    if rng.random() < 0.5:
+        image = image.transpose(0, 2, 1)
+    return image
+
+
+_AUGMENT_FNS = {"none": None, "flip": flip_augment, "flip_rot90": flip_rot90_augment}
+
+
 def build_model(name: str, *, in_channels: int, image_size: int, num_classes: int, **kwargs: Any) -> torch.nn.Module:
     """Create a registry model with the data-derived arguments (conditional models get ``num_classes``)."""
     spec = get_spec(name)
@@ -122,8 +136,7 @@ def train(config: TrainConfig, *, resume: bool = False,
                    "train_categories": [s.category for s in train_s],
                    "val_categories": [s.category for s in val_s]}, fh, indent=1)
 
-    augment = flip_augment if config.augment == "flip" else None
-    train_ds = ImageDataset(train_s, pre, augment=augment, seed=config.seed, cache=True)
+    train_ds = ImageDataset(train_s, pre, augment=_AUGMENT_FNS[config.augment], seed=config.seed, cache=True)
     if config.synthetic_defects > 0:
         from data.synthetic import DefectSynthesizer, SyntheticDefectDataset
 
