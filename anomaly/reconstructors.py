@@ -149,8 +149,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
               segmenter_input="pair_diff", lr_decay_from=0.5, scorings=_SEGMENTER_SCORINGS),
     _cyclegan("cyclegan_repair_segdiff_decay_rot", "cyclegan_repair_segdiff_decay trained on all 8 orientations "
               "(flips and 90-degree rotations, --augment flip_rot90): grass and gravel have no preferred direction, "
-              "and their 200 training crops overlap heavily", segmenter=True, segmenter_input="pair_diff",
-              lr_decay_from=0.5, augment="flip_rot90", scorings=_SEGMENTER_SCORINGS),
+              "and their 200 training crops overlap heavily (session 13: worse on grass over 3 seeds)", segmenter=True,
+              segmenter_input="pair_diff", lr_decay_from=0.5, augment="flip_rot90", scorings=_SEGMENTER_SCORINGS),
     _cyclegan("cyclegan_repair_segdiff32_decay", "cyclegan_repair_segdiff_decay with a segmenter twice as wide "
               "(U-Net base 32): on grass the segmenter's map carries the detection", segmenter=True,
               segmenter_input="pair_diff", segmenter_channels=32, lr_decay_from=0.5, scorings=_SEGMENTER_SCORINGS),

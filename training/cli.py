@@ -68,7 +68,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--augment", default="flip", choices=AUGMENTS,
                    help="flip: random horizontal/vertical flips (default); flip_rot90: also 90-degree rotations, "
-                        "for surfaces with no preferred direction; none: for oriented products")
+                        "for surfaces with no preferred direction (measured worse than flip on grass); "
+                        "none: for oriented products")
     p.add_argument("--synthetic-defects", type=float, default=0.0, metavar="P",
                    help="probability of a synthetic defect per training image; the model learns to repair (default 0)")
     p.add_argument("--defect-sources", default=None, metavar="DIR",

@@ -41,7 +41,8 @@ class TrainConfig:
         augment: ``none``, ``flip`` (random horizontal/vertical flips, which keep normal normal
             for symmetric parts; switch off for oriented products) or ``flip_rot90`` (the flips and
             a random transposition: all 8 orientations of the square, for surfaces with no preferred
-            direction, e.g. grass or gravel; not for brick rows or busbars).
+            direction; not for brick rows or busbars). On the grass benchmark ``flip_rot90`` was
+            worse than ``flip`` over 3 seeds (``benchmarks/results/quality_session13.md``).
         synthetic_defects: probability that a training image carries a synthetic defect
             (:class:`data.synthetic.DefectSynthesizer`); the batch then holds the clean image as
             ``target`` and the model learns to *repair* (DRAEM-style). 0 disables.
