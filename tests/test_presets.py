@@ -19,7 +19,7 @@ def test_every_preset_builds_its_model_and_each_export_scorer(name: str) -> None
     preset = get_preset(name)
     assert preset.name == name
     cfg = preset.train_config(data="unused", out="unused", epochs=4, image_size=32)  # TrainConfig validates
-    assert cfg.model == preset.model and cfg.lr_decay_from == preset.lr_decay_from
+    assert cfg.model == preset.model and cfg.lr_decay_from == preset.lr_decay_from and cfg.augment == preset.augment
     model = build_model(cfg.model, in_channels=1, image_size=32, num_classes=1, **cfg.model_kwargs).eval()
     x = torch.rand(2, 1, 32, 32)
     for label, (overrides, _normalize) in preset.scorings.items():

@@ -207,8 +207,9 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
 
 
 def test_bench_audit_rate_is_the_steady_state_after_the_first_image(trained_bundle: dict, monkeypatch) -> None:
-    """The audit row times the audit from its first finished image to its last, as the graph rows
-    time calls after warm-up; the start-up and the whole run's rate are kept beside it."""
+    """The audit row is the audit's steady state, as the graph rows time calls after warm-up: images
+    finished per second from a quarter of the run (and at least the images in flight) until that many
+    are left. The start-up and the whole run's rate are kept beside it."""
     import deploy.audit
     from deploy.audit import AuditProgress
     from deploy.bench import audit_in_flight, bench_audit

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from anomaly.registry import create_model
-from training.config import TrainConfig
+from training.config import AUGMENTS, TrainConfig
 from training.objectives import create_objective
-from training.run import flip_rot90_augment, split_normals, train
+from training.run import _AUGMENT_FNS, flip_rot90_augment, split_normals, train
 from training.trainer import Trainer, load_checkpoint
 
 
@@ -162,6 +162,7 @@ def test_flip_rot90_augment_draws_the_eight_orientations_evenly() -> None:
         flip_rot90_augment(np.zeros((1, 4, 6), np.float32), rng)
     with pytest.raises(ValueError, match="flip_rot90"):
         TrainConfig(data="unused", augment="rot90")
+    assert sorted(_AUGMENT_FNS) == sorted(AUGMENTS)  # every value the config accepts has its function
 
 
 def test_segmenter_learns_to_localise_synthetic_defects(tmp_path: Path) -> None:
