@@ -189,7 +189,7 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
 
     rc = main(["bench", str(trained_bundle["bundle"]), "--iterations", "2", "--warmup", "1", "--batch-size", "4",
                "--device", "cpu", "--images", str(trained_bundle["data"] / "test"), "--audit-images", "8",
-               "--variants", str(int8_bundle)])
+               "--variants", str(int8_bundle), "--reference-seconds", "0.05"])
     out = capsys.readouterr().out
     assert rc == 0, out
     lines = out.splitlines()
@@ -198,12 +198,14 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
     assert len(ort) == 4 and sum("int8" in line for line in ort) == 2
     audit = [line for line in lines if line.startswith("audit (end to end)")]
     assert len(audit) == 1 and "of onnxruntime fp32 batch 4" in audit[0] and "a 12 kB file costs" in audit[0]
-    assert "whole run" in audit[0] and "first image after" in audit[0]
+    assert "whole run" in audit[0] and "first image after" in audit[0] and "7 windows of 0.05 s" in audit[0]
     bare = [line for line in lines if line.startswith("audit (no files)")]
     assert len(bare) == 1 and "journal + CSV only" in bare[0]
     assert main(["bench", str(trained_bundle["bundle"]), "--audit-dir", str(trained_bundle["data"] / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "--audit-dir" in err and "no such folder" in err
+    assert main(["bench", str(trained_bundle["bundle"]), "--reference-seconds", "-1"]) == 2
+    assert "--reference-seconds" in capsys.readouterr().err
 
 
 def test_bench_audit_rate_is_the_steady_state_after_the_first_image(trained_bundle: dict, monkeypatch) -> None:
@@ -236,6 +238,36 @@ def test_bench_audit_rate_is_the_steady_state_after_the_first_image(trained_bund
     assert rate.images_per_s == pytest.approx(10.0)  # images 10 to 35: neither the start-up nor the drain
     assert rate.whole_run_images_per_s == pytest.approx(n / 4.7) and rate.startup_s == pytest.approx(1.0)
     assert audit_in_flight(trained_bundle["bundle"], "cpu", 4) >= 3 * 4  # a worker's chunk, the prefetch, the writes
+
+
+def test_audit_fraction_divides_by_the_fastest_reference(trained_bundle: dict, monkeypatch) -> None:
+    """The audit's fraction of pure inference divides by the graph at its fastest: the best of its
+    row and of the windows timed before each audit repeat and after the last. A single short window
+    that catches a slow moment of a shared machine must not inflate the fraction."""
+    import deploy.bench
+    from deploy.bench import AuditRate, BenchRow, run_all
+
+    monkeypatch.setattr(deploy.bench, "bench_bundle", lambda *a, **k: [BenchRow("onnxruntime", "fp32", "cpu", 4, 100.0)])
+    windows = iter([120.0, 90.0, 200.0, 110.0, 95.0])
+    monkeypatch.setattr(deploy.bench, "time_window", lambda fn, batch, seconds: next(windows))
+    repeats = []
+
+    def fake_bench_audit(bundle, *, before_repeat=None, **kwargs):
+        for _ in range(2):
+            if before_repeat is not None:
+                before_repeat()
+            repeats.append(kwargs.get("heatmaps", True))
+        return AuditRate(80.0, 70.0, 0.1, 10, "10 images")
+
+    monkeypatch.setattr(deploy.bench, "bench_audit", fake_bench_audit)
+    rows = run_all(trained_bundle["bundle"], batch_size=4, device="cpu", torch_eager=False, reference_seconds=0.01)
+    audit = [r for r in rows if r.engine.startswith("audit")]
+    assert len(repeats) == 4 and next(windows, None) is None  # a window before each repeat and one after the last
+    assert audit[0].note.startswith("40% of onnxruntime fp32 batch 4 (200.0 images/s, the best of its row and 5 windows")
+    assert "120, 90, 200, 110, 95" in audit[0].note and "whole run 70.0 images/s (35%)" in audit[0].note
+    assert audit[1].note.startswith("40% of onnxruntime fp32 batch 4; 10 images")  # the basis is said once
+    rows = run_all(trained_bundle["bundle"], batch_size=4, device="cpu", torch_eager=False, reference_seconds=0)
+    assert [r.note.split(";")[0] for r in rows if r.engine.startswith("audit")] == ["80% of onnxruntime fp32 batch 4"] * 2
 
 
 def test_fp16_of_a_flip_tta_bundle_loads_and_agrees(trained_bundle: dict, tmp_path: Path) -> None:
