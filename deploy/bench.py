@@ -12,9 +12,11 @@ For batch 1 and batch N it times the exported graph on the same preprocessed inp
 
 and reports images/s and per-call latency p50/p99. Then it runs the whole audit
 (:func:`deploy.audit.run_audit`: decode -> score -> results.csv + heatmap JPEGs) on a folder of
-images and gives its rate as a fraction of the float32 graph's images/s at batch N; a second audit
-row writes no image files (journal and CSV only) and the first row's note gives what creating one
-file costs on the audit's disk, so a slow disk and a slow pipeline can be told apart.
+images and gives its rate as a fraction of the float32 graph's images/s at batch N. A second audit
+row writes heatmaps only for the flagged images (``anomaly audit --heatmaps flagged``; its note says
+how many were flagged, which sets what it spares), a third writes no image files (journal and CSV
+only), and the first row's note gives what creating one file costs on the audit's disk, so a slow
+disk and a slow pipeline can be told apart.
 
 The audit's rate is its steady state, as the graph's rate is timed after warm-up calls: the images
 finished per second from a quarter of the run until the inputs run out (:class:`AuditRate`), which
@@ -94,6 +96,7 @@ class AuditRate:
             output folder ready) to its first finished image.
         images: images audited.
         source: where they came from, in words.
+        flagged: images the audit flagged (label 1).
     """
 
     images_per_s: float
@@ -101,6 +104,7 @@ class AuditRate:
     startup_s: float
     images: int
     source: str
+    flagged: int = 0
 
 
 def time_calls(fn: Callable[[], Any], batch: int, iterations: int, warmup: int) -> tuple[float, float, float]:
@@ -299,7 +303,7 @@ def audit_in_flight(bundle: str | os.PathLike, device: str, batch_size: int) -> 
 
 def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str = "auto",
                 images: str | os.PathLike | None = None, max_images: int = 1024, repeats: int = 3,
-                heatmaps: bool = True, thumbnail: int = 256,
+                heatmaps: bool | str = True, thumbnail: int = 256,
                 out_dir: str | os.PathLike | None = None,
                 before_repeat: Callable[[], Any] | None = None) -> AuditRate:
     """Run the end-to-end audit (decode -> score -> results.csv + heatmaps) and time it.
@@ -310,7 +314,7 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
             the model's input size.
         repeats: audits run; the fastest (in steady state) counts (the first also warms the file cache).
             Three, as the reference graph gets a best of several windows (:func:`run_all`).
-        heatmaps, thumbnail: as :func:`deploy.audit.run_audit` (``heatmaps=False, thumbnail=0``:
+        heatmaps, thumbnail: as :func:`deploy.audit.run_audit` (``heatmaps="none", thumbnail=0``:
             no image files, only the journal and CSV).
         out_dir: where the audit writes (a temporary folder inside it; default the system's).
         before_repeat: called before each repeat, outside its timing (:func:`run_all` times the
@@ -360,7 +364,7 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
             span = [(n, sec) for n, sec in ticks if lo <= n <= hi]
             if len(span) >= max(8, len(paths) / 2) and span[-1][1] > span[0][1]:
                 steady = (span[-1][0] - span[0][0]) / (span[-1][1] - span[0][1])
-            rate = AuditRate(steady, whole, ticks[0][1] if ticks else wall, len(paths), source)
+            rate = AuditRate(steady, whole, ticks[0][1] if ticks else wall, len(paths), source, int(summary.get("flagged") or 0))
             if best is None or rate.images_per_s > best.images_per_s:
                 best = rate
     assert best is not None
@@ -387,8 +391,10 @@ def run_all(bundle: str | os.PathLike, *, batch_size: int = 16, iterations: int 
             audit: bool = True, audit_images: int = 1024, torch_eager: bool = True,
             audit_dir: str | os.PathLike | None = None, reference_seconds: float = 1.5) -> list[BenchRow]:
     """Every row of ``anomaly bench``: the graph timings, then the audit against pure inference —
-    as the CLI runs it (heatmaps, thumbnails where due) and without image files (journal and CSV
-    only), which separates the pipeline from the disk; the note gives the disk's cost per file.
+    as the CLI runs it (heatmaps, thumbnails where due), with heatmaps for flagged images only
+    (``--heatmaps flagged``; how much it spares depends on the share flagged, which the note gives),
+    and without image files (journal and CSV only), which separates the pipeline from the disk; the
+    note gives the disk's cost per file.
 
     The audit's fraction divides by the float32 graph at batch N at its fastest: the best of its row
     and of windows of ``reference_seconds`` timed before each audit repeat and after the last (see
@@ -422,7 +428,8 @@ def run_all(bundle: str | os.PathLike, *, batch_size: int = 16, iterations: int 
         write_ms = file_write_ms(where)
         rates = []
         for engine, kwargs, what in (("audit (end to end)", {}, "heatmaps on"),
-                                     ("audit (no files)", {"heatmaps": False, "thumbnail": 0}, "journal + CSV only")):
+                                     ("audit (flagged maps)", {"heatmaps": "flagged"}, "heatmaps only for the {flagged} flagged"),
+                                     ("audit (no files)", {"heatmaps": "none", "thumbnail": 0}, "journal + CSV only")):
             rates.append((engine, what, bench_audit(bundle, batch_size=batch_size, device=audit_device, images=images,
                                                     max_images=audit_images, out_dir=audit_dir,
                                                     before_repeat=window, **kwargs)))
@@ -440,7 +447,7 @@ def run_all(bundle: str | os.PathLike, *, batch_size: int = 16, iterations: int 
                      + f", first image after {rate.startup_s:.2f} s")
             disk = f"; a 12 kB file costs {write_ms:.2f} ms in {where}" if engine == "audit (end to end)" else ""
             rows.append(BenchRow(engine, "fp32", audit_device, batch_size, rate.images_per_s,
-                                 note=f"{frac}; {rate.source}, {what}{whole}{disk}".lstrip("; ")))
+                                 note=f"{frac}; {rate.source}, {what.format(flagged=rate.flagged)}{whole}{disk}".lstrip("; ")))
             basis = ""  # said once, on the first audit row
     return rows
 

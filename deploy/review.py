@@ -476,6 +476,7 @@ _JS = r"""
   const D = JSON.parse(document.getElementById("review-data").textContent);
   const rows = D.rows;
   const served = location.protocol.indexOf("http") === 0;
+  function originalSrc(r) { return r.original ? (served ? "original/" + encodeURIComponent(r.id) : r.original) : null; }
   const PAGE = 200;
   const $ = (id) => document.getElementById(id);
   const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
@@ -538,7 +539,8 @@ _JS = r"""
   }
   function rowHTML(r, i) {
     const w = r.score === null ? 0 : Math.max(2, Math.min(100, 100 * (r.score - D.lo) / (D.hi - D.lo)));
-    const thumb = r.thumb || r.heatmap;
+    // an image passed under `--heatmaps flagged` has neither: the original (a small browser image) stands in
+    const thumb = r.thumb || r.heatmap || originalSrc(r);
     return '<tr class="row' + (flagged(r) ? " flag" : "") + (state.sel === r ? " sel" : "") + '" data-i="' + rows.indexOf(r) + '">' +
       "<td>" + (i + 1) + "</td>" +
       "<td>" + (thumb ? '<img class="thumb" loading="lazy" src="' + esc(thumb) + '" alt="">' : '<div class="thumb"></div>') + "</td>" +
@@ -635,7 +637,7 @@ _JS = r"""
     $("v-defect").classList.toggle("on", d === "defect"); $("v-fa").classList.toggle("on", d === "false_alarm");
     $("v-error").hidden = r.error === null; $("v-error").textContent = r.error || "";
     const orig = $("v-orig"), heat = $("v-heat");
-    const src = r.original ? (served ? "original/" + encodeURIComponent(r.id) : r.original) : (r.thumb || r.heatmap || "");
+    const src = originalSrc(r) || r.thumb || r.heatmap || "";
     if (orig.dataset.src !== src) {
       orig.dataset.src = src;
       const fallback = r.thumb || r.heatmap;  // the original moved, or the browser cannot decode it

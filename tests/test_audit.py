@@ -133,6 +133,52 @@ def test_thumbnails_only_where_they_spare_the_review_page_something(trained_bund
     assert rec["heatmap"] is None and cv2.imread(str(out2 / rec["thumbnail"])).shape[:2] == (51, 64)
 
 
+def test_heatmaps_only_for_flagged_images(trained_bundle: dict, tmp_path: Path, caplog) -> None:
+    """``--heatmaps flagged`` writes overlays for flagged images alone (no file for a passed one, and no
+    thumbnail in its place: the review page shows a small browser image itself); with no threshold
+    nothing can be flagged, so every image gets one."""
+    bundle, test = trained_bundle["bundle"], trained_bundle["data"] / "test"
+    out = tmp_path / "out"
+    assert _audit(bundle, str(test), "--out", str(out), "--heatmaps", "flagged") == 0
+    recs = _journal(out)
+    flagged = {r["id"] for r in recs if r["label"] == 1}
+    assert 0 < len(flagged) < len(recs)  # the blobs are flagged, the good tiles pass
+    assert {r["id"] for r in recs if r["heatmap"]} == flagged
+    assert {p.stem for p in (out / "heatmaps").glob("*.jpg")} == flagged
+    assert all(r["thumbnail"] is None for r in recs)
+    assert {r["id"]: r["heatmap"] for r in _csv(out) if r["heatmap"]} == {i: f"heatmaps/{i}.jpg" for i in flagged}
+    assert json.loads((out / "audit.json").read_text())["options"]["heatmaps"] == "flagged"
+    assert json.loads((out / "summary.json").read_text())["heatmaps"] == str(out / "heatmaps")
+    # the page falls back to the original where an image has neither thumbnail nor heatmap
+    from deploy.review import build_report
+
+    assert "r.thumb || r.heatmap || originalSrc(r)" in build_report(out).read_text()
+
+    uncalibrated = tmp_path / "uncalibrated"
+    shutil.copytree(bundle, uncalibrated)
+    meta = json.loads((uncalibrated / "model.json").read_text())
+    meta["calibration"].pop("image")
+    (uncalibrated / "model.json").write_text(json.dumps(meta))
+    out2 = tmp_path / "out2"
+    with caplog.at_level("WARNING", logger="deploy.audit"):
+        assert _audit(uncalibrated, str(test), "--out", str(out2), "--heatmaps", "flagged") == 0
+    assert "every image gets a heatmap" in caplog.text
+    assert all(r["label"] == -1 and r["heatmap"] for r in _journal(out2))
+
+    # a bare --heatmaps is the default, every image; a bad mode is refused before anything is written
+    out3 = tmp_path / "out3"
+    assert _audit(bundle, str(test / "good"), "--out", str(out3), "--heatmaps") == 0
+    assert all(r["heatmap"] for r in _journal(out3))
+    with pytest.raises(SystemExit) as exc:
+        _audit(bundle, str(test), "--out", str(tmp_path / "out4"), "--heatmaps", "some")
+    assert exc.value.code == 2 and not (tmp_path / "out4").exists()
+    from deploy.audit import AuditError, run_audit
+
+    with pytest.raises(AuditError, match="heatmaps must be one of all, flagged, none, got 'some'"):
+        run_audit(bundle, [str(test)], tmp_path / "out5", heatmaps="some")
+    assert not (tmp_path / "out5").exists()
+
+
 def test_same_file_names_get_distinct_outputs(trained_bundle: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert _audit(trained_bundle["bundle"], str(trained_bundle["data"] / "test"), "--out", str(out)) == 0

@@ -135,3 +135,24 @@ def test_served_page_saves_decisions_json(driver, audit_out: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_rows_without_heatmap_show_the_original(driver, trained_bundle: dict, tmp_path: Path) -> None:
+    """Under ``--heatmaps flagged`` a passed small PNG has neither heatmap nor thumbnail: its row and
+    the viewer show the original file."""
+    from selenium.webdriver.common.by import By
+
+    out = tmp_path / "audit"
+    assert main(["audit", str(trained_bundle["bundle"]), str(trained_bundle["data"] / "test"), "--out", str(out),
+                 "--heatmaps", "flagged"]) == 0
+    assert main(["review", str(out)]) == 0
+    passed = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    passed = [r for r in passed if r["label"] == 0]
+    assert passed and all(r["heatmap"] is None and r["thumbnail"] is None for r in passed)
+    driver.get((out / "report.html").as_uri())
+    rows = driver.find_elements(By.CSS_SELECTOR, "#rows tbody tr.row")
+    assert len(rows) == 8
+    _wait(lambda: driver.execute_script("return [...document.querySelectorAll('#rows img.thumb')].every(i => i.complete)"))
+    widths = driver.execute_script("return [...document.querySelectorAll('#rows tbody tr.row')].map("
+                                   "r => { const i = r.querySelector('img.thumb'); return i ? i.naturalWidth : 0; })")
+    assert len(widths) == 8 and min(widths) > 0  # every row has a picture, passed ones their original

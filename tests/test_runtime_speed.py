@@ -7,6 +7,7 @@ int8 / fp16 bundles are valid, self-checking bundles whose scores agree with flo
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 from pathlib import Path
 
@@ -198,7 +199,9 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
     assert len(ort) == 4 and sum("int8" in line for line in ort) == 2
     audit = [line for line in lines if line.startswith("audit (end to end)")]
     assert len(audit) == 1 and "of onnxruntime fp32 batch 4" in audit[0] and "a 12 kB file costs" in audit[0]
-    assert "whole run" in audit[0] and "first image after" in audit[0] and "7 windows of 0.05 s" in audit[0]
+    assert "whole run" in audit[0] and "first image after" in audit[0] and "10 windows of 0.05 s" in audit[0]
+    flagged = [line for line in lines if line.startswith("audit (flagged maps)")]
+    assert len(flagged) == 1 and re.search(r"heatmaps only for the [1-8] flagged", flagged[0])
     bare = [line for line in lines if line.startswith("audit (no files)")]
     assert len(bare) == 1 and "journal + CSV only" in bare[0]
     assert main(["bench", str(trained_bundle["bundle"]), "--audit-dir", str(trained_bundle["data"] / "nowhere")]) == 2
@@ -248,7 +251,7 @@ def test_audit_fraction_divides_by_the_fastest_reference(trained_bundle: dict, m
     from deploy.bench import AuditRate, BenchRow, run_all
 
     monkeypatch.setattr(deploy.bench, "bench_bundle", lambda *a, **k: [BenchRow("onnxruntime", "fp32", "cpu", 4, 100.0)])
-    windows = iter([120.0, 90.0, 200.0, 110.0, 95.0])
+    windows = iter([120.0, 90.0, 200.0, 110.0, 95.0, 105.0, 99.0])
     monkeypatch.setattr(deploy.bench, "time_window", lambda fn, batch, seconds: next(windows))
     repeats = []
 
@@ -262,12 +265,13 @@ def test_audit_fraction_divides_by_the_fastest_reference(trained_bundle: dict, m
     monkeypatch.setattr(deploy.bench, "bench_audit", fake_bench_audit)
     rows = run_all(trained_bundle["bundle"], batch_size=4, device="cpu", torch_eager=False, reference_seconds=0.01)
     audit = [r for r in rows if r.engine.startswith("audit")]
-    assert len(repeats) == 4 and next(windows, None) is None  # a window before each repeat and one after the last
-    assert audit[0].note.startswith("40% of onnxruntime fp32 batch 4 (200.0 images/s, the best of its row and 5 windows")
-    assert "120, 90, 200, 110, 95" in audit[0].note and "whole run 70.0 images/s (35%)" in audit[0].note
+    assert len(repeats) == 6 and next(windows, None) is None  # a window before each repeat and one after the last
+    assert repeats == [True, True, "flagged", "flagged", "none", "none"]
+    assert audit[0].note.startswith("40% of onnxruntime fp32 batch 4 (200.0 images/s, the best of its row and 7 windows")
+    assert "120, 90, 200, 110, 95, 105, 99" in audit[0].note and "whole run 70.0 images/s (35%)" in audit[0].note
     assert audit[1].note.startswith("40% of onnxruntime fp32 batch 4; 10 images")  # the basis is said once
     rows = run_all(trained_bundle["bundle"], batch_size=4, device="cpu", torch_eager=False, reference_seconds=0)
-    assert [r.note.split(";")[0] for r in rows if r.engine.startswith("audit")] == ["80% of onnxruntime fp32 batch 4"] * 2
+    assert [r.note.split(";")[0] for r in rows if r.engine.startswith("audit")] == ["80% of onnxruntime fp32 batch 4"] * 3
 
 
 def test_fp16_of_a_flip_tta_bundle_loads_and_agrees(trained_bundle: dict, tmp_path: Path) -> None:
