@@ -7,7 +7,12 @@ How a map becomes regions (:func:`find_regions`):
 1. **resize first**: the ``(h, w)`` map (model input resolution) is resized bilinearly to the
    original image size ``(H0, W0)`` with :func:`resize_map` *before* thresholding, so the mask and
    the boxes are computed directly on the original pixel grid and line up with the image
-   (``cv2.resize`` maps pixel centres to pixel centres, no half-pixel shift);
+   (``cv2.resize`` maps pixel centres to pixel centres, no half-pixel shift). An original more
+   than ``max_zoom`` (4) times the map's size is traced on a grid of 4 times the map instead,
+   each grid cell a block of original pixels: boxes, areas and the mask are the cells' in original
+   pixels, so they still agree with each other, to within a cell (a 2448 x 2048 image and a 128 px
+   map: 5 x 4 px, where one map pixel spans 19 x 16). The map holds nothing finer, and on the
+   original grid the clean-up below would cost 50x more;
 2. threshold: a pixel is defective where ``map > threshold`` (the calibrated pixel threshold,
    same strict rule as :class:`anomaly.calibration.PixelThresholdCalibrator`);
 3. clean: ``cv2.morphologyEx`` opening (removes speckles) then closing (fills pinholes) with an
@@ -37,6 +42,11 @@ import numpy as np
 __all__ = ["Region", "resize_map", "find_regions", "overlay_heatmap"]
 
 logger = logging.getLogger(__name__)
+
+#: :func:`find_regions` traces regions on a grid of at most this many times the map's size per
+#: axis: a finer grid adds nothing the map knows, and the clean-up's cost grows with the cube of
+#: the zoom (a 128 px map and a 2048 px image: 103 ms on the image's own grid, 1.8 ms on a 512 one)
+MAX_ZOOM = 4.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,7 @@ def find_regions(
     original_size: Sequence[int] | None = None,
     min_area: int = 16,
     morphology: int = 3,
+    max_zoom: float | None = MAX_ZOOM,
 ) -> tuple[np.ndarray, list[Region]]:
     """Segment an anomaly map into defect regions at the original image resolution.
 
@@ -122,6 +133,9 @@ def find_regions(
         min_area: regions with fewer pixels than this (in original pixels) are dropped.
         morphology: kernel size in map pixels for the opening + closing clean-up (scaled to the
             original resolution); ``0`` or ``1`` disables it.
+        max_zoom: an original more than this many times the map's size (on either axis) is traced
+            on a grid of ``max_zoom`` times the map instead, whose cells are then blocks of
+            original pixels (see the module docstring); ``None``: always on the original grid.
 
     Returns:
         ``(mask, regions)``: ``mask`` uint8 ``(H0, W0)`` with 255 on kept regions and 0 elsewhere;
@@ -132,28 +146,37 @@ def find_regions(
         raise ValueError(f"threshold must be finite; got {threshold}")
     if min_area < 0 or morphology < 0:
         raise ValueError(f"min_area and morphology must be >= 0; got {min_area}, {morphology}")
+    if max_zoom is not None and not max_zoom >= 1:
+        raise ValueError(f"max_zoom must be >= 1 or None; got {max_zoom}")
     h, w = a.shape
     H0, W0 = (h, w) if original_size is None else _as_size(original_size, "original_size")
-    full = resize_map(a, (H0, W0))
+    H, W = H0, W0  # the grid the regions are traced on
+    if max_zoom is not None and (H0 > max_zoom * h or W0 > max_zoom * w):
+        H, W = min(H0, int(round(max_zoom * h))), min(W0, int(round(max_zoom * w)))
+    zoomed = (H, W) != (H0, W0)
+    full = resize_map(a, (H, W))
     binary = (full > threshold).astype(np.uint8)
     mask = np.zeros((H0, W0), dtype=np.uint8)
-    k = 0
+    kx = ky = 0
     if morphology > 1:
         scale = 0.5 * (H0 / h + W0 / w)
-        k = max(1, int(round(morphology * scale)))
-        k += 1 - k % 2  # odd, so the kernel is centred and the mask does not shift
-        k = k if k > 1 else 0
+        k = max(1, int(round(morphology * scale)))  # a circle of k original pixels
+        # on a zoomed grid, the ellipse that circle becomes (each axis odd, so the kernel is
+        # centred and the mask does not shift)
+        kx, ky = (max(1, int(round(k * W / W0))), max(1, int(round(k * H / H0)))) if zoomed else (k, k)
+        kx, ky = kx + 1 - kx % 2, ky + 1 - ky % 2
+        kx, ky = (kx, ky) if max(kx, ky) > 1 else (0, 0)
     # Everything below works on the window around the foreground (usually a small part of the
-    # image): a margin of k pixels makes the clean-up exactly what it is on the whole image (the
-    # opening stays inside the foreground, the closing reaches k // 2 beyond it, and the zeros of
-    # the margin erode as the zeros outside it would).
+    # image): a margin of the kernel's size makes the clean-up exactly what it is on the whole
+    # image (the opening stays inside the foreground, the closing reaches half a kernel beyond it,
+    # and the zeros of the margin erode as the zeros outside it would).
     x0, y0, bw, bh = cv2.boundingRect(binary)
     if bw == 0 or bh == 0:
         return mask, []
-    xa, ya, xb, yb = max(0, x0 - k), max(0, y0 - k), min(W0, x0 + bw + k), min(H0, y0 + bh + k)
+    xa, ya, xb, yb = max(0, x0 - kx), max(0, y0 - ky), min(W, x0 + bw + kx), min(H, y0 + bh + ky)
     sub = binary[ya:yb, xa:xb]
-    if k:
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    if kx:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kx, ky))
         sub = cv2.morphologyEx(sub, cv2.MORPH_OPEN, kernel)
         sub = cv2.morphologyEx(sub, cv2.MORPH_CLOSE, kernel)
     # Grana's algorithm: the same components and statistics as the default, 3x faster with
@@ -163,7 +186,17 @@ def find_regions(
         return mask, []
     values = full[ya:yb, xa:xb]
     areas = stats[:, cv2.CC_STAT_AREA]
-    keep = [i for i in range(1, n) if areas[i] >= max(min_area, 1)]
+    if zoomed:
+        # grid cell j spans original columns ceil(j W0 / W) .. ceil((j + 1) W0 / W) - 1 (rows
+        # alike): its first original row / column, and one past the last cell
+        rows = -((-np.arange(H + 1) * H0) // H)
+        cols = -((-np.arange(W + 1) * W0) // W)
+        cell_rows, cell_cols = np.diff(rows[ya:yb + 1]), np.diff(cols[xa:xb + 1])  # pixels per cell
+        cells = np.outer(cell_rows, cell_cols).astype(np.float64)
+        orig_areas = np.rint(np.bincount(labels.ravel(), weights=cells.ravel(), minlength=n)).astype(np.int64)
+    else:
+        orig_areas = areas
+    keep = [i for i in range(1, n) if orig_areas[i] >= max(min_area, 1)]
     boxes = [(int(x), int(y), int(x + bw), int(y + bh)) for x, y, bw, bh in stats[:, :4]]
     peaks, sums = np.full(n, -np.inf), np.zeros(n)
     if sum(int(stats[i, 2]) * int(stats[i, 3]) for i in keep) <= values.size:
@@ -179,19 +212,28 @@ def find_regions(
         lab, val = flat_lab[fg], values.ravel()[fg].astype(np.float64)
         sums = np.bincount(lab, weights=val, minlength=n)
         np.maximum.at(peaks, lab, val)
-    regions = [Region(x=int(stats[i, 0]) + xa, y=int(stats[i, 1]) + ya, w=int(stats[i, 2]), h=int(stats[i, 3]),
-                      area=int(areas[i]), peak=float(peaks[i]), mean=float(sums[i] / areas[i])) for i in keep]
-    if len(keep) == n - 1:  # every component kept: the cleaned-up foreground is the mask
-        mask[ya:yb, xa:xb] = sub * np.uint8(255)
-    elif keep:
-        sub_mask = mask[ya:yb, xa:xb]
-        sub_mask[:] = sub * np.uint8(255)
-        for i in range(1, n):  # dropped components are small (below min_area): clear them box by box
-            if areas[i] < max(min_area, 1):
-                x0_, y0_, x1_, y1_ = boxes[i]
-                sub_mask[y0_:y1_, x0_:x1_][labels[y0_:y1_, x0_:x1_] == i] = 0
+    regions = []
+    for i in keep:
+        x, y, bw_, bh_ = (int(v) for v in stats[i, :4])
+        x, y = x + xa, y + ya
+        if zoomed:  # the box of the region's cells, in original pixels
+            x, y, bw_, bh_ = int(cols[x]), int(rows[y]), int(cols[x + bw_] - cols[x]), int(rows[y + bh_] - rows[y])
+        regions.append(Region(x=x, y=y, w=bw_, h=bh_, area=int(orig_areas[i]), peak=float(peaks[i]),
+                              mean=float(sums[i] / areas[i])))
+    if keep:
+        sub_mask = sub * np.uint8(255)
+        if len(keep) < n - 1:
+            for i in range(1, n):  # dropped components are small (below min_area): clear them box by box
+                if orig_areas[i] < max(min_area, 1):
+                    x0_, y0_, x1_, y1_ = boxes[i]
+                    sub_mask[y0_:y1_, x0_:x1_][labels[y0_:y1_, x0_:x1_] == i] = 0
+        if zoomed:  # each original pixel of the window takes its cell's value
+            mask[rows[ya]:rows[yb], cols[xa]:cols[xb]] = np.repeat(np.repeat(sub_mask, cell_rows, 0), cell_cols, 1)
+        else:
+            mask[ya:yb, xa:xb] = sub_mask
     regions.sort(key=lambda r: (-r.peak, r.y, r.x))  # ties: top to bottom, left to right
-    logger.debug("find_regions: %d component(s), %d kept (min_area=%d)", n - 1, len(regions), min_area)
+    logger.debug("find_regions: %d component(s), %d kept (min_area=%d, grid %dx%d for %dx%d)",
+                 n - 1, len(regions), min_area, H, W, H0, W0)
     return mask, regions
 
 

@@ -113,11 +113,55 @@ def test_window_matches_whole_image():
         size = (int(rng.integers(4, 300)), int(rng.integers(4, 300)))
         threshold = float(np.quantile(m, rng.uniform(0.5, 0.999)))
         morphology, min_area = int(rng.choice([0, 2, 3, 5])), int(rng.choice([0, 16]))
-        mask, regions = find_regions(m, threshold, original_size=size, min_area=min_area, morphology=morphology)
+        mask, regions = find_regions(m, threshold, original_size=size, min_area=min_area, morphology=morphology,
+                                     max_zoom=None if size[0] > 4 * s or size[1] > 4 * s else 4)
         ref_mask, ref_boxes = _whole_image_regions(m, threshold, size, min_area, morphology)
         assert np.array_equal(mask, ref_mask)
         assert {(r.x, r.y, r.w, r.h, r.area): (r.peak, pytest.approx(r.mean, rel=1e-9)) for r in regions} == ref_boxes
         assert [r.peak for r in regions] == sorted((r.peak for r in regions), reverse=True)
+
+
+def test_large_originals_traced_on_a_zoomed_grid():
+    """An original over 4x the map is traced on a 4x grid: the boxes, areas and mask agree with each
+    other exactly, and with the original-grid computation to within a few grid cells (a region at
+    the edge of surviving the clean-up may come or go, so the comparison is over 40 maps)."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    inter = union = same_count = pairs = close_boxes = close_peaks = 0
+    for _ in range(40):
+        s = int(rng.choice([16, 32, 64]))
+        m = cv2.GaussianBlur(rng.random((s, s)).astype(np.float32), (0, 0), float(rng.uniform(1, 3)))
+        size = (int(rng.integers(5 * s, 24 * s)), int(rng.integers(5 * s, 24 * s)))
+        threshold = float(np.quantile(m, rng.uniform(0.8, 0.99)))
+        mask, regions = find_regions(m, threshold, original_size=size, min_area=16, morphology=3)
+        ref_mask, ref = find_regions(m, threshold, original_size=size, min_area=16, morphology=3, max_zoom=None)
+        assert mask.shape == size and set(np.unique(mask).tolist()) <= {0, 255}
+        # self-consistent: the mask is the regions' pixels, inside their boxes
+        inside = np.zeros(size, bool)
+        for r in regions:
+            x0, y0, x1, y1 = r.box
+            inside[y0:y1, x0:x1] = True
+            assert 16 <= r.area <= r.w * r.h and mask[y0:y1, x0:x1].any()
+        assert not np.any(mask[~inside]) and int((mask > 0).sum()) == sum(r.area for r in regions)
+        inter += int(np.logical_and(mask, ref_mask).sum())
+        union += int(np.logical_or(mask, ref_mask).sum())
+        if len(regions) == len(ref):
+            same_count += 1
+            cy, cx = -(-size[0] // (4 * s)), -(-size[1] // (4 * s))  # a grid cell, in original pixels
+            for r, q in zip(sorted(regions, key=lambda r: (r.y, r.x)), sorted(ref, key=lambda r: (r.y, r.x))):
+                pairs += 1
+                close_boxes += (abs(r.x - q.x) <= 2 * cx and abs(r.y - q.y) <= 2 * cy
+                                and abs(r.x + r.w - q.x - q.w) <= 2 * cx and abs(r.y + r.h - q.y - q.h) <= 2 * cy)
+                close_peaks += r.peak == pytest.approx(q.peak, rel=0.1)
+    assert inter / union > 0.9
+    assert same_count >= 25 and pairs >= 60
+    assert close_boxes >= 0.9 * pairs and close_peaks >= 0.9 * pairs
+
+
+def test_max_zoom_bad_values():
+    with pytest.raises(ValueError, match="max_zoom"):
+        find_regions(np.zeros((4, 4)), 0.5, original_size=(64, 64), max_zoom=0.5)
 
 
 def test_nothing_above_threshold():
