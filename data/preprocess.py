@@ -57,7 +57,8 @@ class Preprocess:
             raise ValueError(f"expected an image of shape (H, W) or (H, W, 1|3|4), got {image.shape}")
         if self.channels == 1:
             if img.ndim == 3:
-                img = cv2.cvtColor(img.astype(np.float32), cv2.COLOR_RGB2GRAY)
+                # (no copy: a float32 image is read as it is; copying a 2048 px RGB image cost 6 ms)
+                img = cv2.cvtColor(img.astype(np.float32, copy=False), cv2.COLOR_RGB2GRAY)
             return img[:, :, None]
         if img.ndim == 2:
             img = np.repeat(img[:, :, None], 3, axis=2)
