@@ -10,8 +10,11 @@ image:
 ``decode``     reading the file and preprocessing it (``Runtime._decode``, worker threads)
 ``infer``      the onnxruntime graph (``Runtime.infer``, one intra-op thread per worker)
 ``finish``     everything per image after inference (``deploy.audit._finish``, writer threads),
-               of which ``overlay`` (heatmap colouring), ``write`` (encoding + creating the file)
-               and ``regions`` (only for images over the pixel threshold)
+               of which ``overlay`` (heatmap colouring) and ``write`` (encoding + creating the
+               file)
+``regions``    defect regions: ``Runtime.regions`` in the worker threads after inference (a
+               look at the map's maximum for every image, the tracing for those over the pixel
+               threshold), and ``find_regions`` in ``finish`` when masks are written
 ``main``       the calling thread: journal, CSV, hand-offs
 ``process``    the whole process (user + system) over the same span, and its system share
 =============  ==============================================================================
@@ -72,8 +75,10 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
 
     for owner, name, stage in ((Runtime, "_decode", "decode"), (Runtime, "infer", "infer"), (audit, "_finish", "finish"),
                                (audit, "heatmap_overlay", "overlay"), (audit, "write_image", "write"),
-                               (regions, "find_regions", "regions")):
+                               (regions, "find_regions", "regions"), (Runtime, "regions", "regions")):
         wrap(owner, name, stage)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="audit-split-", dir=out_dir)
     try:
         c0, m0 = os.times(), time.thread_time()

@@ -60,10 +60,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--heatmaps", dest="heatmaps", nargs="?", const="all", default="all", choices=("all", "flagged", "none"),
-                   help="heatmap overlays at original resolution in OUT/heatmaps: for all images (the default), only "
+                   help="heatmap overlays in OUT/heatmaps: for all images (the default), only "
                         "the flagged ones (a line where most parts pass: no file and ~0.7 ms of CPU per passed image), "
                         "or none")
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_const", const="none", help="same as --heatmaps none")
+    p.add_argument("--heatmap-size", type=int, default=1024, metavar="PX",
+                   help="longest side of the heatmaps (default 1024): larger inputs are shrunk for them (2048 px "
+                        "images: 53 kB instead of 153 kB a file, a fifth of the overlay's CPU); 0: the input's own size")
     p.add_argument("--masks", action="store_true", help="binary region masks (PNG, original resolution) in OUT/masks")
     p.add_argument("--save-maps", action="store_true", help="raw float32 anomaly maps (.npy, model resolution) in OUT/maps")
     p.add_argument("--reconstructions", action="store_true", help="the model's reconstruction (PNG) in OUT/reconstructions")
@@ -181,6 +184,7 @@ def _audit(args: argparse.Namespace) -> int:
 
     try:
         s = run_audit(args.bundle, args.inputs, args.out, batch_size=args.batch_size, heatmaps=args.heatmaps,
+                      heatmap_size=args.heatmap_size,
                       masks=args.masks, save_maps=args.save_maps, reconstructions=args.reconstructions,
                       thumbnail=args.thumbnail_size, resume=args.resume, force=args.force, workers=args.workers,
                       device=args.device, category=args.category, progress=progress)

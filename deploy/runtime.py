@@ -53,6 +53,7 @@ from anomaly.decision import ImageDecision
 from data.io import ImageReadError, read_image
 from data.preprocess import Preprocess
 from deploy.bundle import MODEL_FILE, BundleError, load_sidecar
+from deploy.regions import Region, find_regions
 
 __all__ = ["Runtime", "ImageResult", "available_devices", "physical_cores", "PipelineStats"]
 
@@ -128,6 +129,10 @@ class ImageResult:
             (uint8, uint16, or float32 in [0, 1]), as ``data.io.read_image(path, raw=True)``
             returns it (only with ``keep_image=True``; for drawing overlays without decoding the
             file twice).
+        regions: defect regions in original-image pixels, most anomalous first
+            (:func:`deploy.regions.find_regions` with the bundle's pixel threshold and the
+            runtime's ``min_area``); ``[]`` when the map stays below the threshold, ``None`` when
+            the bundle has no pixel threshold (``anomaly calibrate`` sets one) or on error.
     """
 
     path: str | None
@@ -140,6 +145,7 @@ class ImageResult:
     original_size: tuple[int, int] | None = None
     error: str | None = None
     image: np.ndarray | None = field(default=None, repr=False)
+    regions: list[Region] | None = None
 
 
 @dataclass
@@ -189,11 +195,12 @@ class Runtime:
             depthwise convolution (it had cost 20 % when they were five 1-channel ones).
         pipeline: ``auto`` (``batch`` on the CPU provider, else ``overlap``), ``batch`` or
             ``overlap`` (see the module docstring).
+        min_area: smallest region kept in ``ImageResult.regions``, in original pixels.
     """
 
     def __init__(self, bundle: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  category: str | int | None = None, *, decode_workers: int | None = None, prefetch: int = 2,
-                 spin: bool = True, nchwc: bool = True, pipeline: str = "auto") -> None:
+                 spin: bool = True, nchwc: bool = True, pipeline: str = "auto", min_area: int = 16) -> None:
         self.bundle = Path(bundle)
         self.meta = load_sidecar(self.bundle)
         self.preprocess = Preprocess.from_dict(self.meta["preprocess"])
@@ -206,6 +213,9 @@ class Runtime:
         self.providers = self._providers(device)
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        if min_area < 0:
+            raise ValueError(f"min_area must be >= 0, got {min_area}")
+        self.min_area = int(min_area)
         self.prefetch = prefetch
         ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.threads = int(threads) if threads else physical_cores()
@@ -333,15 +343,27 @@ class Runtime:
         threshold = self.threshold
         results = []
         for i, (p, size) in enumerate(zip(paths, sizes)):
+            amap = out["anomaly_map"][i, 0]
             results.append(ImageResult(
                 path=p, score=float(scores[i]), label=int(labels[i]), threshold=threshold,
                 probability=None if probs is None else float(probs[i]),
-                anomaly_map=out["anomaly_map"][i, 0],
+                anomaly_map=amap, regions=self.regions(amap, size),
                 reconstruction=out["reconstruction"][i] if keep_reconstruction else None,
                 original_size=size,
                 image=None if images is None else images[i],
             ))
         return results
+
+    def regions(self, anomaly_map: np.ndarray, original_size: tuple[int, int]) -> list[Region] | None:
+        """Defect regions of a map ``(S, S)`` in an original of ``(H, W)`` pixels (see
+        ``ImageResult.regions``). A map whose maximum stays below the pixel threshold has none,
+        which costs one pass over the map: most images on a line."""
+        t = self.pixel_threshold
+        if t is None:
+            return None
+        if not float(anomaly_map.max()) > t:  # bilinear resizing never exceeds the map's maximum
+            return []
+        return find_regions(anomaly_map, t, original_size=original_size, min_area=self.min_area)[1]
 
     def score_image(self, image: np.ndarray, keep_reconstruction: bool = False) -> ImageResult:
         """Score one decoded image ``(H, W)`` or ``(H, W, C)`` (uint8, uint16 or float in [0, 1])."""

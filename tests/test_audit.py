@@ -133,6 +133,39 @@ def test_thumbnails_only_where_they_spare_the_review_page_something(trained_bund
     assert rec["heatmap"] is None and cv2.imread(str(out2 / rec["thumbnail"])).shape[:2] == (51, 64)
 
 
+def test_heatmaps_of_large_inputs_are_shrunk_and_regions_stay_in_original_pixels(trained_bundle: dict,
+                                                                                   tmp_path: Path) -> None:
+    """--heatmap-size caps the heatmap's longest side (aspect kept), 0 keeps the input's size; the
+    regions and sizes in the journal are the same either way, in original pixels, and without
+    --masks they are the runtime's own (ImageResult.regions)."""
+    from deploy.runtime import Runtime
+
+    src = _test_images(trained_bundle["data"])
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for p in src:  # 48 px test images blown up to a camera-like 400 x 300
+        cv2.imwrite(str(inputs / f"{p.parent.name}_{p.name}"),
+                    cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), (400, 300)))
+    capped, full = tmp_path / "capped", tmp_path / "full"
+    assert _audit(trained_bundle["bundle"], str(inputs), "--out", str(capped), "--heatmap-size", "160",
+                  "--thumbnail-size", "64") == 0
+    assert _audit(trained_bundle["bundle"], str(inputs), "--out", str(full), "--heatmap-size", "0", "--masks") == 0
+    a, b = _journal(capped), _journal(full)
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    assert json.loads((capped / "audit.json").read_text())["options"]["heatmap_size"] == 160
+    expected = {r.path: [{**g.to_dict(), "peak": round(g.peak, 6), "mean": round(g.mean, 6)} for g in r.regions]
+                for r in Runtime(trained_bundle["bundle"], device="cpu").score_paths([r["path"] for r in a])}
+    assert any(expected.values())
+    for ra, rb in zip(a, b):
+        assert cv2.imread(str(capped / ra["heatmap"])).shape[:2] == (120, 160)
+        assert cv2.imread(str(full / rb["heatmap"])).shape[:2] == (300, 400)
+        assert cv2.imread(str(capped / ra["thumbnail"])).shape[:2] == (48, 64)
+        assert (ra["width"], ra["height"]) == (rb["width"], rb["height"]) == (400, 300)
+        assert ra["regions"] == rb["regions"] == expected[ra["path"]]
+    assert _audit(trained_bundle["bundle"], str(inputs), "--out", str(tmp_path / "bad"), "--heatmap-size", "-1") == 2
+    assert not (tmp_path / "bad" / "results.jsonl").exists()
+
+
 def test_heatmaps_only_for_flagged_images(trained_bundle: dict, tmp_path: Path, caplog) -> None:
     """``--heatmaps flagged`` writes overlays for flagged images alone (no file for a passed one, and no
     thumbnail in its place: the review page shows a small browser image itself); with no threshold

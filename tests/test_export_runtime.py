@@ -126,6 +126,41 @@ def test_runtime_keeps_order_and_reports_bad_files(trained_bundle: dict, tmp_pat
     assert res[0].error is None and res[0].label in (0, 1) and res[0].original_size == (48, 48)
 
 
+def test_results_carry_regions(trained_bundle: dict, tmp_path: Path) -> None:
+    """Every result carries its defect regions: those of find_regions with the bundle's pixel
+    threshold at the original size; None without a pixel threshold or for an unreadable file."""
+    from data.io import read_image
+    from deploy.regions import find_regions
+    from deploy.runtime import Runtime
+
+    paths = sorted((trained_bundle["data"] / "test").rglob("*.png"))
+    rt = Runtime(trained_bundle["bundle"], device="cpu")
+    assert rt.pixel_threshold is not None
+    res = list(rt.score_paths(paths, batch_size=3))
+    for r in res:
+        expected = find_regions(r.anomaly_map, rt.pixel_threshold, original_size=r.original_size, min_area=16)[1]
+        assert r.regions == expected
+    assert sum(bool(r.regions) for r in res) >= 2 and any(r.regions == [] for r in res)
+    one = rt.score_image(read_image(paths[-1], raw=True))
+    assert one.regions == res[-1].regions
+    # min_area is the runtime's: nothing survives an area larger than the image
+    assert all(r.regions == [] for r in Runtime(trained_bundle["bundle"], device="cpu", min_area=48 * 48 + 1)
+               .score_paths(paths))
+    with pytest.raises(ValueError, match="min_area"):
+        Runtime(trained_bundle["bundle"], device="cpu", min_area=-1)
+
+    plain = tmp_path / "no_pixel_threshold"
+    shutil.copytree(trained_bundle["bundle"], plain)
+    meta = json.loads((plain / "model.json").read_text())
+    meta["calibration"].pop("pixel")
+    (plain / "model.json").write_text(json.dumps(meta))
+    bad = tmp_path / "zero.png"
+    bad.write_bytes(b"")
+    got = list(Runtime(plain, device="cpu").score_paths([paths[-1], bad]))
+    assert got[0].error is None and got[0].regions is None
+    assert got[1].error and got[1].regions is None
+
+
 def test_runtime_rejects_unknown_device(trained_bundle: dict) -> None:
     from deploy.runtime import Runtime
 
