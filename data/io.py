@@ -16,7 +16,8 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "read_image", "decode_image", "to_rgb", "to_float", "list_images", "atomic_write", "write_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "read_image", "decode_image", "to_rgb", "to_float", "shrink", "list_images",
+           "atomic_write", "write_image"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
@@ -92,6 +93,25 @@ def read_image(path: str | os.PathLike, *, raw: bool = False) -> np.ndarray:
     except OSError as exc:
         raise ImageReadError(f"{p}: cannot read ({exc.strerror})") from exc
     return decode_image(data, str(p), raw=raw)
+
+
+def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
+    """``image`` ``(H, W[, C])`` resized so that its longest side is at most ``max_side`` (aspect
+    kept, pixel type kept; uint8, uint16 or float32), or ``image`` itself when it already fits.
+
+    Area averaging where it matters (shrinking 2x or more: it anti-aliases), bilinear for slight
+    shrinks (5x faster there, and the same to the eye).
+    """
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    h, w = image.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1.0:
+        return image
+    img = image if image.dtype in (np.uint8, np.uint16, np.float32) else image.astype(np.float32)
+    interp = cv2.INTER_AREA if scale <= 0.5 else cv2.INTER_LINEAR
+    out = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp)
+    return out[:, :, None] if img.ndim == 3 and out.ndim == 2 else out
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:

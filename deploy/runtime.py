@@ -50,7 +50,7 @@ import numpy as np
 import onnxruntime as ort
 
 from anomaly.decision import ImageDecision
-from data.io import ImageReadError, read_image
+from data.io import ImageReadError, read_image, shrink
 from data.preprocess import Preprocess
 from deploy.bundle import MODEL_FILE, BundleError, load_sidecar
 from deploy.regions import Region, find_regions
@@ -127,8 +127,8 @@ class ImageResult:
         error: why this image could not be scored.
         image: the decoded original ``(H, W)`` or ``(H, W, C)`` RGB(A) in its own pixel type
             (uint8, uint16, or float32 in [0, 1]), as ``data.io.read_image(path, raw=True)``
-            returns it (only with ``keep_image=True``; for drawing overlays without decoding the
-            file twice).
+            returns it (only with ``keep_image``; for drawing overlays without decoding the file
+            twice), shrunk to at most ``keep_image`` px on its longest side when that is a number.
         regions: defect regions in original-image pixels, most anomalous first
             (:func:`deploy.regions.find_regions` with the bundle's pixel threshold and the
             runtime's ``min_area``); ``[]`` when the map stays below the threshold, ``None`` when
@@ -370,7 +370,7 @@ class Runtime:
         x = self.preprocess(image)[None]
         return self._results(x, [None], [tuple(image.shape[:2])], keep_reconstruction)[0]
 
-    def _decode(self, path: str, keep_image: bool) -> _Decoded | ImageResult:
+    def _decode(self, path: str, keep_image: bool | int) -> _Decoded | ImageResult:
         """Read + preprocess one file (runs in a worker thread); errors become a result."""
         if self._on_decode is not None:
             self._on_decode(path)
@@ -381,7 +381,8 @@ class Runtime:
             return ImageResult(path=path, error=str(exc))
         except OSError as exc:
             return ImageResult(path=path, error=f"{path}: cannot read ({exc})")
-        return x, (int(img.shape[0]), int(img.shape[1])), (img if keep_image else None)
+        kept = img if keep_image is True else shrink(img, keep_image) if keep_image else None
+        return x, (int(img.shape[0]), int(img.shape[1])), kept
 
     def _run_chunk(self, paths: list[str], items: list[_Decoded | ImageResult],
                    keep_reconstruction: bool, session: ort.InferenceSession | None = None) -> list[ImageResult]:
@@ -397,7 +398,7 @@ class Runtime:
         return [item if isinstance(item, ImageResult) else next(it) for item in items]
 
     def score_paths(self, paths: Iterable[str | os.PathLike], batch_size: int = 16,
-                    keep_reconstruction: bool = False, keep_image: bool = False) -> Iterator[ImageResult]:
+                    keep_reconstruction: bool = False, keep_image: bool | int = False) -> Iterator[ImageResult]:
         """Score files in batches, in input order, decoding ahead in worker threads.
 
         Unreadable files yield a result with ``error`` set instead of stopping the run. ``paths``
@@ -409,13 +410,18 @@ class Runtime:
             paths: image files.
             batch_size: images per graph run (a chunk with unreadable files runs smaller).
             keep_reconstruction: fill ``ImageResult.reconstruction`` ``(C, S, S)``.
-            keep_image: fill ``ImageResult.image`` with the decoded original ``(H, W[, C])``.
+            keep_image: fill ``ImageResult.image`` with the decoded original ``(H, W[, C])``
+                (``True``), or with a copy shrunk to at most this many px on its longest side (a
+                number; what an overlay needs, where a 12-MP frame held 36 MB for each image in
+                flight).
 
         Yields:
             one :class:`ImageResult` per path, in input order.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if keep_image is not True and keep_image is not False and not (isinstance(keep_image, int) and keep_image > 0):
+            raise ValueError(f"keep_image must be True, False or a size in px > 0, got {keep_image!r}")
         bound = (self.prefetch + 1) * batch_size
         self.stats = stats = PipelineStats(bound=bound)
         source = iter(str(p) for p in paths)
@@ -453,7 +459,7 @@ class Runtime:
             depth = self.prefetch + 1
         yield from self._pipelined(next_chunk, depth, submit, finish)
 
-    def _decode_and_run(self, chunk: list[str], keep_reconstruction: bool, keep_image: bool,
+    def _decode_and_run(self, chunk: list[str], keep_reconstruction: bool, keep_image: bool | int,
                         session: ort.InferenceSession) -> list[ImageResult]:
         """One chunk, start to end, in one worker thread."""
         items = [self._decode(p, keep_image) for p in chunk]

@@ -166,6 +166,25 @@ def test_heatmaps_of_large_inputs_are_shrunk_and_regions_stay_in_original_pixels
     assert not (tmp_path / "bad" / "results.jsonl").exists()
 
 
+def test_the_runtime_keeps_only_the_image_size_the_outputs_need(trained_bundle: dict, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    from deploy.runtime import Runtime
+
+    asked = []
+    original = Runtime.score_paths
+
+    def spy(self, paths, batch_size=16, keep_reconstruction=False, keep_image=False):
+        asked.append(keep_image)
+        return original(self, paths, batch_size, keep_reconstruction, keep_image)
+
+    monkeypatch.setattr(Runtime, "score_paths", spy)
+    one = str(_test_images(trained_bundle["data"])[0])
+    for i, args in enumerate((["--thumbnail-size", "64"], ["--heatmap-size", "0"], ["--heatmap-size", "100"],
+                              ["--no-heatmaps"], ["--no-heatmaps", "--thumbnail-size", "0"])):
+        assert _audit(trained_bundle["bundle"], one, "--out", str(tmp_path / str(i)), *args) == 0
+    assert asked == [1024, True, 256, 256, False]
+
+
 def test_heatmaps_only_for_flagged_images(trained_bundle: dict, tmp_path: Path, caplog) -> None:
     """``--heatmaps flagged`` writes overlays for flagged images alone (no file for a passed one, and no
     thumbnail in its place: the review page shows a small browser image itself); with no threshold

@@ -161,6 +161,32 @@ def test_results_carry_regions(trained_bundle: dict, tmp_path: Path) -> None:
     assert got[1].error and got[1].regions is None
 
 
+def test_keep_image_whole_or_shrunk(trained_bundle: dict, tmp_path: Path) -> None:
+    """keep_image=True hands back the decoded original; a number, a copy no larger than that
+    (aspect and pixel type kept) with the same scores; anything else is refused."""
+    import cv2
+
+    from data.io import read_image
+    from deploy.runtime import Runtime
+
+    src = sorted((trained_bundle["data"] / "test").rglob("*.png"))[0]
+    big = tmp_path / "big.png"
+    img16 = (cv2.resize(cv2.imread(str(src), cv2.IMREAD_GRAYSCALE), (200, 120)).astype(np.uint16) * 257)
+    cv2.imwrite(str(big), img16)
+    rt = Runtime(trained_bundle["bundle"], device="cpu")
+    (whole,) = rt.score_paths([big], keep_image=True)
+    (small,) = rt.score_paths([big], keep_image=50)
+    (none,) = rt.score_paths([big])
+    assert np.array_equal(whole.image, read_image(big, raw=True)) and whole.image.dtype == np.uint16
+    assert small.image.shape == (30, 50) and small.image.dtype == np.uint16 and none.image is None
+    assert small.score == whole.score == none.score and small.original_size == (120, 200)
+    (fits,) = rt.score_paths([big], keep_image=500)
+    assert np.array_equal(fits.image, whole.image)
+    for bad in (0, -5, 2.5, "256"):
+        with pytest.raises(ValueError, match="keep_image"):
+            list(rt.score_paths([big], keep_image=bad))
+
+
 def test_runtime_rejects_unknown_device(trained_bundle: dict) -> None:
     from deploy.runtime import Runtime
 
