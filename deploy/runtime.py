@@ -420,7 +420,7 @@ class Runtime:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if keep_image is not True and keep_image is not False and not (isinstance(keep_image, int) and keep_image > 0):
+        if not isinstance(keep_image, bool) and not (isinstance(keep_image, (int, np.integer)) and keep_image > 0):
             raise ValueError(f"keep_image must be True, False or a size in px > 0, got {keep_image!r}")
         bound = (self.prefetch + 1) * batch_size
         self.stats = stats = PipelineStats(bound=bound)
