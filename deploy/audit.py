@@ -35,7 +35,8 @@
                             bundle has no threshold): on a line where most parts pass, that spares a
                             file and ~0.7 ms of CPU per passed image (the overlay, its JPEG and the
                             file), and ~8.6 GB per million 300 px images.
-``masks/<id>.png``          binary region mask 0/255, original resolution (``masks=True``).
+``masks/<id>.png``          binary region mask 0/255, original resolution (``masks=True``); a 1-bit PNG
+                            (that reads back as 0/255), 7x faster to encode than an 8-bit one.
 ``maps/<id>.npy``           raw float32 anomaly map ``(S, S)`` at model resolution (``save_maps=True``).
 ``reconstructions/<id>.png`` the model's reconstruction ``x_hat`` (``reconstructions=True``).
 ==========================  ============================================================================
@@ -423,7 +424,8 @@ def _finish(r: ImageResult, o: _Options) -> dict[str, Any]:
                         quality=HEATMAP_JPEG_QUALITY)
         if o.masks:
             files["mask"] = f"masks/{oid}.png"
-            write_image(o.out / files["mask"], mask if mask is not None else np.zeros((h, w), np.uint8), atomic=False)
+            write_image(o.out / files["mask"], mask if mask is not None else np.zeros((h, w), np.uint8), atomic=False,
+                        bilevel=True)
         if o.save_maps:
             files["map"] = f"maps/{oid}.npy"
             _save_npy(o.out / files["map"], amap)

@@ -54,6 +54,7 @@ def test_outputs_at_original_resolution_and_summary(trained_bundle: dict, tmp_pa
         assert cv2.imread(str(out / r["heatmap"])).shape[:2] == (h, w)
         mask = cv2.imread(str(out / r["mask"]), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+        assert (out / r["mask"]).read_bytes()[24] == 1  # the IHDR's bit depth: a 1-bit PNG
         amap = np.load(out / r["map"])
         assert amap.shape == (32, 32) and amap.dtype == np.float32
         assert cv2.imread(str(out / r["reconstruction"])).shape[:2] == (32, 32)
