@@ -110,8 +110,13 @@ def _export(args: argparse.Namespace) -> int:
               f"normal training codes (--latent none for the map alone)")
     if meta.get("parity"):
         par = meta["parity"]
-        print(f"onnxruntime vs torch on {par['images']} validation images: max |score diff| {par['max_abs_diff_score']:.2e}, "
-              f"max |map diff| {par['max_abs_diff_map']:.2e}")
+        # in the units decisions are made in: the normal scores' spread, the pixel threshold
+        spread = (meta.get("normal_stats") or {}).get("std")
+        pixel = ((meta.get("calibration") or {}).get("pixel") or {}).get("threshold")
+        score_rel = f" ({100 * par['max_abs_diff_score'] / spread:.2g} % of the normal scores' spread)" if spread else ""
+        map_rel = f" ({100 * par['max_abs_diff_map'] / abs(pixel):.2g} % of the pixel threshold)" if pixel else ""
+        print(f"onnxruntime vs torch on {par['images']} validation images: max |score diff| {par['max_abs_diff_score']:.2e}"
+              f"{score_rel}, max |map diff| {par['max_abs_diff_map']:.2e}{map_rel}")
     if meta.get("calibration"):
         print(f"default threshold {meta['calibration']['image']['threshold']:.6g} (1% FPR on validation images); "
               "run `anomaly calibrate` on held-out normal images to replace it")

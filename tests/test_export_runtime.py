@@ -363,7 +363,12 @@ def test_latent_knn_is_the_aae_default_and_can_be_chosen(trained_bundle: dict, t
     assert "nearest of" not in capsys.readouterr().out
     assert load_sidecar(plain)["scoring"]["latent"] == "none"
     assert main(["export", str(run), "--out", str(tmp_path / "knn"), "--latent", "knn"]) == 0
-    assert f"5 nearest of {len(split['train'])} normal training codes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"5 nearest of {len(split['train'])} normal training codes" in printed
+    # the parity line says how large the float differences are in the units decisions are made in
+    meta = load_sidecar(tmp_path / "knn")
+    share = 100 * meta["parity"]["max_abs_diff_score"] / meta["normal_stats"]["std"]
+    assert f"({share:.2g} % of the normal scores' spread)" in printed and "% of the pixel threshold)" in printed
     x = Preprocess(32, 1).load_batch([s.path for s in discover(trained_bundle["data"]).test])
     a, b = Runtime(default, device="cpu").infer(x), Runtime(plain, device="cpu").infer(x)
     assert np.abs(a["anomaly_map"] - b["anomaly_map"]).max() < PARITY_ATOL
