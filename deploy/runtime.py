@@ -132,7 +132,8 @@ class ImageResult:
         regions: defect regions in original-image pixels, most anomalous first
             (:func:`deploy.regions.find_regions` with the bundle's pixel threshold and the
             runtime's ``min_area``); ``[]`` when the map stays below the threshold, ``None`` when
-            the bundle has no pixel threshold (``anomaly calibrate`` sets one) or on error.
+            the bundle has no pixel threshold (``anomaly calibrate`` sets one), on error, or when
+            the map holds NaN or infinite values.
     """
 
     path: str | None
@@ -361,9 +362,16 @@ class Runtime:
         t = self.pixel_threshold
         if t is None:
             return None
-        if not float(anomaly_map.max()) > t:  # bilinear resizing never exceeds the map's maximum
+        peak = float(anomaly_map.max())  # NaN when any value is
+        if peak != peak:
+            return None
+        if not peak > t:  # bilinear resizing never exceeds the map's maximum
             return []
-        return find_regions(anomaly_map, t, original_size=original_size, min_area=self.min_area)[1]
+        try:
+            return find_regions(anomaly_map, t, original_size=original_size, min_area=self.min_area)[1]
+        except ValueError as exc:  # an infinite value: one image's problem, not the whole run's
+            log.warning("no regions for a map of %s: %s", original_size, exc)
+            return None
 
     def score_image(self, image: np.ndarray, keep_reconstruction: bool = False) -> ImageResult:
         """Score one decoded image ``(H, W)`` or ``(H, W, C)`` (uint8, uint16 or float in [0, 1])."""

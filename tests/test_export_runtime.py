@@ -148,6 +148,12 @@ def test_results_carry_regions(trained_bundle: dict, tmp_path: Path) -> None:
                .score_paths(paths))
     with pytest.raises(ValueError, match="min_area"):
         Runtime(trained_bundle["bundle"], device="cpu", min_area=-1)
+    # a broken map is that image's problem (no regions), not an exception that stops a whole run
+    for bad_value in (np.nan, np.inf):
+        broken = np.zeros((32, 32), np.float32)
+        broken[3, 4] = bad_value
+        assert rt.regions(broken, (48, 48)) is None
+    assert rt.regions(np.zeros((32, 32), np.float32), (48, 48)) == []
 
     plain = tmp_path / "no_pixel_threshold"
     shutil.copytree(trained_bundle["bundle"], plain)
