@@ -91,6 +91,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve", action="store_true", help="serve the report on http://127.0.0.1:PORT; decisions are saved to OUT/decisions.json")
     p.add_argument("--port", type=int, default=8765, help="port for --serve (0: any free port)")
     p.add_argument("--open", action="store_true", help="open the report in the default browser")
+    p.add_argument("--max-rows", type=int, default=20_000, metavar="N",
+                   help="list the N highest-scoring images in full (and up to N failures, and every decided image); "
+                        "counts, histogram and slider always cover all images. 0: list all (default: %(default)s)")
     p.set_defaults(func=_review)
 
 
@@ -213,7 +216,7 @@ def _review(args: argparse.Namespace) -> int:
     from deploy.review import ReviewError, build_report, serve_report
 
     try:
-        report = build_report(args.out)
+        report = build_report(args.out, max_rows=args.max_rows)
     except ReviewError as exc:
         print(f"anomaly review: error: {exc}", file=sys.stderr)
         return 2

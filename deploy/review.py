@@ -30,6 +30,8 @@ Example::
 """
 from __future__ import annotations
 
+import base64
+import heapq
 import html
 import json
 import logging
@@ -46,15 +48,17 @@ from typing import Any
 import numpy as np
 
 from data.io import atomic_write
-from deploy.audit import BROWSER_IMAGES, load_journal
+from deploy.audit import BROWSER_IMAGES, iter_journal
 
-__all__ = ["build_report", "serve_report", "validate_decisions", "ReviewError", "DECISIONS", "REPORT_FILE"]
+__all__ = ["build_report", "serve_report", "validate_decisions", "ReviewError", "DECISIONS", "REPORT_FILE", "REPORT_ROWS"]
 
 log = logging.getLogger(__name__)
 
 DECISIONS = ("defect", "false_alarm")
 REPORT_FILE = "report.html"
 DECISIONS_FILE = "decisions.json"
+#: Images listed in full on the page by default (the highest scores; all images are counted).
+REPORT_ROWS = 20_000
 _MAX_POST = 64 << 20
 
 
@@ -85,7 +89,7 @@ def validate_decisions(doc: Any) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def _load_audit(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _load_manifest(out: Path) -> dict[str, Any]:
     if not out.is_dir():
         raise ReviewError(f"{out}: no such folder (expected an `anomaly audit` output folder)")
     manifest_path = out / "audit.json"
@@ -95,10 +99,59 @@ def _load_audit(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReviewError(f"{manifest_path}: not valid JSON ({exc})") from exc
-    records = load_journal(out / "results.jsonl")
-    if not records:
-        raise ReviewError(f"{out}: results.jsonl holds no results yet; run `anomaly audit` first")
-    return manifest, records
+    return manifest
+
+
+class _Selection:
+    """One streaming pass over the journal: every score, and the records the page lists in full.
+
+    The page lists the ``limit`` highest-scoring images, up to ``limit`` failed ones, and every
+    image with a saved decision; ``limit`` None lists all. Scores of all images travel as one
+    packed array, so the page's counts stay exact for any threshold.
+    """
+
+    def __init__(self, limit: int | None, decided: set[str]) -> None:
+        self.limit, self.decided = limit, decided
+        self.total = 0
+        self.scores: list[float] = []
+        self.heap: list[tuple[float, int, dict[str, Any]]] = []  # min-heap of the top ``limit``
+        self.errors: list[dict[str, Any]] = []
+        self.n_errors = 0
+        self.extra: dict[str, dict[str, Any]] = {}  # decided records outside the top
+
+    def add(self, rec: dict[str, Any]) -> None:
+        seq = self.total
+        self.total += 1
+        if rec.get("error") is not None or rec.get("score") is None:
+            self.n_errors += 1
+            if self.limit is None or len(self.errors) < self.limit:
+                self.errors.append(rec)
+            elif rec["path"] in self.decided:
+                self.extra[rec["path"]] = rec
+            return
+        score = float(rec["score"])
+        self.scores.append(score)
+        item = (score, -seq, rec)  # ties: the earlier record ranks higher
+        if self.limit is None or len(self.heap) < self.limit:
+            heapq.heappush(self.heap, item)
+            return
+        if item[:2] > self.heap[0][:2]:
+            item = heapq.heapreplace(self.heap, item)
+        if item[2]["path"] in self.decided:
+            self.extra[item[2]["path"]] = item[2]
+
+    def records(self) -> list[dict[str, Any]]:
+        listed = [r for *_, r in self.heap] + self.errors
+        paths = {r["path"] for r in listed}
+        return listed + [r for p, r in self.extra.items() if p not in paths]
+
+
+def _packed_scores(scores: list[float]) -> tuple[str, str]:
+    """Sorted scores as base64 little-endian floats -> (text, "f4" | "f8"). float32 (half the bytes)
+    when every score survives the round trip: the model's scores are float32."""
+    a = np.sort(np.asarray(scores, dtype=np.float64))
+    dtype = "<f4" if np.array_equal(a.astype(np.float32).astype(np.float64), a) else "<f8"
+    return base64.b64encode(a.astype(dtype).tobytes()).decode("ascii"), dtype[1:]
 
 
 def _existing_decisions(out: Path, sha: str | None) -> dict[str, str]:
@@ -125,7 +178,7 @@ def _histogram_svg(normal: dict[str, list] | None, scores: list[float], threshol
     """Inline SVG of the normal-score and audit-score densities with threshold lines -> (svg, lo, hi)."""
     W, H, ml, mr, mt, mb = 640, 200, 30, 26, 26, 30
     pw, ph = W - ml - mr, H - mt - mb
-    values = list(scores) + ([threshold] if threshold is not None else [])
+    values = ([min(scores), max(scores)] if len(scores) else []) + ([threshold] if threshold is not None else [])
     if normal and normal.get("edges"):
         values += [normal["edges"][0], normal["edges"][-1]]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
@@ -146,7 +199,7 @@ def _histogram_svg(normal: dict[str, list] | None, scores: list[float], threshol
         ne = np.asarray(normal["edges"], dtype=np.float64)
         counts, _ = np.histogram(0.5 * (ne[:-1] + ne[1:]), bins=edges, weights=np.asarray(normal["counts"], dtype=np.float64))
         bars += [("h-normal", float(a), float(b), float(c)) for a, b, c in zip(edges[:-1], edges[1:], counts)]
-    if scores:
+    if len(scores):
         counts, _ = np.histogram(np.asarray(scores), bins=edges)
         bars += [("h-audit", float(a), float(b), float(c)) for a, b, c in zip(edges[:-1], edges[1:], counts)]
     peak = {cls: max([d for c, *_, d in bars if c == cls] + [1e-12]) * 1.08 for cls in ("h-normal", "h-audit")}
@@ -202,26 +255,42 @@ def _row(rec: dict[str, Any], out: Path) -> dict[str, Any]:
             "original": rel.replace(os.sep, "/") if rel and displayable else None, "error": rec.get("error")}
 
 
-def build_report(out: str | os.PathLike, title: str | None = None) -> Path:
+def build_report(out: str | os.PathLike, title: str | None = None, max_rows: int = REPORT_ROWS) -> Path:
     """Write ``out/report.html`` for the audit in ``out``; returns its path.
 
+    Args:
+        max_rows: the page lists the ``max_rows`` highest-scoring images in full (and up to as many
+            failed ones, and every image with a saved decision); 0 lists all. The counts, the
+            histogram and the threshold slider always cover every image. Listing a million images
+            made a 358 MB page that took 71 s and 4.8 GB to write, and that headless Chromium
+            showed empty (its script failed); with the default it is 13.5 MB, 9.8 s and 0.29 GB.
+
     Raises:
-        ReviewError: ``out`` is not an audit folder or holds no results.
+        ReviewError: ``out`` is not an audit folder or holds no results, or ``max_rows`` < 0.
     """
+    if max_rows < 0:
+        raise ReviewError(f"max_rows must be >= 0 (0: list every image), got {max_rows}")
     out = Path(out)
-    manifest, records = _load_audit(out)
+    manifest = _load_manifest(out)
     cal = manifest.get("calibration") or {}
     threshold = cal.get("threshold")
-    scored = [r for r in records if r.get("error") is None and r.get("score") is not None]
-    rows = sorted((_row(r, out) for r in records),
+    decisions = _existing_decisions(out, manifest.get("bundle_sha256"))
+    sel = _Selection(max_rows or None, set(decisions))
+    for rec in iter_journal(out / "results.jsonl"):
+        sel.add(rec)
+    if not sel.total:
+        raise ReviewError(f"{out}: results.jsonl holds no results yet; run `anomaly audit` first")
+    rows = sorted((_row(r, out) for r in sel.records()),
                   key=lambda r: (r["error"] is not None, -(r["score"] if r["score"] is not None else -math.inf)))
-    svg, lo, hi = _histogram_svg(cal.get("normal_histogram"), [float(r["score"]) for r in scored], threshold)
+    svg, lo, hi = _histogram_svg(cal.get("normal_histogram"), sel.scores, threshold)
+    packed, dtype = _packed_scores(sel.scores)
     data = {
         "title": title or f"Audit review: {out.resolve().name}",
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bundle": manifest.get("bundle"), "bundle_sha256": manifest.get("bundle_sha256"), "model": manifest.get("model"),
         "threshold": threshold, "method": cal.get("method"), "pixel_threshold": cal.get("pixel_threshold"),
-        "lo": lo, "hi": hi, "rows": rows, "decisions": _existing_decisions(out, manifest.get("bundle_sha256")),
+        "lo": lo, "hi": hi, "rows": rows, "decisions": decisions,
+        "total": sel.total, "n_errors": sel.n_errors, "scores": packed, "scores_dtype": dtype,
     }
     blob = json.dumps(data, allow_nan=False, separators=(",", ":")).replace("<", "\\u003c")
     page = (_TEMPLATE.replace("__TITLE__", html.escape(data["title"]))
@@ -232,7 +301,11 @@ def build_report(out: str | os.PathLike, title: str | None = None) -> Path:
     target = out / REPORT_FILE
     with atomic_write(target, encoding="utf-8") as fh:
         fh.write(page)
-    log.info("wrote %s (%d images)", target, len(rows))
+    if len(rows) < sel.total:
+        log.info("wrote %s (%d images; it lists %d of them: the highest scores, failures, decided ones)",
+                 target, sel.total, len(rows))
+    else:
+        log.info("wrote %s (%d images)", target, sel.total)
     return target
 
 
@@ -300,22 +373,34 @@ class _Handler(SimpleHTTPRequestHandler):
         self._reply(HTTPStatus.OK, {"ok": True, "path": str(target), "n": len(doc["decisions"])})
 
 
-def serve_report(out: str | os.PathLike, port: int = 8765, build: bool = True) -> ThreadingHTTPServer:
+def _page_data(report: Path) -> dict[str, Any]:
+    """The data embedded in a written ``report.html``."""
+    page = report.read_text(encoding="utf-8")
+    start = page.find(_DATA_OPEN)
+    end = page.find("</script>", start)
+    if start < 0 or end < 0:
+        raise ReviewError(f"{report}: not a report written by `anomaly review`; rebuild it")
+    return json.loads(page[start + len(_DATA_OPEN):end])
+
+
+def serve_report(out: str | os.PathLike, port: int = 8765, build: bool = True,
+                 max_rows: int = REPORT_ROWS) -> ThreadingHTTPServer:
     """A server on ``127.0.0.1:port`` (``0``: any free port) for the report in ``out``.
 
-    Serves ``out``'s files, the audited originals at ``/original/<id>``, and accepts
-    ``POST /decisions`` (JSON, validated, same model) written atomically to ``out/decisions.json``.
-    The caller runs ``serve_forever()`` (e.g. in a thread) and ``shutdown()``.
+    Serves ``out``'s files, the originals of the images the page lists at ``/original/<id>``, and
+    accepts ``POST /decisions`` (JSON, validated, same model) written atomically to
+    ``out/decisions.json``. The caller runs ``serve_forever()`` (e.g. in a thread) and ``shutdown()``.
 
     Args:
-        build: (re)write ``report.html`` first.
+        build: (re)write ``report.html`` first (listing ``max_rows`` images, see :func:`build_report`).
     """
     out = Path(out).resolve()
-    manifest, records = _load_audit(out)
-    if build:
-        build_report(out)
+    manifest = _load_manifest(out)
+    report = build_report(out, max_rows=max_rows) if build else out / REPORT_FILE
+    if not report.is_file():
+        raise ReviewError(f"{report}: no report to serve; run `anomaly review {out}` first")
     handler = type("ReviewHandler", (_Handler,), {
-        "originals": {r["id"]: r["path"] for r in records if r.get("id")},
+        "originals": {r["id"]: r["path"] for r in _page_data(report)["rows"] if r.get("id")},
         "bundle_sha256": manifest.get("bundle_sha256"), "out": out})
     server = ThreadingHTTPServer(("127.0.0.1", port), partial(handler, directory=str(out)))
     server.daemon_threads = True
@@ -324,6 +409,7 @@ def serve_report(out: str | os.PathLike, port: int = 8765, build: bool = True) -
 
 
 # -- page --------------------------------------------------------------------------------------
+_DATA_OPEN = '<script type="application/json" id="review-data">'  # in _TEMPLATE; _page_data finds the data by it
 _TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -367,6 +453,7 @@ _TEMPLATE = """<!DOCTYPE html>
     <table id="rows"><thead><tr><th>#</th><th></th><th>image</th><th>score</th><th>P(defect)</th><th>regions</th><th>review</th></tr></thead>
     <tbody></tbody></table>
     <button id="more" type="button" hidden>show more</button>
+    <p id="listed-note" class="note" hidden></p>
   </section>
   <section class="viewer panel" id="viewer">
     <div id="viewer-empty" class="empty">select an image</div>
@@ -406,6 +493,7 @@ body{margin:0;font:13px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif
 header{background:#1d2330;color:#fff;padding:10px 18px;display:flex;gap:24px;align-items:baseline;flex-wrap:wrap}
 header h1{font-size:17px;margin:0;font-weight:600}
 .meta{color:#b8c1d1;font-size:12px}
+.note{color:#6b7383;font-size:12px;margin:8px 4px 0}
 .panel{background:#fff;border-radius:6px;box-shadow:0 1px 2px rgba(0,0,0,.08);padding:10px}
 .top{display:flex;gap:12px;padding:12px 12px 0;flex-wrap:wrap}
 .hist-panel{flex:0 0 auto}
@@ -481,8 +569,20 @@ _JS = r"""
   const $ = (id) => document.getElementById(id);
   const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
   const fmt = (v) => (v === null || v === undefined) ? "–" : Number(v).toPrecision(4);
-  const scored = rows.filter((r) => r.error === null && r.score !== null);
-  const maxScore = scored.length ? Math.max.apply(null, scored.map((r) => r.score)) : 1;
+  rows.forEach((r, i) => { r._i = i; });
+  // every scored image's score, ascending: the counts cover all images, while ``rows`` may hold
+  // only the highest-scoring ones (``anomaly review --max-rows``)
+  const all = (function () {
+    const bin = atob(D.scores), bytes = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    return D.scores_dtype === "f8" ? new Float64Array(bytes.buffer) : new Float32Array(bytes.buffer);
+  })();
+  function countAbove(t) {  // images with score > t
+    let lo = 0, hi = all.length;
+    while (lo < hi) { const m = (lo + hi) >> 1; if (all[m] > t) hi = m; else lo = m + 1; }
+    return all.length - lo;
+  }
+  const maxScore = all.length ? all[all.length - 1] : 1;
   const storeKey = "anomaly-review:" + D.bundle_sha256 + ":" + D.title;
   const state = {thr: D.threshold !== null ? D.threshold : maxScore, filter: "all", shown: PAGE, sel: null};
   const decisions = new Map(Object.entries(D.decisions || {}));
@@ -500,8 +600,14 @@ _JS = r"""
   $("meta").textContent = [
     "model " + (D.model || "?"), "bundle " + (D.bundle || "?"), "sha256 " + String(D.bundle_sha256).slice(0, 12) + "…",
     "calibrated threshold " + (D.threshold === null ? "none" : fmt(D.threshold) + " (" + (D.method || "?") + ")"),
-    rows.length + " images", "generated " + D.generated,
+    D.total + " images" + (rows.length < D.total ? " (" + rows.length + " listed)" : ""), "generated " + D.generated,
   ].join("  ·  ");
+  if (rows.length < D.total) {
+    $("listed-note").hidden = false;
+    $("listed-note").textContent = "This page lists " + rows.length + " of the " + D.total + " images: the highest scores" +
+      (D.n_errors ? ", failures" : "") + " and any with a saved decision. Counts and the histogram cover all of them; " +
+      "every row is in results.csv, and `anomaly review --max-rows N` lists more.";
+  }
 
   // -- threshold ---------------------------------------------------------------------------
   const slider = $("thr-slider"), input = $("thr-input");
@@ -541,7 +647,7 @@ _JS = r"""
     const w = r.score === null ? 0 : Math.max(2, Math.min(100, 100 * (r.score - D.lo) / (D.hi - D.lo)));
     // an image passed under `--heatmaps flagged` has neither: the original (a small browser image) stands in
     const thumb = r.thumb || r.heatmap || originalSrc(r);
-    return '<tr class="row' + (flagged(r) ? " flag" : "") + (state.sel === r ? " sel" : "") + '" data-i="' + rows.indexOf(r) + '">' +
+    return '<tr class="row' + (flagged(r) ? " flag" : "") + (state.sel === r ? " sel" : "") + '" data-i="' + r._i + '">' +
       "<td>" + (i + 1) + "</td>" +
       "<td>" + (thumb ? '<img class="thumb" loading="lazy" src="' + esc(thumb) + '" alt="">' : '<div class="thumb"></div>') + "</td>" +
       '<td><div class="name">' + esc(r.name) + " " + verdict(r) + '</div><div class="path">' + esc(r.path) + "</div>" +
@@ -559,10 +665,12 @@ _JS = r"""
     $("more").textContent = "show more (" + (v.length - state.shown) + " left)";
   }
   function update() {
-    const nFlag = scored.filter(flagged).length;
-    $("flagged-count").textContent = nFlag + " of " + scored.length + " flagged at threshold " + fmt(state.thr);
+    const nFlag = countAbove(state.thr);
+    const counts = {all: D.total, flagged: nFlag, passed: all.length - nFlag, errors: D.n_errors,
+                    undecided: nFlag - rows.filter((r) => flagged(r) && decisions.has(r.path)).length};
+    $("flagged-count").textContent = nFlag + " of " + all.length + " flagged at threshold " + fmt(state.thr);
     document.querySelectorAll("#filters button").forEach((b) => {
-      b.querySelector("span").textContent = rows.filter(FILTERS[b.dataset.filter]).length;
+      b.querySelector("span").textContent = counts[b.dataset.filter];
     });
     let nd = 0, nf = 0;
     decisions.forEach((d) => { if (d === "defect") nd++; else nf++; });

@@ -90,3 +90,35 @@ def trained_bundle(tmp_path_factory) -> dict:
     # export (knn for an AAE) is tested from the same run in test_export_runtime.py.
     bundle = export_run(root / "run", root / "bundle", latent="none")
     return {"data": data, "run": root / "run", "bundle": bundle}
+
+
+def grow_audit(src: Path, dst: Path, copies: int, errors: int = 3, seed: int = 0) -> list[dict]:
+    """An audit folder ``dst`` that looks like a large run: ``src``'s manifest and records, plus
+    ``copies`` copies of its records under other paths with other (float32) scores, ``errors`` error
+    rows, and a torn last line as a killed run leaves it. The copies point at ``src``'s image files.
+
+    Returns the complete records, in journal order.
+    """
+    import json
+    import shutil
+
+    rng = np.random.default_rng(seed)
+    dst.mkdir(parents=True)
+    shutil.copy(src / "audit.json", dst / "audit.json")
+    base = [json.loads(line) for line in (src / "results.jsonl").read_text().splitlines()]
+    records = list(base)
+    for i in range(copies):
+        rec = dict(base[i % len(base)])
+        rec.update(id=f"copy{i:05d}", path=str(Path(rec["path"]).with_name(f"copy{i:05d}.png")),
+                   score=float(np.float32(rng.gamma(2.0, 0.5))))
+        records.append(rec)
+    for i in range(errors):
+        records.insert(1 + i * 7, {"id": f"bad{i}", "path": f"/nowhere/bad{i}.png", "score": None, "probability": None,
+                                   "label": None, "error": "not an image"})
+    with open(dst / "results.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+        fh.write('{"id": "torn", "path": "/now')
+    for name in ("heatmaps", "reconstructions", "thumbs"):
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name)
+    return records

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from anomaly.cli import main
-from deploy.audit import expand_inputs, load_journal, output_id
+from deploy.audit import expand_inputs, iter_journal, load_journal, output_id
 
 
 def _audit(bundle: Path, *args: str) -> int:
@@ -260,6 +260,21 @@ def test_resume_after_a_kill_loses_and_duplicates_nothing(trained_bundle: dict, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == 3 and summary["new"] == 5 and summary["images"] == 8
     assert [r["path"] for r in _csv(out)] == [r["path"] for r in recs]  # rebuilt, in journal order
+
+    # a garbled line in the middle (a disk error, a hand edit): dropped from the journal, that
+    # image scored again, appending goes on from a clean line
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    lost = json.loads(lines[2])["path"]
+    (out / "results.jsonl").write_text("".join(lines[:2]) + "{garbled\n" + "".join(lines[3:]))
+    bad: list[int] = []
+    assert [r["path"] for r in iter_journal(out / "results.jsonl", bad)] == [r["path"] for r in recs if r["path"] != lost]
+    assert bad == [3]
+    assert _audit(bundle, str(test), "--out", str(out), "--no-heatmaps") == 0
+    recs = _journal(out)  # every line parses
+    assert sorted(r["path"] for r in recs) == sorted(full) and recs[-1]["path"] == lost
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == 7 and summary["new"] == 1 and summary["images"] == 8
+    assert [r["path"] for r in _csv(out)] == [r["path"] for r in recs]
 
     # a run on a subset, then on everything: only the rest is scored
     out2 = tmp_path / "out2"

@@ -140,3 +140,77 @@ def test_server_writes_decisions_atomically(audited: dict) -> None:
 def test_review_is_torch_free(tmp_path: Path) -> None:
     code = "import sys, deploy.review, deploy.audit, deploy.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def _page_data(page: Path) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="review-data">(.*?)</script>', page.read_text(), re.S).group(1))
+
+
+def test_a_large_audit_lists_the_top_images_and_counts_all(audited: dict, tmp_path: Path, capsys, caplog) -> None:
+    """``--max-rows``: the page lists the highest scores, every failure (up to the limit) and every
+    decided image; the packed scores keep the counts exact for all images."""
+    import base64
+
+    import numpy as np
+
+    from conftest import grow_audit
+    from deploy.review import ReviewError, build_report
+
+    big = tmp_path / "big"
+    records = grow_audit(audited["out"], big, copies=300)
+    scored = [r for r in records if r["error"] is None]
+    failed = [r for r in records if r["error"] is not None]
+    ranked = sorted(scored, key=lambda r: -r["score"])
+    low = ranked[-5]  # decided, far outside the top
+    (big / "decisions.json").write_text(json.dumps({"bundle_sha256": audited["sha"], "decisions": [
+        {"path": low["path"], "score": low["score"], "decision": "false_alarm"}]}))
+
+    with caplog.at_level("WARNING", logger="deploy.audit"):
+        data = _page_data(build_report(big, max_rows=10))
+    assert "skipped 1 incomplete line" in caplog.text  # the torn last line
+    assert data["total"] == len(records) == 311 and data["n_errors"] == len(failed) == 3
+    listed = [r["path"] for r in data["rows"]]
+    assert listed == [r["path"] for r in ranked[:10]] + [low["path"]] + [r["path"] for r in failed]
+    assert data["decisions"] == {low["path"]: "false_alarm"}
+    # every score, sorted, exactly (float32 scores travel as float32)
+    assert data["scores_dtype"] == "f4"
+    packed = np.frombuffer(base64.b64decode(data["scores"]), dtype="<f4")
+    assert packed.tolist() == sorted(r["score"] for r in scored)
+
+    # a limit larger than the failures keeps them all; a small one keeps the first ones
+    assert [r["path"] for r in _page_data(build_report(big, max_rows=2))["rows"]][-2:] == [r["path"] for r in failed[:2]]
+    # 0 lists everything, in score order with failures last
+    rows = _page_data(build_report(big, max_rows=0))["rows"]
+    assert [r["path"] for r in rows] == [r["path"] for r in ranked] + [r["path"] for r in failed]
+
+    # scores that float32 would round travel as float64
+    lines = (big / "results.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "score": 0.1})
+    (big / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    data = _page_data(build_report(big, max_rows=5))
+    assert data["scores_dtype"] == "f8" and 0.1 in np.frombuffer(base64.b64decode(data["scores"]), dtype="<f8")
+
+    with pytest.raises(ReviewError, match="max_rows must be >= 0"):
+        build_report(big, max_rows=-1)
+    assert main(["review", str(big), "--max-rows", "-1"]) == 2
+    assert "max_rows must be >= 0" in capsys.readouterr().err
+    assert main(["review", str(big), "--max-rows", "7"]) == 0
+    assert len(_page_data(big / "report.html")["rows"]) == 7 + 1 + 3
+
+
+def test_server_serves_only_the_listed_originals(audited: dict) -> None:
+    from deploy.review import serve_report
+
+    server = serve_report(audited["out"], port=0, max_rows=2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    ranked = sorted(audited["records"], key=lambda r: -r["score"])
+    try:
+        assert urllib.request.urlopen(f"{base}/original/{ranked[0]['id']}").status == 200
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(f"{base}/original/{ranked[-1]['id']}")
+        assert exc.value.code == 404
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -156,3 +156,37 @@ def test_rows_without_heatmap_show_the_original(driver, trained_bundle: dict, tm
     widths = driver.execute_script("return [...document.querySelectorAll('#rows tbody tr.row')].map("
                                    "r => { const i = r.querySelector('img.thumb'); return i ? i.naturalWidth : 0; })")
     assert len(widths) == 8 and min(widths) > 0  # every row has a picture, passed ones their original
+
+
+def test_a_page_listing_part_of_a_large_audit_counts_every_image(driver, audit_out: Path, tmp_path: Path) -> None:
+    """``--max-rows 20`` on 311 images: the list holds the top 20, failures and the decided one; the
+    flagged count, the filters and the slider count all of them."""
+    from selenium.webdriver.common.by import By
+
+    from conftest import grow_audit
+
+    big = tmp_path / "big"
+    records = grow_audit(audit_out, big, copies=300)
+    scored = sorted((r for r in records if r["error"] is None), key=lambda r: -r["score"])
+    threshold = json.loads((big / "audit.json").read_text())["calibration"]["threshold"]
+    assert main(["review", str(big), "--max-rows", "20"]) == 0
+    driver.get((big / "report.html").as_uri())
+    assert driver.execute_script("return document.getElementById('listed-note').hidden") is False
+    assert "lists 23 of the 311 images" in driver.find_element(By.ID, "listed-note").text
+    count = driver.find_element(By.ID, "flagged-count")
+    n_flag = sum(r["score"] > threshold for r in scored)
+    assert count.text.startswith(f"{n_flag} of {len(scored)} flagged")
+
+    def filter_counts() -> dict:
+        return {b.get_attribute("data-filter"): int(b.find_element(By.TAG_NAME, "span").text)
+                for b in driver.find_elements(By.CSS_SELECTOR, "#filters button")}
+
+    counts = filter_counts()
+    assert counts["all"] == 311 and counts["errors"] == 3 and counts["flagged"] == n_flag
+    assert counts["passed"] == len(scored) - n_flag
+    # a threshold between two scores far below the listed ones still counts exactly
+    mid = (scored[150]["score"] + scored[151]["score"]) / 2
+    driver.execute_script("window.anomalyReview.setThreshold(arguments[0])", mid)
+    assert count.text.startswith(f"151 of {len(scored)} flagged")
+    assert filter_counts()["passed"] == len(scored) - 151
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#rows tbody tr.row")) == 23  # 'all': every listed row
