@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     ap.add_argument("--audit-images", type=int, default=1024)
+    ap.add_argument("--pairs", type=int, default=5, help="interleaved onnxruntime/torch window pairs for the ratio (default 5)")
     ap.add_argument("--audit-dir", default=None, help="where the audit rows write (default: the system's temp folder)")
     ap.add_argument("--no-accuracy", dest="accuracy", action="store_false")
     ap.add_argument("--accuracy-runs", nargs="*", default=[], metavar="RUN",
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from deploy.bench import format_table, run_all
+    from deploy.bench import compare_with_torch, format_table, run_all
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         ort_n = next((r for r in rows if r.engine == "onnxruntime" and r.precision == "fp32" and r.device == "cpu"
                       and r.batch == args.batch_size), None)
         if torch_n and ort_n:
-            print(f"onnxruntime fp32 / torch eager at batch {args.batch_size}: {ort_n.images_per_s / torch_n.images_per_s:.2f}x")
+            print(f"onnxruntime fp32 / torch eager at batch {args.batch_size}, the rows above: "
+                  f"{ort_n.images_per_s / torch_n.images_per_s:.2f}x")
+            paired = compare_with_torch(bundle, batch_size=args.batch_size, images=str(test_dir), threads=args.threads,
+                                        pairs=args.pairs)
+            if paired is not None:
+                print(f"onnxruntime fp32 / torch eager at batch {args.batch_size}, interleaved: {paired.describe()}")
         if args.accuracy:
             print()
             print("\n".join(accuracy({"fp32": bundle, "int8": work / f"bundle_{size}_int8",

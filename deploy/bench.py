@@ -52,8 +52,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["add_parsers", "AuditRate", "BenchRow", "audit_in_flight", "time_calls", "time_window", "bench_bundle", "bench_audit",
-           "file_write_ms", "format_table", "find_variants"]
+__all__ = ["add_parsers", "AuditRate", "BenchRow", "PairedRatio", "audit_in_flight", "time_calls", "time_window",
+           "paired_ratio", "compare_with_torch", "bench_bundle", "bench_audit", "file_write_ms", "format_table",
+           "find_variants"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,66 @@ def time_window(fn: Callable[[], Any], batch: int, seconds: float, min_calls: in
         elapsed = time.perf_counter() - t0
         if n >= min_calls and elapsed >= seconds:
             return batch * n / elapsed
+
+
+@dataclass
+class PairedRatio:
+    """``a``'s images/s over ``b``'s, from windows timed back to back (:func:`paired_ratio`).
+
+    Attributes:
+        median: the median of the pairs' ratios (each pair timed within a few seconds).
+        low, high: the smallest and largest pair ratio.
+        best: the ratio of each side's fastest window.
+        pairs: how many pairs; seconds: each window's length.
+    """
+
+    median: float
+    low: float
+    high: float
+    best: float
+    pairs: int
+    seconds: float
+
+    def describe(self) -> str:
+        return (f"{self.median:.2f}x (median of {self.pairs} back-to-back pairs of {self.seconds:g} s windows, "
+                f"{self.low:.2f}-{self.high:.2f}; fastest window against fastest: {self.best:.2f}x)")
+
+
+def paired_ratio(a: Callable[[], Any], b: Callable[[], Any], batch: int, *, pairs: int = 5,
+                 seconds: float = 1.5) -> PairedRatio:
+    """Time ``a`` and ``b`` (each scoring ``batch`` images per call) in alternating windows.
+
+    A ratio of two table rows timed a minute apart measures the VM's minute as much as the engines:
+    on 2026-12-03 three runs of ``benchmarks/speed.py`` gave onnxruntime / torch at 1.09, 1.35 and
+    1.38x while onnxruntime's own windows ranged 231-311 images/s. Each pair here times both
+    engines within ``2 * seconds``, in alternating order (a drift favours neither side).
+    """
+    if pairs < 1 or seconds <= 0:
+        raise ValueError(f"pairs must be >= 1 and seconds > 0, got {pairs} and {seconds}")
+    ratios, best_a, best_b = [], 0.0, 0.0
+    for i in range(pairs):
+        if i % 2 == 0:
+            ra, rb = time_window(a, batch, seconds), time_window(b, batch, seconds)
+        else:
+            rb, ra = time_window(b, batch, seconds), time_window(a, batch, seconds)
+        ratios.append(ra / rb)
+        best_a, best_b = max(best_a, ra), max(best_b, rb)
+    return PairedRatio(float(np.median(ratios)), min(ratios), max(ratios), best_a / best_b, pairs, seconds)
+
+
+def compare_with_torch(bundle: str | os.PathLike, *, batch_size: int = 16, images: str | os.PathLike | None = None,
+                       threads: int | None = None, pairs: int = 5, seconds: float = 1.5) -> PairedRatio | None:
+    """onnxruntime float32 (CPU) over torch eager at ``batch_size``, by :func:`paired_ratio`;
+    ``None`` when the torch graph cannot be rebuilt (no torch, or the run folder is gone)."""
+    from deploy.runtime import Runtime, physical_cores
+
+    threads = threads or physical_cores()
+    rt = Runtime(bundle, device="cpu", threads=threads)
+    fn, _why = _torch_graph(rt.meta, threads)
+    if fn is None:
+        return None
+    x = _inputs(rt.preprocess, batch_size, images)
+    return paired_ratio(lambda: rt.infer(x), lambda: fn(x), batch_size, pairs=pairs, seconds=seconds)
 
 
 def _inputs(pre: Any, n: int, images: str | os.PathLike | None, seed: int = 0) -> np.ndarray:
@@ -475,6 +536,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="the audit's fraction divides by the fp32 graph at batch N at its fastest: the best of its "
                         "row and of windows this long timed before each audit and after the last (default 1.5; "
                         "0: the row alone)")
+    p.add_argument("--pairs", type=int, default=5,
+                   help="onnxruntime fp32 / torch eager at batch N from this many back-to-back pairs of windows "
+                        "(--reference-seconds long, default 1.5 s) after the table; 0: skip (default 5)")
     p.add_argument("--no-audit", dest="audit", action="store_false", help="skip the end-to-end audit rows")
     p.add_argument("--no-torch", dest="torch_eager", action="store_false", help="skip the torch eager rows")
     p.set_defaults(func=_bench)
@@ -483,9 +547,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from deploy.runtime import physical_cores
 
-    if args.batch_size < 1 or args.iterations < 1 or args.warmup < 0 or args.reference_seconds < 0:
-        print("anomaly bench: error: --batch-size and --iterations must be >= 1, --warmup and --reference-seconds "
-              ">= 0", file=sys.stderr)
+    if args.batch_size < 1 or args.iterations < 1 or args.warmup < 0 or args.reference_seconds < 0 or args.pairs < 0:
+        print("anomaly bench: error: --batch-size and --iterations must be >= 1, --warmup, --reference-seconds and "
+              "--pairs >= 0", file=sys.stderr)
         return 2
     if args.audit_dir is not None and not Path(args.audit_dir).is_dir():
         print(f"anomaly bench: error: --audit-dir {args.audit_dir}: no such folder", file=sys.stderr)
@@ -497,6 +561,12 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"anomaly bench {args.bundle}: {args.iterations} timed calls after {args.warmup} warm-up, "
           f"{args.threads or physical_cores()} intra-op threads; latency is per call (batch images)")
     print(format_table(rows))
+    torch_n = any(r.engine == "torch eager" and r.batch == args.batch_size and r.images_per_s for r in rows)
+    if torch_n and args.pairs > 0:
+        paired = compare_with_torch(args.bundle, batch_size=args.batch_size, images=args.images, threads=args.threads,
+                                    pairs=args.pairs, seconds=args.reference_seconds or 1.5)
+        if paired is not None:
+            print(f"onnxruntime fp32 / torch eager at batch {args.batch_size}: {paired.describe()}")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,39 @@ def test_pipeline_matches_sequential_infer_in_order(trained_bundle: dict, tmp_pa
     assert [r.path for r in seq] == [r.path for r in res] and [bool(r.error) for r in seq] == [bool(r.error) for r in res]
     np.testing.assert_allclose([r.score for r in seq if not r.error], [r.score for r in got], rtol=1e-5, atol=1e-6)
     assert all(r.image is None for r in seq)
+
+
+def test_infer_runs_a_batch_as_slices_on_the_cores(trained_bundle: dict) -> None:
+    """On the CPU a batch runs as one slice per core on the single-threaded session, in threads of
+    its own; the outputs are those of the whole batch in one call, in order."""
+    from deploy.runtime import Runtime
+
+    paths = _test_paths(trained_bundle)[:7]
+    split = Runtime(trained_bundle["bundle"], device="cpu", threads=3)
+    whole = Runtime(trained_bundle["bundle"], device="cpu", threads=3, split=False)
+    assert split.split and not whole.split and split.describe()["split"]
+    x = split.preprocess.load_batch(paths)
+    calls: list[tuple[int, str]] = []
+    single = split._single_thread_session()
+    run = single.run
+
+    def recording_run(names, feeds, *args):
+        calls.append((len(feeds["image"]), threading.current_thread().name))
+        return run(names, feeds, *args)
+
+    single.run = recording_run
+    got, ref = split.infer(x), whole.infer(x)
+    assert sorted(n for n, _ in calls) == [2, 2, 3] and all(t.startswith("anomaly-infer") for _, t in calls)
+    for key in ("score", "anomaly_map", "reconstruction"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-6)
+    one_by_one = np.concatenate([whole.infer(x[i:i + 1])["score"] for i in range(len(x))])
+    np.testing.assert_allclose(got["score"], one_by_one, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    split.infer(x[:1])  # a single image: the multi-threaded session, nothing to split
+    assert calls == []
+    assert not Runtime(trained_bundle["bundle"], device="cpu", threads=1).split
+    split.close()
+    assert np.allclose(split.infer(x)["score"], got["score"])  # usable after close: the threads come back
 
 
 @pytest.mark.parametrize("pipeline, workers", [("overlap", 3), ("batch", 2)])
@@ -195,7 +229,7 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
     assert rc == 0, out
     lines = out.splitlines()
     assert any(line.startswith("torch eager") and "   1 " in line for line in lines)  # the run folder is there
-    ort = [line for line in lines if line.startswith("onnxruntime")]
+    ort = [line for line in lines if line.startswith("onnxruntime") and " / torch eager" not in line]
     assert len(ort) == 4 and sum("int8" in line for line in ort) == 2
     audit = [line for line in lines if line.startswith("audit (end to end)")]
     assert len(audit) == 1 and "of onnxruntime fp32 batch 4" in audit[0] and "a 12 kB file costs" in audit[0]
@@ -204,87 +238,34 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
     assert len(flagged) == 1 and re.search(r"heatmaps only for the [1-8] flagged", flagged[0])
     bare = [line for line in lines if line.startswith("audit (no files)")]
     assert len(bare) == 1 and "journal + CSV only" in bare[0]
+    paired = [line for line in lines if line.startswith("onnxruntime fp32 / torch eager at batch 4: ")]
+    assert len(paired) == 1 and "median of 5 back-to-back pairs of 0.05 s windows" in paired[0]
     assert main(["bench", str(trained_bundle["bundle"]), "--audit-dir", str(trained_bundle["data"] / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "--audit-dir" in err and "no such folder" in err
     assert main(["bench", str(trained_bundle["bundle"]), "--reference-seconds", "-1"]) == 2
     assert "--reference-seconds" in capsys.readouterr().err
+    assert main(["bench", str(trained_bundle["bundle"]), "--pairs", "-1"]) == 2
+    assert "--pairs" in capsys.readouterr().err
 
 
-def test_bench_audit_rate_is_the_steady_state_after_the_first_image(trained_bundle: dict, monkeypatch) -> None:
-    """The audit row is the audit's steady state, as the graph rows time calls after warm-up: images
-    finished per second from a quarter of the run (and at least the images in flight) until that many
-    are left. The start-up and the whole run's rate are kept beside it."""
-    import deploy.audit
-    from deploy.audit import AuditProgress
-    from deploy.bench import audit_in_flight, bench_audit
+def test_paired_ratio_times_both_sides_in_alternating_windows(monkeypatch) -> None:
+    """Two fake engines, one twice as fast per call: the ratio is 2, and the pairs alternate which
+    side goes first, so that a drift of the machine's speed favours neither."""
+    import deploy.bench as bench
 
-    n = 40
-    images = trained_bundle["data"] / "test"
-    paths = [str(p) for p in sorted(images.rglob("*.png"))]
-    paths = (paths * (n // len(paths) + 1))[:n]
+    def engine(seconds: float):
+        return lambda: time.sleep(seconds)
 
-    def fake_run_audit(bundle, paths, out, *, progress, **kwargs):
-        # first image after 1 s, then 10 images/s; with 5 images left the inputs ran out, and the rest
-        # come twice as fast (the images in flight were partly done)
-        t = 1.0
-        for i in range(len(paths)):
-            progress(AuditProgress(i + 1, len(paths), 0, t))
-            t += 0.1 if i + 1 < len(paths) - 5 else 0.05
-        return {"images_per_second": len(paths) / t}
+    r = bench.paired_ratio(engine(0.002), engine(0.004), batch=4, pairs=3, seconds=0.03)
+    assert r.pairs == 3 and 1.6 < r.low <= r.median <= r.high < 2.4 and 1.6 < r.best < 2.4
+    assert "median of 3 back-to-back pairs of 0.03 s windows" in r.describe()
 
-    monkeypatch.setattr(deploy.audit, "run_audit", fake_run_audit)
-    monkeypatch.setattr("data.io.paths_from", lambda _: paths)
-    monkeypatch.setattr("deploy.bench.audit_in_flight", lambda *a: 5)
-    rate = bench_audit(trained_bundle["bundle"], images=images, max_images=n, repeats=1)
-    assert rate.images == n and f"{n} images from" in rate.source
-    assert rate.images_per_s == pytest.approx(10.0)  # images 10 to 35: neither the start-up nor the drain
-    assert rate.whole_run_images_per_s == pytest.approx(n / 4.7) and rate.startup_s == pytest.approx(1.0)
-    assert audit_in_flight(trained_bundle["bundle"], "cpu", 4) >= 3 * 4  # a worker's chunk, the prefetch, the writes
-
-
-def test_audit_fraction_divides_by_the_fastest_reference(trained_bundle: dict, monkeypatch) -> None:
-    """The audit's fraction of pure inference divides by the graph at its fastest: the best of its
-    row and of the windows timed before each audit repeat and after the last. A single short window
-    that catches a slow moment of a shared machine must not inflate the fraction."""
-    import deploy.bench
-    from deploy.bench import AuditRate, BenchRow, run_all
-
-    monkeypatch.setattr(deploy.bench, "bench_bundle", lambda *a, **k: [BenchRow("onnxruntime", "fp32", "cpu", 4, 100.0)])
-    windows = iter([120.0, 90.0, 200.0, 110.0, 95.0, 105.0, 99.0])
-    monkeypatch.setattr(deploy.bench, "time_window", lambda fn, batch, seconds: next(windows))
-    repeats = []
-
-    def fake_bench_audit(bundle, *, before_repeat=None, **kwargs):
-        for _ in range(2):
-            if before_repeat is not None:
-                before_repeat()
-            repeats.append(kwargs.get("heatmaps", True))
-        return AuditRate(80.0, 70.0, 0.1, 10, "10 images")
-
-    monkeypatch.setattr(deploy.bench, "bench_audit", fake_bench_audit)
-    rows = run_all(trained_bundle["bundle"], batch_size=4, device="cpu", torch_eager=False, reference_seconds=0.01)
-    audit = [r for r in rows if r.engine.startswith("audit")]
-    assert len(repeats) == 6 and next(windows, None) is None  # a window before each repeat and one after the last
-    assert repeats == [True, True, "flagged", "flagged", "none", "none"]
-    assert audit[0].note.startswith("40% of onnxruntime fp32 batch 4 (200.0 images/s, the best of its row and 7 windows")
-    assert "120, 90, 200, 110, 95, 105, 99" in audit[0].note and "whole run 70.0 images/s (35%)" in audit[0].note
-    assert audit[1].note.startswith("40% of onnxruntime fp32 batch 4; 10 images")  # the basis is said once
-    rows = run_all(trained_bundle["bundle"], batch_size=4, device="cpu", torch_eager=False, reference_seconds=0)
-    assert [r.note.split(";")[0] for r in rows if r.engine.startswith("audit")] == ["80% of onnxruntime fp32 batch 4"] * 3
-
-
-def test_fp16_of_a_flip_tta_bundle_loads_and_agrees(trained_bundle: dict, tmp_path: Path) -> None:
-    """In a ``--tta flips`` graph the stacked views feed both the reconstructor (float16) and the
-    scoring tail (float32): the reconstructor must keep reading its float16 copy, or onnxruntime
-    refuses the model (Conv bound to float and float16)."""
-    from deploy.export import export_run
-    from deploy.quantize import convert_fp16
-    from deploy.runtime import Runtime
-
-    tta = export_run(trained_bundle["run"], tmp_path / "tta", tta="flips")
-    rt = Runtime(convert_fp16(tta, tmp_path / "tta16"), device="cpu")
-    x = rt.preprocess.load_batch(_test_paths(trained_bundle))
-    ref, got = Runtime(tta, device="cpu").infer(x), rt.infer(x)
-    assert np.abs(got["score"] - ref["score"]).max() < FP16_MAX_REL_DIFF * np.abs(ref["score"]).max()
-    assert np.abs(got["anomaly_map"] - ref["anomaly_map"]).max() < FP16_MAX_REL_DIFF * np.abs(ref["anomaly_map"]).max()
+    order: list[str] = []
+    rates = iter([100.0, 50.0, 40.0, 120.0, 90.0, 60.0])  # window rates in the order they are timed
+    monkeypatch.setattr(bench, "time_window", lambda fn, batch, seconds: (order.append(fn()), next(rates))[1])
+    r = bench.paired_ratio(lambda: "a", lambda: "b", batch=1, pairs=3, seconds=1)
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert (r.low, r.median, r.high) == (1.5, 2.0, 3.0) and r.best == 120.0 / 60.0
+    with pytest.raises(ValueError, match="pairs must be >= 1"):
+        bench.paired_ratio(engine(0), engine(0), batch=1, pairs=0)
