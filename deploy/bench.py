@@ -31,6 +31,10 @@ VM a single 20-call window (under a second) can catch a slow moment: on 2026-11-
 apart timed the graph row at 409 and 322 images/s, against 498 in an earlier session, and the audit
 read 86 % and 101 % of it.
 
+After the table, when the torch row is there, the CLI prints onnxruntime float32 over torch eager
+at batch N as the median of ``--pairs`` back-to-back pairs of windows (:func:`paired_ratio`): the
+ratio of two rows timed a minute apart swung from 1.09 to 1.39x on one VM.
+
 Library functions return rows; the CLI handler prints them. Torch is imported only for the
 torch row.
 
@@ -166,8 +170,8 @@ def paired_ratio(a: Callable[[], Any], b: Callable[[], Any], batch: int, *, pair
     """Time ``a`` and ``b`` (each scoring ``batch`` images per call) in alternating windows.
 
     A ratio of two table rows timed a minute apart measures the VM's minute as much as the engines:
-    on 2026-12-03 three runs of ``benchmarks/speed.py`` gave onnxruntime / torch at 1.09, 1.35 and
-    1.38x while onnxruntime's own windows ranged 231-311 images/s. Each pair here times both
+    on 2026-12-03 four runs of ``benchmarks/speed.py`` gave onnxruntime / torch at 1.39, 1.35, 1.38
+    and 1.09x, the last while onnxruntime's own windows ranged 231-311 images/s. Each pair here times both
     engines within ``2 * seconds``, in alternating order (a drift favours neither side).
     """
     if pairs < 1 or seconds <= 0:
