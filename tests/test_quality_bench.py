@@ -124,3 +124,27 @@ def test_evaluate_run_exports_each_scoring_with_and_without_flip_tta(trained_bun
     plain, tta = (list(Runtime(tmp_path / "bundles" / f"tiles__aae_norm__{r['scoring']}__s0", device="cpu").score_paths(paths))
                   for r in rows)
     assert max(abs(a.score - b.score) for a, b in zip(plain, tta)) > 0  # two different graphs were scored
+
+
+def test_crack_segmenter_draws_thin_dark_cracks_inside_their_masks() -> None:
+    """``benchmarks/elpv_crack_segmenter.py``: a crack only darkens, its mask covers what it darkened,
+    and without the "darker area" kind the mask stays thin (a line, not a region)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "elpv_crack_segmenter.py"
+    spec = importlib.util.spec_from_file_location("elpv_crack_segmenter", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    cell = np.full((64, 64), 0.5, np.float32)
+    drawn = 0
+    for _ in range(40):
+        out, mask = mod.draw_crack(cell, rng, (0.3, 0.5), region_p=0.0)
+        assert out.shape == mask.shape == cell.shape and set(np.unique(mask)) <= {0.0, 1.0}
+        assert (out <= cell + 1e-6).all()
+        if mask.any():
+            drawn += 1
+            assert (cell - out)[mask > 0].mean() > 0.05  # darker inside the mask
+            assert (cell - out)[mask == 0].max() < 0.5 * (cell - out).max()  # only faint anti-aliasing outside
+            assert mask.mean() < 0.2
+    assert drawn >= 35
+    _, with_area = mod.draw_crack(cell, np.random.default_rng(1), (0.3, 0.5), region_p=1.0)
+    assert with_area.mean() > 0.01
