@@ -8,8 +8,8 @@ segmentation network on synthetic cracks only (the real defects of the test set 
 * each training cell is divided by its median (brightness is not a defect), flipped / transposed,
   scaled by 0.8-1.2, and with probability 0.7 crossed by a crack: a polyline of 2-9 segments that
   turns by N(0, 0.18) rad per segment, 8-100 % of the side long (log-uniform), with Poisson(0.8)
-  branches, drawn anti-aliased at 4x the size and area-shrunk (sub-pixel widths), darkening the
-  cell by ``--depth``; with probability ``--region-p`` the cell is also darkened on one side of the
+  branches, drawn anti-aliased at 4x the size (``--widths``, default 1-8 px there: 0.25-2 px of the
+  cell) and area-shrunk, darkening the cell by ``--depth``; with probability ``--region-p`` the cell is also darkened on one side of the
   crack (a partly inactive area);
 * random ``--crop`` crops, BCE (positive weight 5) + Dice, Adam 1e-3, batch 16, for ``--minutes``;
 * a test cell's score is the mean of its top 0.05 / 0.2 / 1 % pixel probabilities.
@@ -53,12 +53,15 @@ def _load(folder: Path, size: int) -> tuple[np.ndarray, list[str]]:
 
 
 def draw_crack(cell: np.ndarray, rng: np.random.Generator, depth: tuple[float, float],
-               region_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """A synthetic crack on ``cell`` ``(H, W)``: returns the cracked cell and its ``{0, 1}`` mask."""
+               region_p: float, widths: tuple[int, int] = (1, 8)) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic crack on ``cell`` ``(H, W)``: returns the cracked cell and its ``{0, 1}`` mask.
+
+    ``widths``: the main line's width range in pixels of the 4x canvas (1-8: 0.25-2 px of the cell).
+    """
     import cv2
 
     h, w = cell.shape
-    s = 4  # drawn at 4x and area-shrunk: widths of 0.25-2 px
+    s = 4  # drawn at 4x and area-shrunk: sub-pixel widths
     canvas = np.zeros((h * s, w * s), np.uint8)
     for _ in range(1 if rng.random() < 0.7 else 2):
         length = np.exp(rng.uniform(np.log(0.08), np.log(1.0))) * h * s
@@ -71,7 +74,7 @@ def draw_crack(cell: np.ndarray, rng: np.random.Generator, depth: tuple[float, f
             heading += rng.normal(0, 0.18)
             p = p + step * np.array([np.cos(heading), np.sin(heading)])
             pts.append(p.copy())
-        width = int(rng.integers(1, 9))
+        width = int(rng.integers(widths[0], widths[1] + 1))
         cv2.polylines(canvas, [np.round(np.array(pts)).astype(np.int32).reshape(-1, 1, 2)], False, 255, width,
                       cv2.LINE_AA)
         for _ in range(int(rng.poisson(0.8))):
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=22.0, help="training budget (default 22)")
     p.add_argument("--width", type=int, default=16, help="U-Net base width (default 16)")
     p.add_argument("--depth", type=float, nargs=2, default=(0.05, 0.5), help="crack darkening range (default 0.05 0.5)")
+    p.add_argument("--widths", type=int, nargs=2, default=(1, 8),
+                   help="crack width range in pixels of the 4x canvas (default 1 8: 0.25-2 px)")
     p.add_argument("--region-p", type=float, default=0.0, help="probability of a darker area beside the crack (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             cell = cell[:, ::-1] if rng.random() < 0.5 else cell
             cell = cell[::-1] if rng.random() < 0.5 else cell
             cell = np.ascontiguousarray(cell.T if rng.random() < 0.5 else cell) * rng.uniform(0.8, 1.2)
-            cell, m = draw_crack(cell, rng, tuple(a.depth), a.region_p) if rng.random() < 0.7 else (cell, np.zeros_like(cell))
+            cell, m = draw_crack(cell, rng, tuple(a.depth), a.region_p, tuple(a.widths)) if rng.random() < 0.7 else (cell, np.zeros_like(cell))
             y0, x0 = rng.integers(0, a.size - c + 1, size=2)
             xs.append(cell[y0:y0 + c, x0:x0 + c])
             ms.append(m[y0:y0 + c, x0:x0 + c])

@@ -10,12 +10,17 @@ import pytest
 from anomaly.metrics import aupro, image_metrics, pixel_metrics
 
 
-def _quality():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality_bench", path)
+def _benchmark(name: str):
+    """Load ``benchmarks/<name>.py`` as a module (the folder is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _quality():
+    return _benchmark("quality")
 
 
 def test_per_kind_metrics_score_each_kind_against_the_normal_images_only() -> None:
@@ -48,10 +53,7 @@ def test_audit_split_accounts_for_the_audit_per_stage(trained_bundle: dict, tmp_
     import deploy.audit as audit
     from deploy.runtime import Runtime
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "audit_split.py"
-    spec = importlib.util.spec_from_file_location("audit_split", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark("audit_split")
     originals = (Runtime._decode, Runtime.infer, audit._finish, audit.write_image)
     images = sorted((trained_bundle["data"] / "test").rglob("*.png"))
     r = mod.measure(str(trained_bundle["bundle"]), [str(p) for p in images], str(tmp_path), batch_size=4)
@@ -129,10 +131,7 @@ def test_evaluate_run_exports_each_scoring_with_and_without_flip_tta(trained_bun
 def test_crack_segmenter_draws_thin_dark_cracks_inside_their_masks() -> None:
     """``benchmarks/elpv_crack_segmenter.py``: a crack only darkens, its mask covers what it darkened,
     and without the "darker area" kind the mask stays thin (a line, not a region)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "elpv_crack_segmenter.py"
-    spec = importlib.util.spec_from_file_location("elpv_crack_segmenter", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark("elpv_crack_segmenter")
     rng = np.random.default_rng(0)
     cell = np.full((64, 64), 0.5, np.float32)
     drawn = 0
