@@ -11,6 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AnomalyDetector": "anomaly.detector",
     "create_model": "anomaly.registry",
     "list_models": "anomaly.registry",
     "get_spec": "anomaly.registry",

@@ -75,6 +75,8 @@ class Preprocess:
             img = img.astype(np.float32) / 65535.0
         img = self.convert(img.astype(np.float32, copy=False))
         h, w = img.shape[:2]
+        if h == 0 or w == 0:
+            raise ValueError(f"empty image of shape {image.shape}")
         s = self.image_size
         # INTER_AREA averages source pixels when shrinking (anti-aliasing); cubic when growing.
         interp = cv2.INTER_AREA if (h >= s and w >= s) else cv2.INTER_CUBIC

@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from data.preprocess import Preprocess
 from deploy.bundle import MODEL_FILE, SCHEMA_VERSION, sha256_file, write_sidecar
 from training.run import load_run
 
-__all__ = ["export_run", "export_onnx", "load_run", "OPSET"]
+__all__ = ["export_run", "export_onnx", "build_scoring_graph", "ScoringGraph", "load_run", "OPSET"]
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -186,6 +187,75 @@ def _score_mix(model: torch.nn.Module, scorer: Scorer, val: np.ndarray, labels: 
     scorer.set_score_mix(parts.mean(1), parts.std(1))
 
 
+@dataclass
+class ScoringGraph:
+    """A trained run made ready to score: what :func:`export_run` exports and what the training-side
+    :class:`anomaly.detector.AnomalyDetector` runs in torch (one definition for both).
+
+    Attributes:
+        graph: :class:`anomaly.scoring.ReconstructionScorer` (or its flip-averaged form) in
+            ``eval()``; ``graph(x, cond)`` on ``(N, C, S, S)`` float32 in [0, 1] gives a
+            :class:`anomaly.scoring.ScoreOutput`.
+        scorer: its :class:`anomaly.scoring.Scorer`, with the statistics fitted on the validation images.
+        preprocess: the run's :class:`data.preprocess.Preprocess`.
+        ckpt, config: the checkpoint dict and the run's :class:`training.config.TrainConfig`.
+        val: ``(V, C, S, S)`` the run's normal validation images, preprocessed (``V`` may be 0).
+        val_labels: ``(V,)`` int64 classes of those images for conditional models, else ``None``.
+        conditional: whether the model takes a class label.
+    """
+
+    graph: torch.nn.Module
+    scorer: Scorer
+    preprocess: Preprocess
+    ckpt: dict[str, Any]
+    config: Any
+    val: np.ndarray
+    val_labels: np.ndarray | None
+    conditional: bool
+
+
+def build_scoring_graph(run_dir: str | os.PathLike, *, checkpoint: str = "best", scoring: dict[str, Any] | None = None,
+                        normalize: bool | None = None, tta: str = "none", latent: str | None = None) -> ScoringGraph:
+    """Load ``run_dir`` and assemble its scoring graph, fitting the scorer's statistics (per-pixel
+    normalisation, part and score mixing, latent bank) on the run's validation and training
+    images. The arguments are :func:`export_run`'s, which documents them and the errors."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; expected one of {TTA_MODES}")
+    model, ckpt, cfg = load_run(run_dir, checkpoint)
+    settings = {**cfg.scoring, **(scoring or {})}
+    pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
+    split = json.loads((Path(run_dir) / "split.json").read_text())
+    val_paths = split.get("val", [])
+    conditional = _is_conditional(ckpt)
+    latent_k = int(settings.get("latent_k", 5))
+    latent = _resolve_latent(latent or settings.get("latent", "auto"), ckpt["model_name"], model, split, conditional,
+                             latent_k, cfg.image_size)
+    scorer = Scorer(residual=settings["residual"], smoothing_sigma=settings["smoothing_sigma"],
+                    aggregate=settings["aggregate"], topk_fraction=settings.get("topk_fraction", 0.01),
+                    image_size=(cfg.image_size, cfg.image_size), latent=latent,
+                    latent_k=latent_k)
+    val = pre.load_batch(val_paths) if val_paths else np.zeros((0, cfg.channels, cfg.image_size, cfg.image_size), np.float32)
+    val_labels = np.asarray(split.get("val_categories", [0] * len(val_paths)), np.int64) if conditional else None
+    if normalize is None:
+        normalize = len(val) >= MIN_NORMALIZATION_IMAGES
+        if not normalize:
+            log.info("per-pixel normalisation off: %d validation images (< %d)", len(val), MIN_NORMALIZATION_IMAGES)
+    if normalize:
+        if len(val) < 2:
+            raise ValueError("per-pixel normalisation needs at least 2 validation images; train with --val-fraction > 0")
+        _normalization(model, scorer, val, val_labels)
+    if len(scorer.parts) > 1:
+        if len(val) < 2:
+            raise ValueError(f"residual {scorer.residual!r} standardises its parts on normal validation images: "
+                             f"found {len(val)}; train with --val-fraction > 0")
+        _mix_statistics(model, scorer, val, val_labels)
+    if latent != "none":
+        _latent_bank(model, scorer, pre, split, conditional)
+        _score_mix(model, scorer, val, val_labels)
+    graph = scoring_graph(model, scorer, tta).eval()
+    return ScoringGraph(graph, scorer, pre, ckpt, cfg, val, val_labels, conditional)
+
+
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint: str = "best",
                scoring: dict[str, Any] | None = None, normalize: bool | None = None, opset: int = OPSET,
                tta: str = "none", latent: str | None = None) -> Path:
@@ -222,40 +292,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
     from anomaly.calibration import PixelThresholdCalibrator, ThresholdCalibrator
     from deploy.runtime import Runtime
 
-    if tta not in TTA_MODES:
-        raise ValueError(f"unknown test-time augmentation {tta!r}; expected one of {TTA_MODES}")
-    model, ckpt, cfg = load_run(run_dir, checkpoint)
-    settings = {**cfg.scoring, **(scoring or {})}
-    pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
-    split = json.loads((Path(run_dir) / "split.json").read_text())
-    val_paths = split.get("val", [])
-    conditional = _is_conditional(ckpt)
-    latent_k = int(settings.get("latent_k", 5))
-    latent = _resolve_latent(latent or settings.get("latent", "auto"), ckpt["model_name"], model, split, conditional,
-                             latent_k, cfg.image_size)
-    scorer = Scorer(residual=settings["residual"], smoothing_sigma=settings["smoothing_sigma"],
-                    aggregate=settings["aggregate"], topk_fraction=settings.get("topk_fraction", 0.01),
-                    image_size=(cfg.image_size, cfg.image_size), latent=latent,
-                    latent_k=latent_k)
-    val = pre.load_batch(val_paths) if val_paths else np.zeros((0, cfg.channels, cfg.image_size, cfg.image_size), np.float32)
-    val_labels = np.asarray(split.get("val_categories", [0] * len(val_paths)), np.int64) if conditional else None
-    if normalize is None:
-        normalize = len(val) >= MIN_NORMALIZATION_IMAGES
-        if not normalize:
-            log.info("per-pixel normalisation off: %d validation images (< %d)", len(val), MIN_NORMALIZATION_IMAGES)
-    if normalize:
-        if len(val) < 2:
-            raise ValueError("per-pixel normalisation needs at least 2 validation images; train with --val-fraction > 0")
-        _normalization(model, scorer, val, val_labels)
-    if len(scorer.parts) > 1:
-        if len(val) < 2:
-            raise ValueError(f"residual {scorer.residual!r} standardises its parts on normal validation images: "
-                             f"found {len(val)}; train with --val-fraction > 0")
-        _mix_statistics(model, scorer, val, val_labels)
-    if latent != "none":
-        _latent_bank(model, scorer, pre, split, conditional)
-        _score_mix(model, scorer, val, val_labels)
-    graph = scoring_graph(model, scorer, tta).eval()
+    built = build_scoring_graph(run_dir, checkpoint=checkpoint, scoring=scoring, normalize=normalize, tta=tta,
+                                latent=latent)
+    graph, scorer, pre, ckpt, cfg = built.graph, built.scorer, built.preprocess, built.ckpt, built.config
+    val, val_labels, conditional = built.val, built.val_labels, built.conditional
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 
@@ -417,6 +418,44 @@ class Runtime:
         """Score one decoded image ``(H, W)`` or ``(H, W, C)`` (uint8, uint16 or float in [0, 1])."""
         x = self.preprocess(image)[None]
         return self._results(x, [None], [tuple(image.shape[:2])], keep_reconstruction)[0]
+
+    def score_images(self, images: Iterable[np.ndarray] | np.ndarray, batch_size: int = 16,
+                     keep_reconstruction: bool = False) -> Iterator[ImageResult]:
+        """Score decoded images in batches, in input order: the in-memory form of :meth:`score_paths`.
+
+        Args:
+            images: an iterable of images ``(H, W)`` or ``(H, W, C)`` (uint8, uint16 or float in
+                [0, 1]; sizes may differ), consumed lazily (a camera's frames), or one array of
+                same-sized images ``(N, H, W)`` / ``(N, H, W, C)``. One image alone goes to
+                :meth:`score_image`.
+            batch_size: images per graph run.
+            keep_reconstruction: fill ``ImageResult.reconstruction``.
+
+        Yields:
+            one :class:`ImageResult` per image (``path`` ``None``). An image that cannot be
+            preprocessed (wrong shape or channel count) yields a result whose ``error`` names its
+            index, and the others are scored.
+
+        Raises:
+            ValueError: ``batch_size`` < 1, or an array that is not a stack of images.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(images, np.ndarray) and (images.ndim not in (3, 4) or images.dtype == object):
+            raise ValueError(f"an array of images must be (N, H, W) or (N, H, W, C), got shape {images.shape}; "
+                             "score one image with score_image()")
+        source = iter(images)
+        index = 0
+        while chunk := list(itertools.islice(source, batch_size)):
+            items: list[_Decoded | ImageResult] = []
+            for image in chunk:
+                try:
+                    image = np.asarray(image)
+                    items.append((self.preprocess(image), (int(image.shape[0]), int(image.shape[1])), None))
+                except (ValueError, TypeError, IndexError, cv2.error) as exc:
+                    items.append(ImageResult(path=None, error=f"image {index}: {exc}"))
+                index += 1
+            yield from self._run_chunk([None] * len(chunk), items, keep_reconstruction)  # type: ignore[list-item]
 
     def _decode(self, path: str, keep_image: bool | int) -> _Decoded | ImageResult:
         """Read + preprocess one file (runs in a worker thread); errors become a result."""

@@ -126,6 +126,35 @@ def test_runtime_keeps_order_and_reports_bad_files(trained_bundle: dict, tmp_pat
     assert res[0].error is None and res[0].label in (0, 1) and res[0].original_size == (48, 48)
 
 
+def test_score_images_is_score_paths_for_arrays(trained_bundle: dict) -> None:
+    """A batch of numpy arrays gives the typed results of the same files, in order; a bad image
+    becomes an error result naming its index, and the others are scored."""
+    import cv2
+
+    from deploy.runtime import Runtime
+
+    rt = Runtime(trained_bundle["bundle"], device="cpu")
+    files = sorted(str(p) for p in (trained_bundle["data"] / "test").rglob("*.png"))
+    arrays = [cv2.imread(f, cv2.IMREAD_UNCHANGED) for f in files]
+    ref = list(rt.score_paths(files))
+    for images in (arrays, np.stack(arrays), (a for a in arrays)):  # list, one array, a lazy stream
+        res = list(rt.score_images(images, batch_size=3, keep_reconstruction=True))
+        assert [r.path for r in res] == [None] * len(files)
+        assert [r.label for r in res] == [r.label for r in ref]
+        assert np.allclose([r.score for r in res], [r.score for r in ref], rtol=1e-5, atol=1e-6)
+        assert [r.regions for r in res] == [r.regions for r in ref] and res[0].original_size == (48, 48)
+        assert res[0].reconstruction.shape == (1, 32, 32) and res[0].anomaly_map.shape == (32, 32)
+    mixed = list(rt.score_images([arrays[0], np.zeros((48, 48, 2), np.uint8), np.zeros((0, 5), np.uint8), arrays[1]]))
+    assert [r.error is None for r in mixed] == [True, False, False, True]
+    assert mixed[1].error.startswith("image 1: expected an image of shape (H, W)") and np.isnan(mixed[1].score)
+    assert mixed[2].error == "image 2: empty image of shape (0, 5)"
+    assert mixed[3].score == pytest.approx(ref[1].score, rel=1e-5)
+    with pytest.raises(ValueError, match=r"\(N, H, W\).*score_image"):
+        list(rt.score_images(arrays[0]))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        list(rt.score_images(arrays, batch_size=0))
+
+
 def test_results_carry_regions(trained_bundle: dict, tmp_path: Path) -> None:
     """Every result carries its defect regions: those of find_regions with the bundle's pixel
     threshold at the original size; None without a pixel threshold or for an unreadable file."""
