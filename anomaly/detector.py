@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -110,7 +110,8 @@ class AnomalyDetector(BaseEstimator):
         self.work_dir = work_dir
 
     # -- fitting -------------------------------------------------------------------------------
-    def fit(self, X: Images, y: ArrayLike | None = None) -> "AnomalyDetector":
+    def fit(self, X: Images, y: ArrayLike | None = None, *,
+            progress: Callable[[dict[str, Any]], None] | None = None) -> "AnomalyDetector":
         """Train on normal images ``X``, then set the default thresholds on the validation images.
 
         Args:
@@ -118,6 +119,9 @@ class AnomalyDetector(BaseEstimator):
                 (its ``train/good`` is used) or a folder of categories (for conditional models).
             y: ignored if ``None`` or all 0 (scikit-learn's signature); the detector learns from
                 normal images only, so any other label is an error.
+            progress: called with the trainer's batch and epoch events (``{"event": "batch" |
+                "epoch", "epoch", "epochs", "logs", "elapsed", ...}``, as ``anomaly train``
+                displays them); every epoch is also logged at INFO level.
 
         Returns:
             ``self``.
@@ -141,7 +145,7 @@ class AnomalyDetector(BaseEstimator):
                              device=self.device, augment=self.augment, model_kwargs=dict(self.model_kwargs or {}))
         if self.scoring:
             config.scoring = {**config.scoring, **self.scoring}
-        result = train(config)
+        result = train(config, progress=progress)
         log.info("trained %s: %s", self.model, result)
         return self._load(work / "run")
 

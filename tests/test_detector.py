@@ -75,7 +75,10 @@ def test_fit_on_arrays_equals_fit_on_the_same_files(trained_bundle: dict, tmp_pa
 
 
 def test_fit_on_a_category_folder_with_a_budget(trained_bundle: dict, tmp_path: Path) -> None:
-    det = AnomalyDetector(epochs=2, max_minutes=5, work_dir=tmp_path, **TINY).fit(trained_bundle["data"])
+    events: list[dict] = []
+    det = AnomalyDetector(epochs=2, max_minutes=5, work_dir=tmp_path, **TINY).fit(trained_bundle["data"],
+                                                                               progress=events.append)
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2]
     assert det.run_dir_ == tmp_path / "run" and (tmp_path / "run" / "checkpoints" / "best.pt").exists()
     assert not (tmp_path / "data").exists()  # a folder is trained on where it is
     scores = det.decision_function(trained_bundle["data"] / "test")
