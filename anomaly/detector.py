@@ -80,7 +80,9 @@ class AnomalyDetector(BaseEstimator):
             ``None`` when the run has no validation images and :meth:`calibrate` was not called.
         threshold_: its threshold (``None`` without one).
         pixel_calibrator_: :class:`anomaly.calibration.PixelThresholdCalibrator` (or ``None``).
-        calibration_source_: ``{"kind": "validation" | "normal images", "images": n}``.
+        calibration_source_: what the thresholds were fitted on: ``{"kind": "validation",
+            "images": n}`` after ``fit``; after :meth:`calibrate`, ``"normal images"`` or
+            ``"labelled images"`` with ``images``, ``n_normal`` and ``n_defects``.
     """
 
     def __init__(self, model: str = "aae", image_size: int = 64, channels: int | None = None, epochs: int = 100,
@@ -188,21 +190,48 @@ class AnomalyDetector(BaseEstimator):
             log.warning("run %s has no validation images: no threshold until calibrate()", run_dir)
         return self
 
-    def calibrate(self, X: Images, labels: ArrayLike | str | int | None = None) -> "AnomalyDetector":
-        """Set the image and pixel thresholds on held-out normal images (never trained on), at
-        ``target_fpr`` and ``pixel_fpr``; what ``anomaly calibrate`` does with its default method.
+    def calibrate(self, X: Images, y: ArrayLike | None = None, *, labels: ArrayLike | str | int | None = None,
+                  method: str | None = None, probability: str | None = None) -> "AnomalyDetector":
+        """Set the image and pixel thresholds on held-out images (never trained on); what ``anomaly
+        calibrate`` does.
+
+        Args:
+            X: held-out images (see :data:`Images`).
+            y: ``(N,)`` 0/1, 1 = defective; ``None``: all normal.
+            labels: classes of a conditional model (see :meth:`decision_function`).
+            method: :class:`anomaly.calibration.ThresholdCalibrator`'s method; ``None``: ``fpr`` at
+                ``target_fpr`` on normal images only, ``f1`` when ``y`` marks defects.
+            probability: ``isotonic`` or ``logistic``: also fit ``P(defect | score)`` for
+                :meth:`predict_proba` (needs defects in ``y``).
+
+        The pixel threshold is fitted on the normal images' maps at ``pixel_fpr``.
 
         Returns:
             ``self``.
+
+        Raises:
+            ValueError: ``y`` of another length or not 0/1; a method or probability model that
+                needs defects without any (the calibrator's own errors).
         """
         from anomaly.calibration import PixelThresholdCalibrator, ThresholdCalibrator
 
         self._check_fitted()
         out = self._score(X, labels)
-        self.calibrator_ = ThresholdCalibrator(method="fpr", target_fpr=self.target_fpr).fit(out["score"])
-        self.pixel_calibrator_ = PixelThresholdCalibrator(method="fpr", target_fpr=self.pixel_fpr).fit(out["anomaly_map"])
-        self.threshold_ = float(self.calibrator_.threshold_)
-        self.calibration_source_ = {"kind": "normal images", "images": int(len(out["score"]))}
+        n = len(out["score"])
+        truth = np.zeros(n, dtype=np.int64) if y is None else np.asarray(y).ravel()
+        if truth.shape != (n,) or not np.isin(truth, (0, 1)).all():
+            raise ValueError(f"y must hold one 0/1 label per image ({n}), got {np.asarray(y).shape} with values "
+                             f"{sorted(set(np.unique(truth).tolist()))[:5]}")
+        if method is None:
+            method = "f1" if truth.any() else "fpr"
+        calibrator = ThresholdCalibrator(method=method, target_fpr=self.target_fpr, probability=probability)
+        calibrator.fit(out["score"], truth)
+        normal = truth == 0
+        self.pixel_calibrator_ = PixelThresholdCalibrator(method="fpr", target_fpr=self.pixel_fpr).fit(out["anomaly_map"][normal])
+        self.calibrator_ = calibrator
+        self.threshold_ = float(calibrator.threshold_)
+        self.calibration_source_ = {"kind": "normal images" if not truth.any() else "labelled images",
+                                    "images": int(n), "n_normal": int(normal.sum()), "n_defects": int((~normal).sum())}
         return self
 
     # -- scoring -------------------------------------------------------------------------------
@@ -234,6 +263,20 @@ class AnomalyDetector(BaseEstimator):
             raise NotFittedError("this detector has no threshold (its run has no validation images); "
                                  "call calibrate() with held-out normal images first")
         return self.calibrator_.predict(self.decision_function(X, labels, batch_size))
+
+    def predict_proba(self, X: Images, labels: ArrayLike | str | int | None = None, batch_size: int = 32) -> np.ndarray:
+        """Probability of a defect ``(N,)`` from the probability model that :meth:`calibrate`
+        fitted with ``probability=`` and labelled defects.
+
+        Raises:
+            NotFittedError: before ``fit``.
+            ValueError: no probability model (the calibrator's message says how to get one).
+        """
+        self._check_fitted()
+        if self.calibrator_ is None or self.calibrator_.probability_model_ is None:
+            raise ValueError("predict_proba needs a probability model: call calibrate(images, y, "
+                             "probability='isotonic' or 'logistic') with labelled defects in y")
+        return self.calibrator_.predict_proba(self.decision_function(X, labels, batch_size))
 
     def save(self, path: str | os.PathLike, opset: int | None = None) -> Path:
         """Export to a bundle folder for :class:`deploy.runtime.Runtime` and ``anomaly audit``.

@@ -85,8 +85,38 @@ def test_fit_on_a_category_folder_with_a_budget(trained_bundle: dict, tmp_path: 
     assert np.isfinite(scores).all()
     # calibrate() moves the threshold to held-out normals
     det.calibrate(trained_bundle["data"] / "test" / "good")
-    assert det.calibration_source_ == {"kind": "normal images", "images": 4}
+    assert det.calibration_source_ == {"kind": "normal images", "images": 4, "n_normal": 4, "n_defects": 0}
     assert det.threshold_ == pytest.approx(det.decision_function(trained_bundle["data"] / "test" / "good").max())
+    with pytest.raises(ValueError, match="needs a probability model"):
+        det.predict_proba(trained_bundle["data"] / "test")
+
+
+def test_calibrate_with_labelled_defects_gives_f1_threshold_and_probabilities(trained_bundle: dict, tmp_path: Path) -> None:
+    """Labelled held-out images: F1-max threshold and a probability model, as `anomaly calibrate
+    --defects --probability` fits them, carried into the saved bundle."""
+    from anomaly.calibration import ThresholdCalibrator
+    from deploy.runtime import Runtime
+
+    det = AnomalyDetector.from_run(trained_bundle["run"], latent="none")
+    files = _files(trained_bundle["data"] / "test")
+    y = np.array([0 if "/good/" in f else 1 for f in files])
+    scores = det.decision_function(files)
+    det.calibrate(files, y, probability="isotonic")
+    ref = ThresholdCalibrator(method="f1", probability="isotonic").fit(scores, y)
+    assert det.calibrator_.method_ == "f1" and det.threshold_ == ref.threshold_
+    assert det.calibration_source_ == {"kind": "labelled images", "images": 8, "n_normal": 4, "n_defects": 4}
+    p = det.predict_proba(files)
+    assert p.shape == (8,) and np.array_equal(p, ref.predict_proba(scores))
+    assert p[y == 1].mean() > p[y == 0].mean()
+    rt = Runtime(det.save(tmp_path / "bundle"), device="cpu")
+    assert rt.threshold == det.threshold_
+    # the isotonic curve climbs ~6 per unit of score between these knots, so fp32 score noise of
+    # ~5e-6 moves a probability by ~3e-5
+    assert np.allclose([r.probability for r in rt.score_paths(files)], p, atol=1e-3)
+    with pytest.raises(ValueError, match="one 0/1 label per image \\(8\\)"):
+        det.calibrate(files, [0, 1])
+    with pytest.raises(ValueError, match="one 0/1 label per image"):
+        det.calibrate(files, y * 2)
 
 
 def test_bad_input_gives_the_stated_errors(trained_bundle: dict, tmp_path: Path) -> None:
