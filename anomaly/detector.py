@@ -129,8 +129,11 @@ class AnomalyDetector(BaseEstimator):
             ``self``.
 
         Raises:
-            ValueError: defective labels in ``y``, no images, images of different sizes in one array.
+            ValueError: defective labels in ``y``, no images, a float image outside [0, 1].
             data.folder.DatasetError: a folder without training images.
+
+        A second ``fit`` with the same ``work_dir`` starts over: it replaces the run (and the
+        written training images) of the first.
         """
         from training.config import TrainConfig
         from training.run import train
@@ -141,6 +144,10 @@ class AnomalyDetector(BaseEstimator):
         work = Path(self.work_dir) if self.work_dir is not None else Path(tempfile.mkdtemp(prefix="anomaly-detector-"))
         work.mkdir(parents=True, exist_ok=True)
         data = _training_folder(X, work / "data")
+        if (work / "run" / "config.json").is_file():  # refitting: a fresh run, not one resumed or appended to
+            import shutil
+
+            shutil.rmtree(work / "run")
         config = TrainConfig(data=str(data), out=str(work / "run"), model=self.model, image_size=self.image_size,
                              channels=self.channels, epochs=self.epochs, max_minutes=self.max_minutes,
                              batch_size=self.batch_size, lr=self.lr, val_fraction=self.val_fraction, seed=self.seed,

@@ -117,6 +117,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            model_kwargs={"latent_dim": 16}, scorings={**_RESIDUALS, **_LATENT_SCORINGS}),
     Preset("aae_z128", "aae", "aae with a 128-d latent (more room for the latent knn score to tell codes apart)",
            model_kwargs={"latent_dim": 128}, scorings={"l1_ssim+norm": _RESIDUALS["l1_ssim+norm"], **_LATENT_SCORINGS}),
+    Preset("aae_w16", "aae", "aae at half the width (base 16 channels, at most 128): less capacity to reproduce defects",
+           model_kwargs={"base_channels": 16, "max_channels": 128},
+           scorings={"l1_ssim+norm": _RESIDUALS["l1_ssim+norm"], **_LATENT_SCORINGS}),
+    Preset("aae_w64", "aae", "aae at twice the width (base 64 channels, at most 512): sharper reconstructions of grain",
+           model_kwargs={"base_channels": 64, "max_channels": 512},
+           scorings={"l1_ssim+norm": _RESIDUALS["l1_ssim+norm"], **_LATENT_SCORINGS}),
     Preset("aae_aggregate", "aae", "aae exported with l1_ssim+norm / ssim+norm maps and other image scores "
            "(the default: mean of the top 1 % of pixels of the map smoothed at sigma 2): max, top 10 %, mean, "
            "and sigma 1 / 4 / 8",

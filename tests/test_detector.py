@@ -72,6 +72,9 @@ def test_fit_on_arrays_equals_fit_on_the_same_files(trained_bundle: dict, tmp_pa
     assert (tmp_path / "a" / "data" / "0000000.png").is_symlink()
     assert a.threshold_ is not None and a.predict(test).shape == (8,)
     assert np.array_equal(a.decision_function(test), b.decision_function(test))
+    # a refit in the same folder starts over (the loss log holds one run's epochs)
+    assert a.fit(files[:12]) is a and len((tmp_path / "a" / "run" / "losses.csv").read_text().splitlines()) == 2
+    assert len(list((tmp_path / "a" / "data").iterdir())) == 12
 
 
 def test_fit_on_a_category_folder_with_a_budget(trained_bundle: dict, tmp_path: Path) -> None:
