@@ -36,6 +36,7 @@ import torch
 from anomaly.scoring import LATENT_SCORES, TTA_MODES, ScoreOutput, Scorer, encode_decode, scoring_graph
 from data.preprocess import Preprocess
 from deploy.bundle import MODEL_FILE, SCHEMA_VERSION, sha256_file, write_sidecar
+from training.config import TrainConfig
 from training.run import load_run
 
 __all__ = ["export_run", "export_onnx", "build_scoring_graph", "ScoringGraph", "load_run", "OPSET"]
@@ -208,7 +209,7 @@ class ScoringGraph:
     scorer: Scorer
     preprocess: Preprocess
     ckpt: dict[str, Any]
-    config: Any
+    config: TrainConfig
     val: np.ndarray
     val_labels: np.ndarray | None
     conditional: bool
