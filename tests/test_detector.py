@@ -2,6 +2,7 @@
 deployed runtime on the same files, and clear errors for bad input."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import cv2
@@ -58,6 +59,7 @@ def test_images_as_folder_files_arrays_and_one_array_score_alike(trained_bundle:
     assert np.array_equal(det.decision_function(arrays, batch_size=3), ref)  # batching does not matter
     assert np.array_equal(det.decision_function(np.stack(arrays)), ref)
     assert np.array_equal(det.decision_function([a.astype(np.float32) / 255.0 for a in arrays]), ref)
+    assert np.array_equal(pickle.loads(pickle.dumps(det)).decision_function(files), ref)  # as estimators are kept
 
 
 def test_fit_on_arrays_equals_fit_on_the_same_files(trained_bundle: dict, tmp_path: Path) -> None:
