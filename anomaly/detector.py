@@ -281,7 +281,7 @@ class AnomalyDetector(BaseEstimator):
 
         Raises:
             NotFittedError: before ``fit``.
-            ValueError: no probability model (the calibrator's message says how to get one).
+            ValueError: no probability model (the message says how to fit one).
         """
         self._check_fitted()
         if self.calibrator_ is None or self.calibrator_.probability_model_ is None:
