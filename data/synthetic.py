@@ -20,7 +20,8 @@ Localization", CVPR 2021). This module holds:
 
 * :class:`EvalDefectGenerator` — the **evaluation** defects: shaded elliptical holes and dents,
   branching random-walk cracks, foreign-object patches of another texture with blurred edges,
-  and clusters of colour / brightness spots.
+  clusters of colour / brightness spots, and (colour images only) discoloured blotches whose
+  luma is unchanged.
 * :class:`SyntheticDefectDataset` — wraps a map-style dataset of normal images and yields
   ``{"image": defective, "target": clean, "mask": (1, S, S), ...}`` for the trainer.
 
@@ -71,12 +72,17 @@ __all__ = [
     "load_defect_sources",
     "TRAIN_KINDS",
     "EVAL_KINDS",
+    "COLOUR_EVAL_KINDS",
 ]
 
 log = logging.getLogger(__name__)
 
 TRAIN_KINDS = ("perlin", "scratch", "stain", "cutpaste")
 EVAL_KINDS = ("hole", "crack", "foreign", "spot")
+#: Evaluation defects that exist only in colour: ``"discolour"`` changes hue and saturation at an
+#: unchanged luma, so a grayscale model cannot see it by construction. Kept out of
+#: :data:`EVAL_KINDS` so that the grayscale benchmarks' files never change.
+COLOUR_EVAL_KINDS = ("discolour",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,9 +543,14 @@ class EvalDefectGenerator:
     * ``"foreign"``: a polygonal or elliptical patch of another texture (``foreign_textures``, or
       procedural gratings / checkers / dots) composited with blurred edges.
     * ``"spot"``: a cluster of truncated-Gaussian brightness (gray) or colour (RGB) spots.
+    * ``"discolour"`` (``COLOUR_EVAL_KINDS``, RGB images only): a blotch of overlapping ellipses,
+      blurred at the edge, whose chroma is rotated and rescaled in the YCbCr plane while its luma
+      (BT.601, what :class:`data.preprocess.Preprocess` converts RGB to gray with) stays the same:
+      a stain, burn or wrong coating that a grayscale model cannot see.
 
     Args:
-        kinds: subset of ``EVAL_KINDS`` drawn from uniformly when ``kind`` is not given.
+        kinds: subset of ``EVAL_KINDS + COLOUR_EVAL_KINDS`` drawn from uniformly when ``kind`` is
+            not given.
         foreign_textures: images for ``"foreign"`` patches (same formats as
             ``DefectSynthesizer.texture_source``).
         size_range: defect extent as a fraction of the image side, ``(low, high)``.
@@ -551,9 +562,10 @@ class EvalDefectGenerator:
     def __init__(self, kinds: Sequence[str] = EVAL_KINDS, foreign_textures: Sequence[np.ndarray] | None = None,
                  size_range: tuple[float, float] = (0.1, 0.3)) -> None:
         kinds = tuple(kinds)
-        unknown = [k for k in kinds if k not in EVAL_KINDS]
+        unknown = [k for k in kinds if k not in EVAL_KINDS + COLOUR_EVAL_KINDS]
         if not kinds or unknown:
-            raise ValueError(f"EvalDefectGenerator: unknown kinds {unknown or '(none given)'}; expected a subset of {EVAL_KINDS}")
+            raise ValueError(f"EvalDefectGenerator: unknown kinds {unknown or '(none given)'}; "
+                             f"expected a subset of {EVAL_KINDS + COLOUR_EVAL_KINDS}")
         if not 0.0 < size_range[0] <= size_range[1] <= 1.0:
             raise ValueError(f"EvalDefectGenerator: size_range must satisfy 0 < low <= high <= 1, got {size_range}")
         self.kinds = kinds
@@ -568,8 +580,11 @@ class EvalDefectGenerator:
         _check_chw(image, "EvalDefectGenerator")
         if kind is None:
             kind = self.kinds[int(rng.integers(len(self.kinds)))]
-        elif kind not in EVAL_KINDS:
-            raise ValueError(f"EvalDefectGenerator: unknown kind {kind!r}; expected one of {EVAL_KINDS}")
+        elif kind not in EVAL_KINDS + COLOUR_EVAL_KINDS:
+            raise ValueError(f"EvalDefectGenerator: unknown kind {kind!r}; expected one of {EVAL_KINDS + COLOUR_EVAL_KINDS}")
+        if kind in COLOUR_EVAL_KINDS and image.shape[0] != 3:
+            raise ValueError(f"EvalDefectGenerator: {kind!r} changes colour at constant luma and needs an RGB "
+                             f"(3, H, W) image, got {image.shape[0]} channel(s)")
         img = _to_hwc(np.clip(image, 0.0, 1.0))
         out, mask = getattr(self, f"_make_{kind}")(img, rng)
         if not mask.any():  # cannot happen for sane sizes; keep the contract anyway
@@ -705,6 +720,44 @@ class EvalDefectGenerator:
             tint = rng.uniform(-0.5, 0.5, size=3).astype(np.float32)
             tint *= rng.uniform(0.3, 0.5) / (np.abs(tint).max() + 1e-6)
         return img + profile[:, :, None] * tint[None, None, :], mask
+
+    def _make_discolour(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        h, w, _ = img.shape
+        size = min(h, w)
+        extent = self._extent(size, rng)
+        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+        shape8 = np.zeros((h, w), np.uint8)
+        for _ in range(int(rng.integers(2, 5))):  # a blotch: overlapping ellipses around one centre
+            ey, ex = cy + rng.normal(0, extent / 5), cx + rng.normal(0, extent / 5)
+            axes = (max(2, int(round(extent / 2 * rng.uniform(0.5, 1.0)))), max(2, int(round(extent / 2 * rng.uniform(0.3, 0.8)))))
+            cv2.ellipse(shape8, (int(round(ex)), int(round(ey))), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        alpha = cv2.GaussianBlur(shape8.astype(np.float32), (0, 0), rng.uniform(1.0, 3.0))
+        alpha[alpha < 0.1] = 0.0  # the mask holds every pixel the blotch visibly changes
+        mask = (alpha > 0).astype(np.float32)
+        if not mask.any():
+            mask, alpha = shape8.astype(np.float32), shape8.astype(np.float32)
+        # BT.601 luma and chroma (the Y of cv2's RGB2GRAY / RGB2YCrCb, without its 0.5 offsets).
+        r, g, b = img[:, :, 0], img[:, :, 1], img[:, :, 2]
+        y = 0.299 * r + 0.587 * g + 0.114 * b
+        cb, cr = 0.564 * (b - y), 0.713 * (r - y)
+        # New chroma: rotated by 60-180 degrees, rescaled, plus a small cast so that gray areas change too.
+        theta = rng.uniform(np.pi / 3, np.pi) * (1 if rng.random() < 0.5 else -1)
+        scale = rng.uniform(0.8, 1.5)
+        cast_dir = rng.uniform(0, 2 * np.pi)
+        cast = rng.uniform(0.04, 0.08)
+        ncb = scale * (np.cos(theta) * cb - np.sin(theta) * cr) + cast * np.cos(cast_dir)
+        ncr = scale * (np.sin(theta) * cb + np.cos(theta) * cr) + cast * np.sin(cast_dir)
+        a = alpha.astype(np.float32)
+        ncb, ncr = cb + a * (ncb - cb), cr + a * (ncr - cr)
+        dr, db = 1.403 * ncr, 1.773 * ncb
+        chroma = np.stack([dr, -(0.299 * dr + 0.114 * db) / 0.587, db], axis=2)  # RGB minus luma: zero luma exactly
+        # Pull the chroma toward gray where it would leave [0, 1]: the luma stays exactly the same.
+        yy = y[:, :, None]
+        room = np.where(chroma > 0, (1.0 - yy) / np.maximum(chroma, 1e-12), np.where(chroma < 0, yy / np.maximum(-chroma, 1e-12), np.inf))
+        t = np.minimum(1.0, room.min(axis=2, keepdims=True))
+        out = yy + t * chroma
+        out[mask == 0] = img[mask == 0]  # bit-identical where the blotch does not reach
+        return out.astype(np.float32), mask
 
 
 # --------------------------------------------------------------------------------------------

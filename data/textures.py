@@ -1,8 +1,10 @@
 """Texture-inspection data sets in MVTec-AD layout, cut from scikit-image's bundled textures.
 
 scikit-image ships three 512x512 grayscale surface photographs with the package itself (no
-download): ``brick``, ``grass`` and ``gravel``. :func:`make_texture_dataset` turns one of them
-into an MVTec-AD-style category that :func:`data.folder.discover` reads::
+download): ``brick``, ``grass`` and ``gravel``, and one colour micrograph, ``ihc`` (its
+``immunohistochemistry`` sample: brown-stained glands in blue-stained stroma, 512x512 RGB), the
+colour texture of :data:`COLOUR_TEXTURES`. :func:`make_texture_dataset` turns one of them into an
+MVTec-AD-style category that :func:`data.folder.discover` reads::
 
     ROOT/train/good/000.png                  normal crops from the TOP band of the source
     ROOT/test/good/000.png                   normal crops from the BOTTOM band (never seen in training)
@@ -15,7 +17,9 @@ Training and test crops come from spatially disjoint bands of the source image (
 memorising the training pixels. Both bands get the same augmentation (small rotation, flips), so
 normal train and test images share one distribution. Defects come from
 :class:`data.synthetic.EvalDefectGenerator` — never from the training synthesizer (see
-:mod:`data.synthetic`); its foreign-object patches are cut from the *other* textures.
+:mod:`data.synthetic`); its foreign-object patches are cut from the *other* grayscale textures. The
+colour texture also gets ``discolour`` defects (hue and saturation changed at the same luma), which
+only a model that reads colour can find.
 
 The category is built in a temporary folder beside ``root`` and renamed into place at the end,
 so an interrupted run leaves nothing half-written. Calling again with the same parameters reuses
@@ -41,13 +45,17 @@ import cv2
 import numpy as np
 
 from data.io import atomic_write, write_image
-from data.synthetic import EVAL_KINDS, EvalDefectGenerator
+from data.synthetic import COLOUR_EVAL_KINDS, EVAL_KINDS, EvalDefectGenerator
 
-__all__ = ["TEXTURES", "SOURCE_PHOTOS", "load_texture", "make_texture_dataset", "write_defect_sources"]
+__all__ = ["TEXTURES", "COLOUR_TEXTURES", "SOURCE_PHOTOS", "load_texture", "make_texture_dataset",
+           "write_defect_sources"]
 
 log = logging.getLogger(__name__)
 
 TEXTURES = ("brick", "grass", "gravel")
+#: Colour textures: name -> scikit-image sample. Kept apart from :data:`TEXTURES` so that the grayscale
+#: data sets (whose foreign objects are cut from the other :data:`TEXTURES`) never change.
+COLOUR_TEXTURES = {"ihc": "immunohistochemistry"}
 #: scikit-image's bundled photographs and micrographs (none of :data:`TEXTURES`, which the
 #: evaluation's foreign-object defects are cut from): a small offline stand-in for DTD as the fill
 #: of the training synthesizer's Perlin defects (:func:`write_defect_sources`).
@@ -61,16 +69,16 @@ def load_texture(name: str) -> np.ndarray:
     """One of scikit-image's bundled textures as uint8 ``(H, W)`` (grayscale) or ``(H, W, 3)``.
 
     Raises:
-        ValueError: ``name`` is not one of :data:`TEXTURES`.
+        ValueError: ``name`` is not one of :data:`TEXTURES` or :data:`COLOUR_TEXTURES`.
         ImportError: scikit-image is not installed.
     """
-    if name not in TEXTURES:
-        raise ValueError(f"unknown texture {name!r}; expected one of {', '.join(TEXTURES)}")
+    if name not in TEXTURES and name not in COLOUR_TEXTURES:
+        raise ValueError(f"unknown texture {name!r}; expected one of {', '.join(TEXTURES + tuple(COLOUR_TEXTURES))}")
     try:
         import skimage.data
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("texture data sets need scikit-image (pip install scikit-image)") from exc
-    return _skimage_uint8(getattr(skimage.data, name)())
+    return _skimage_uint8(getattr(skimage.data, COLOUR_TEXTURES.get(name, name))())
 
 
 def _skimage_uint8(image: Any) -> np.ndarray:
@@ -158,12 +166,12 @@ def make_texture_dataset(root: str | os.PathLike, texture: str, image_size: int 
                          n_test_good: int = 40, n_test_bad: int = 40, seed: int = 0, *,
                          crop_size: int | None = None, train_fraction: float = 0.6,
                          max_rotation: float = 10.0, flips: bool = True,
-                         defect_kinds: Sequence[str] = EVAL_KINDS, overwrite: bool = False) -> Path:
+                         defect_kinds: Sequence[str] | None = None, overwrite: bool = False) -> Path:
     """Write an MVTec-AD-style category cut from a bundled texture (see module docstring).
 
     Args:
         root: the category folder to create (e.g. ``cache/brick``).
-        texture: one of :data:`TEXTURES`.
+        texture: one of :data:`TEXTURES` or :data:`COLOUR_TEXTURES`.
         image_size: side S of the written square images.
         n_train: normal training crops (top band).
         n_test_good: normal test crops (bottom band).
@@ -175,7 +183,8 @@ def make_texture_dataset(root: str | os.PathLike, texture: str, image_size: int 
         max_rotation: crops are rotated by a uniform angle in ``[-max_rotation, max_rotation]``
             degrees (0 disables).
         flips: random horizontal and vertical flips.
-        defect_kinds: :data:`data.synthetic.EVAL_KINDS` subset; one ``test/<kind>`` folder each.
+        defect_kinds: one ``test/<kind>`` folder each. Default: :data:`data.synthetic.EVAL_KINDS`, plus
+            :data:`data.synthetic.COLOUR_EVAL_KINDS` for a colour texture (they need colour).
         overwrite: replace an existing category previously written by this function with
             different parameters. Folders not written by it are never replaced.
 
@@ -187,12 +196,15 @@ def make_texture_dataset(root: str | os.PathLike, texture: str, image_size: int 
         FileExistsError: ``root`` holds other files, or a category with other parameters and
             ``overwrite`` is false.
     """
-    if texture not in TEXTURES:
-        raise ValueError(f"unknown texture {texture!r}; expected one of {', '.join(TEXTURES)}")
-    kinds = tuple(defect_kinds)
-    bad_kinds = [k for k in kinds if k not in EVAL_KINDS]
+    if texture not in TEXTURES and texture not in COLOUR_TEXTURES:
+        raise ValueError(f"unknown texture {texture!r}; expected one of {', '.join(TEXTURES + tuple(COLOUR_TEXTURES))}")
+    colour = texture in COLOUR_TEXTURES
+    allowed = EVAL_KINDS + COLOUR_EVAL_KINDS if colour else EVAL_KINDS
+    kinds = tuple(allowed if defect_kinds is None else defect_kinds)
+    bad_kinds = [k for k in kinds if k not in allowed]
     if bad_kinds or (n_test_bad > 0 and not kinds):
-        raise ValueError(f"unknown defect kinds {bad_kinds or '(none given)'}; expected a subset of {EVAL_KINDS}")
+        extra = f" ({', '.join(COLOUR_EVAL_KINDS)} needs a colour texture)" if set(bad_kinds) & set(COLOUR_EVAL_KINDS) else ""
+        raise ValueError(f"unknown defect kinds {bad_kinds or '(none given)'}; expected a subset of {allowed}{extra}")
     if min(n_train, n_test_good, n_test_bad) < 0 or n_train == 0:
         raise ValueError(f"need n_train >= 1 and non-negative test counts, got {n_train}, {n_test_good}, {n_test_bad}")
     if not 0.0 < train_fraction < 1.0:
@@ -235,7 +247,8 @@ def make_texture_dataset(root: str | os.PathLike, texture: str, image_size: int 
     generator = EvalDefectGenerator(kinds=kinds or EVAL_KINDS, foreign_textures=others)
 
     # Independent streams per split: adding test images never changes the training crops.
-    train_rng, good_rng, bad_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, TEXTURES.index(texture)]).spawn(3))
+    stream = TEXTURES.index(texture) if not colour else len(TEXTURES) + list(COLOUR_TEXTURES).index(texture)
+    train_rng, good_rng, bad_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, stream]).spawn(3))
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final folder should not be

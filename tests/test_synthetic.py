@@ -14,9 +14,9 @@ import pytest
 from data import synthetic
 from data.folder import ImageDataset, discover
 from data.preprocess import Preprocess
-from data.synthetic import (EVAL_KINDS, TRAIN_KINDS, DefectSynthesizer, EvalDefectGenerator,
+from data.synthetic import (COLOUR_EVAL_KINDS, EVAL_KINDS, TRAIN_KINDS, DefectSynthesizer, EvalDefectGenerator,
                             SyntheticDefectDataset, perlin_noise)
-from data.textures import TEXTURES, load_texture, make_texture_dataset
+from data.textures import COLOUR_TEXTURES, TEXTURES, load_texture, make_texture_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,6 +149,28 @@ def test_eval_kind_changes_inside_mask(kind: str, channels: int):
             assert diff[~inside].mean() < 0.01 and diff[~inside].max() < 0.5
         else:
             assert diff[~inside].max() == 0.0, f"{kind}: changed pixels outside the mask"
+
+
+def test_discolour_changes_colour_but_not_luma():
+    """What a grayscale model reads (BT.601 luma, as Preprocess converts) is unchanged; the colour is not."""
+    gen = EvalDefectGenerator(kinds=COLOUR_EVAL_KINDS)
+    ihc = load_texture("ihc")
+    for seed in range(6):
+        image = (ihc[seed * 60:seed * 60 + 96, :96].astype(np.float32) / 255).transpose(2, 0, 1) if seed % 2 else _image(3, seed=seed)
+        out, mask = gen(image, np.random.default_rng(seed))
+        _check_pair(image, out, mask)
+        inside = mask[0] > 0
+        assert inside.sum() >= 20
+        diff = np.abs(out - image).max(axis=0)
+        assert diff[inside].mean() > 0.03, "discolouration not visible inside its mask"
+        assert diff[~inside].max() == 0.0, "changed pixels outside the mask"
+        gray = [cv2.cvtColor(np.ascontiguousarray(x.transpose(1, 2, 0)), cv2.COLOR_RGB2GRAY) for x in (image, out)]
+        np.testing.assert_allclose(gray[1], gray[0], atol=1e-5)
+        # ... and Preprocess(channels=1), the grayscale model's input, sees the same image.
+        pre = Preprocess(image_size=96, channels=1)
+        np.testing.assert_allclose(pre(out.transpose(1, 2, 0)), pre(image.transpose(1, 2, 0)), atol=1e-5)
+    with pytest.raises(ValueError, match="needs an RGB"):
+        gen(_image(1), np.random.default_rng(0), kind="discolour")
 
 
 def test_eval_generator_is_deterministic_and_uses_foreign_textures():
@@ -320,6 +342,26 @@ def test_make_texture_dataset_layout(tmp_path: Path):
     ds = ImageDataset(layout.test, Preprocess(image_size=32, channels=1), with_masks=True)
     for i, s in enumerate(layout.test):
         assert ds[i]["mask"].any() == bool(s.label)
+
+
+def test_colour_texture_data_set_has_colour_and_discolour_defects(tmp_path: Path):
+    assert load_texture("ihc").shape == (512, 512, 3) and set(COLOUR_TEXTURES) == {"ihc"}
+    root = make_texture_dataset(tmp_path / "ihc", "ihc", image_size=32, n_train=3, n_test_good=2, n_test_bad=10, seed=0)
+    layout = discover(root)
+    assert {s.defect_type for s in layout.test} == {"good", *EVAL_KINDS, *COLOUR_EVAL_KINDS}
+    for s in layout.train + layout.test:
+        img = cv2.imread(str(s.path), cv2.IMREAD_UNCHANGED)
+        assert img.shape == (32, 32, 3)
+    for s in layout.test:
+        if s.defect_type == "discolour":
+            img = cv2.imread(str(s.path), cv2.IMREAD_UNCHANGED).astype(np.float32)
+            m = cv2.imread(str(s.mask), cv2.IMREAD_GRAYSCALE) > 127
+            chroma = np.abs(img - img.mean(axis=2, keepdims=True)).sum(axis=2)
+            assert m.any() and chroma[m].mean() > 5  # coloured, not gray
+    # A grayscale texture cannot take a colour-only defect; the error says why.
+    with pytest.raises(ValueError, match="needs a colour texture"):
+        make_texture_dataset(tmp_path / "brick", "brick", image_size=32, n_train=2, n_test_good=1, n_test_bad=1,
+                             defect_kinds=("discolour",))
 
 
 def test_make_texture_dataset_is_reproducible_and_safe(tmp_path: Path):
