@@ -20,8 +20,10 @@ Example (what ``benchmarks/results/quality.md`` holds)::
 
 Datasets: ``elpv_mono``, ``elpv_poly`` (real EL solar-cell images, :func:`data.elpv.prepare_elpv`;
 train = functional cells of ``train/good``, test = ``test/good`` vs ``test/defective``) and
-``brick``, ``grass``, ``gravel`` (:func:`data.textures.make_texture_dataset`, masks from the
-evaluation defect generator, which differs from the training ``DefectSynthesizer``). Textures are
+``brick``, ``grass``, ``gravel`` and the colour ``ihc`` (:func:`data.textures.make_texture_dataset`,
+masks from the evaluation defect generator, which differs from the training ``DefectSynthesizer``;
+``ihc`` adds ``discolour`` defects that keep the luma, so ``--channels 1`` against ``--channels 3``
+measures what reading colour is worth). Textures are
 cut at ``--image-size`` at the photograph's scale unless ``--crop-size`` says otherwise: the
 defects are drawn as a fraction of the image, so the crop size sets how large they are against the
 texture's grain, and comparing two image sizes fairly means holding the crop size fixed.
@@ -50,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-TEXTURES = ("brick", "grass", "gravel")
+TEXTURES = ("brick", "grass", "gravel", "ihc")  # ihc: the colour texture (data.textures.COLOUR_TEXTURES)
 ELPV = ("elpv_mono", "elpv_poly")
 
 
@@ -175,9 +177,11 @@ def per_kind_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, 
 
 def run_trial(dataset: str, root: Path, config_name: str, seed: int, epochs: int, image_size: int,
               out: Path, threads: int, test_limit: int | None, train_limit: int | None,
-              defect_sources: str | None = None, tta: Sequence[str] = ("none",)) -> list[dict[str, Any]]:
+              defect_sources: str | None = None, tta: Sequence[str] = ("none",),
+              channels: int | None = None) -> list[dict[str, Any]]:
     """Train one config once; export + evaluate each of its scorings, once per test-time
-    augmentation in ``tta``. Returns one row per scoring and augmentation."""
+    augmentation in ``tta``. ``channels`` forces the model's colour mode (None: detect from the
+    data, as ``anomaly train`` does). Returns one row per scoring and augmentation."""
     import torch
 
     from anomaly.reconstructors import get_preset
@@ -189,22 +193,25 @@ def run_trial(dataset: str, root: Path, config_name: str, seed: int, epochs: int
     data_root = root
     if train_limit:
         data_root = subset_train(root, out / "subsets" / f"{dataset}_n{train_limit}_s{seed}", train_limit, seed)
-    extra = {"defect_sources": defect_sources} if defect_sources and preset.synthetic_defects > 0 else {}
+    extra: dict[str, Any] = {"defect_sources": defect_sources} if defect_sources and preset.synthetic_defects > 0 else {}
+    if channels is not None:
+        extra["channels"] = channels
+        run_dir = run_dir.with_name(f"{run_dir.name}__c{channels}")
     cfg = preset.train_config(data=str(data_root), out=str(run_dir), epochs=epochs, image_size=image_size, seed=seed,
                               **extra)
     c0, w0 = time.process_time(), time.perf_counter()
     res = train(cfg)
     train_cpu, train_wall = time.process_time() - c0, time.perf_counter() - w0
     common = {"dataset": dataset, "config": config_name, "seed": seed, "model": cfg.model, "epochs": cfg.epochs,
-              "image_size": image_size, "synthetic_defects": cfg.synthetic_defects,
+              "image_size": image_size, "channels": cfg.channels, "synthetic_defects": cfg.synthetic_defects,
               "defect_sources": cfg.defect_sources, "train_cpu_s": round(train_cpu, 1),
               "train_wall_s": round(train_wall, 1), "best_epoch": getattr(res, "best_epoch", None)}
     return [{**common, **row} for row in evaluate_run(run_dir, dataset, config_name, seed, test_samples(root, test_limit, seed),
-                                                      out, threads, tta)]
+                                                      out, threads, tta, channels)]
 
 
 def evaluate_run(run_dir: Path, dataset: str, config_name: str, seed: int, samples: list[Any], out: Path,
-                 threads: int, tta: Sequence[str] = ("none",)) -> list[dict[str, Any]]:
+                 threads: int, tta: Sequence[str] = ("none",), channels: int | None = None) -> list[dict[str, Any]]:
     """Export a trained run with each scoring of its preset (and each test-time augmentation in
     ``tta``; ``flips`` rows are named ``<scoring>+tta``) into ``out/bundles`` and evaluate each
     bundle on ``samples``. Returns the metric rows."""
@@ -216,7 +223,7 @@ def evaluate_run(run_dir: Path, dataset: str, config_name: str, seed: int, sampl
     for scoring_name, (scoring, normalize) in get_preset(config_name).scorings.items():
         for mode in tta:
             name = scoring_name + ("+tta" if mode == "flips" else "")
-            bundle = out / "bundles" / f"{dataset}__{config_name}__{name}__s{seed}"
+            bundle = out / "bundles" / f"{dataset}__{config_name}__{name}__s{seed}{'' if channels is None else f'__c{channels}'}"
             c1 = time.process_time()
             # a row's latent score is what its preset names ("none" unless it says otherwise)
             export_run(run_dir, bundle, scoring={"latent": "none", **scoring}, normalize=normalize, tta=mode)
@@ -246,7 +253,7 @@ def subset_train(root: Path, dest: Path, n: int, seed: int) -> Path:
     return dest
 
 
-COLUMNS = [("dataset", "dataset"), ("config", "config"), ("scoring", "scoring"), ("seed", "seed"),
+COLUMNS = [("dataset", "dataset"), ("config", "config"), ("scoring", "scoring"), ("seed", "seed"), ("channels", "C"),
            ("epochs", "ep"), ("image_auroc", "img AUROC"), ("image_ap", "img AP"), ("image_f1_max", "F1-max"),
            ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"), ("train_cpu_s", "train CPU s"),
            ("train_wall_s", "train wall s")]
@@ -264,11 +271,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     kinds = [r for r in rows if r.get("per_kind")]
     if kinds:  # normal test images against one defect kind at a time
         lines += ["", "Per defect kind (pixel AUROC / AUPRO / image AUROC):", "",
-                  "| dataset | config | scoring | seed | " + " | ".join(sorted(kinds[0]["per_kind"])) + " |",
-                  "|---|---|---|---|" + "---|" * len(kinds[0]["per_kind"])]
+                  "| dataset | config | scoring | seed | C | " + " | ".join(sorted(kinds[0]["per_kind"])) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(kinds[0]["per_kind"])]
         for r in kinds:
             pk = r["per_kind"]
-            lines.append(f"| {r['dataset']} | {r['config']} | {r['scoring']} | {r['seed']} | " + " | ".join(
+            lines.append(f"| {r['dataset']} | {r['config']} | {r['scoring']} | {r['seed']} | {r.get('channels', '')} | " + " | ".join(
                 f"{pk[k]['pixel_auroc']:.3f} / {pk[k]['aupro']:.3f} / {pk[k]['image_auroc']:.3f}" for k in sorted(pk)) + " |")
     return "\n".join(lines)
 
@@ -307,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", default="none", choices=("none", "flips", "both"),
                    help="test-time augmentation of the exported bundles (`anomaly export --tta`): flips, or both "
                         "(each scoring exported without and with it; the flipped rows are named <scoring>+tta)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="force the models' colour mode: 1 = grayscale (RGB read as luma), 3 = RGB "
+                        "(default: detect from the data, as `anomaly train` does)")
     p.add_argument("--list-configs", action="store_true")
     args = p.parse_args(argv)
 
@@ -323,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / "results.json"
     if json_path.is_file():  # resume: keep finished trials
         rows = json.loads(json_path.read_text()).get("rows", [])
-    done = {(r["dataset"], r["config"], r["seed"]) for r in rows}
+    done = {(r["dataset"], r["config"], r["seed"], r.get("channels_arg")) for r in rows}
     sources = args.defect_sources
+    if sources == "skimage" and "ihc" in args.datasets.split(","):
+        p.error("--defect-sources skimage includes scikit-image's immunohistochemistry photograph, the ihc texture "
+                "itself; give a folder of other images")
     if sources == "skimage":
         from data.textures import write_defect_sources
 
@@ -334,18 +347,19 @@ def main(argv: list[str] | None = None) -> int:
                                texture_test=args.texture_test)
         for config in args.configs.split(","):
             for seed in [int(s) for s in args.seeds.split(",")]:
-                if (dataset, config, seed) in done:
+                if (dataset, config, seed, args.channels) in done:
                     continue
                 print(f"# {dataset} / {config} / seed {seed}", file=sys.stderr, flush=True)
                 try:
                     new = run_trial(dataset, root, config, seed, args.epochs, args.image_size, out, args.threads,
                                     args.test_limit, args.train_limit, sources,
-                                    ("none", "flips") if args.tta == "both" else (args.tta,))
+                                    ("none", "flips") if args.tta == "both" else (args.tta,), args.channels)
                 except Exception as exc:  # record the failure, carry on
                     new = [{"dataset": dataset, "config": config, "scoring": "-", "seed": seed,
                             "error": f"{type(exc).__name__}: {exc}"}]
                 for r in new:
                     r["command"] = "python benchmarks/quality.py " + shlex.join(argv)
+                    r["channels_arg"] = args.channels
                     if dataset in TEXTURES:
                         r["crop_size"] = args.crop_size or args.image_size
                         r["texture_test"] = args.texture_test

@@ -147,3 +147,30 @@ def test_crack_segmenter_draws_thin_dark_cracks_inside_their_masks() -> None:
     assert drawn >= 35
     _, with_area = mod.draw_crack(cell, np.random.default_rng(1), (0.3, 0.5), region_p=1.0)
     assert with_area.mean() > 0.01
+
+
+def test_channels_forces_the_models_colour_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``--channels 1`` trains a grayscale model on colour data (what a colour-blind product would do)."""
+    import training.run
+
+    q = _quality()
+    seen: dict = {}
+
+    def fake_train(cfg):
+        seen["channels"], seen["out"] = cfg.channels, cfg.out
+        return object()
+
+    def fake_evaluate(run_dir, dataset, config, seed, samples, out, threads, tta=("none",), channels=None):
+        seen["bundle_channels"] = channels
+        return [{"scoring": "l1"}]
+
+    monkeypatch.setattr(training.run, "train", fake_train)
+    monkeypatch.setattr(q, "evaluate_run", fake_evaluate)
+    monkeypatch.setattr(q, "test_samples", lambda *a, **k: [])
+    rows = q.run_trial("ihc", tmp_path, "ae", 0, 1, 32, tmp_path, 1, None, None, channels=1)
+    assert seen == {"channels": 1, "out": str(tmp_path / "runs" / "ihc__ae__s0__c1"), "bundle_channels": 1}
+    assert rows[0]["channels"] == 1 and rows[0]["scoring"] == "l1"
+    # The training fills of --defect-sources skimage include the ihc photograph itself: refused.
+    with pytest.raises(SystemExit):
+        q.main(["--datasets", "ihc", "--configs", "ae", "--defect-sources", "skimage", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "data").exists()
