@@ -241,7 +241,7 @@ def _torch_graph(meta: dict[str, Any], threads: int) -> tuple[Callable[[np.ndarr
     sc = meta["scoring"]
     scorer = Scorer(residual=sc["residual"], smoothing_sigma=sc["smoothing_sigma"], aggregate=sc["aggregate"],
                     topk_fraction=sc.get("topk_fraction", 0.01), image_size=(cfg.image_size, cfg.image_size),
-                    latent=sc.get("latent", "none"), latent_k=sc.get("latent_k", 5))
+                    latent=sc.get("latent", "none"), latent_k=sc.get("latent_k", 5), colour=sc.get("colour", "rgb"))
     if sc.get("normalized"):  # same arithmetic as the export (values do not change the timing)
         s = cfg.image_size
         scorer.set_normalization(torch.zeros(1, 1, s, s), torch.ones(1, 1, s, s))

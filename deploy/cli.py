@@ -18,6 +18,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--residual", default=None, help="override the residual kind (l1, l2, ssim, gms, ms, l1_ssim; with a segmenter also learned, l1_learned, …)")
     p.add_argument("--smoothing-sigma", type=float, default=None)
     p.add_argument("--aggregate", default=None, choices=("max", "mean", "topk"))
+    p.add_argument("--colour", default=None, choices=("rgb", "ycc"),
+                   help="RGB models: the space of the l1 / l2 differences. ycc gives hue and saturation two of "
+                        "three votes (finds discolouration better, brightness-only defects a little worse; default: "
+                        "the run's setting, rgb)")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="per-pixel normalisation by validation residual statistics (default: on with >= 16 validation images)")
     p.add_argument("--tta", default="none", choices=("none", "flips"),
@@ -101,9 +105,13 @@ def _export(args: argparse.Namespace) -> int:
     from deploy.export import export_run
 
     scoring = {k: v for k, v in {"residual": args.residual, "smoothing_sigma": args.smoothing_sigma,
-                                  "aggregate": args.aggregate}.items() if v is not None}
-    out = export_run(args.run, args.out, checkpoint=args.checkpoint, scoring=scoring, normalize=args.normalize,
-                     tta=args.tta, latent=args.latent)
+                                  "aggregate": args.aggregate, "colour": args.colour}.items() if v is not None}
+    try:
+        out = export_run(args.run, args.out, checkpoint=args.checkpoint, scoring=scoring, normalize=args.normalize,
+                         tta=args.tta, latent=args.latent)
+    except ValueError as exc:  # scoring settings the run cannot take (residual, colour, latent, ...)
+        print(f"anomaly export: error: {exc}", file=sys.stderr)
+        return 2
     meta = json.loads((out / "model.json").read_text())
     print(f"exported {out}/model.onnx and {out}/model.json"
           + (" (test-time augmentation: each image and its 3 flips, 4x the inference)" if args.tta == "flips" else ""))

@@ -234,7 +234,7 @@ def build_scoring_graph(run_dir: str | os.PathLike, *, checkpoint: str = "best",
     scorer = Scorer(residual=settings["residual"], smoothing_sigma=settings["smoothing_sigma"],
                     aggregate=settings["aggregate"], topk_fraction=settings.get("topk_fraction", 0.01),
                     image_size=(cfg.image_size, cfg.image_size), latent=latent,
-                    latent_k=latent_k)
+                    latent_k=latent_k, colour=settings.get("colour", "rgb"))
     val = pre.load_batch(val_paths) if val_paths else np.zeros((0, cfg.channels, cfg.image_size, cfg.image_size), np.float32)
     val_labels = np.asarray(split.get("val_categories", [0] * len(val_paths)), np.int64) if conditional else None
     if normalize is None:

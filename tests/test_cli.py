@@ -20,6 +20,9 @@ def test_train_export_calibrate_audit(mvtec_dir: Path, tmp_path: Path, capsys) -
     assert (run / "checkpoints" / "best.pt").is_file() and (run / "losses.csv").is_file()
     assert main(["export", str(run), "--out", str(bundle)]) == 0
     assert (bundle / "model.onnx").is_file() and (bundle / "model.json").is_file()
+    # a colour-space option a grayscale run cannot take: a clear error, no bundle
+    assert main(["export", str(run), "--out", str(tmp_path / "ycc"), "--colour", "ycc"]) == 2
+    assert "needs an RGB model" in capsys.readouterr().err and not (tmp_path / "ycc").exists()
 
     normal = tmp_path / "held_out_normal"
     normal.mkdir()
@@ -55,6 +58,13 @@ def test_train_unreadable_image(plain_dir: Path, tmp_path: Path, capsys) -> None
                  "--epochs", "1", "--val-fraction", "0"]) == 2
     err = capsys.readouterr().err
     assert "broken.png" in err and "not a decodable image" in err
+
+
+def test_train_refuses_colour_ycc_on_grayscale_data(mvtec_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["train", "--data", str(mvtec_dir), "--out", str(tmp_path / "r"), "--image-size", "32", "--epochs", "1",
+                 "--colour", "ycc"]) == 2
+    assert "needs an RGB model; the data is grayscale" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()  # refused before any training
 
 
 def test_train_defect_sources_errors(mvtec_dir: Path, tmp_path: Path, capsys) -> None:

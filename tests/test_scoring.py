@@ -18,6 +18,26 @@ def _pair(seed: int = 0, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+class _Identityish(torch.nn.Module):
+    """A stand-in reconstructor: a slightly wrong copy of its input."""
+
+    def forward(self, x, cond=None):
+        return (x * 0.9 + 0.05).clamp(0, 1)
+
+
+def _onnx_vs_torch(graph: torch.nn.Module, example: torch.Tensor, batch: torch.Tensor, tmp_path) -> tuple[list, object]:
+    """Export ``graph`` traced on ``example``, run ``batch`` through onnxruntime and torch: (ort outputs, torch output)."""
+    import onnxruntime as ort
+
+    from deploy.export import export_onnx
+
+    export_onnx(graph, tmp_path / "m.onnx", example, conditional=False)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"image": batch.numpy()})
+    with torch.no_grad():
+        return got, graph(batch)
+
+
 @pytest.mark.parametrize("kind", PIXEL_RESIDUALS)
 def test_residual_is_zero_for_identical_and_peaks_on_the_defect(kind: str) -> None:
     x, y = _pair()
@@ -71,25 +91,48 @@ def test_per_pixel_normalisation_removes_persistent_error() -> None:
 
 @pytest.mark.parametrize("kind", PIXEL_RESIDUALS)
 def test_each_residual_exports_with_parity(kind: str, tmp_path) -> None:
-    import onnxruntime as ort
-
-    from deploy.export import export_onnx
-
-    class Identityish(torch.nn.Module):
-        def forward(self, x, cond=None):
-            return (x * 0.9 + 0.05).clamp(0, 1)
-
-    graph = ReconstructionScorer(Identityish(), Scorer(residual=kind, smoothing_sigma=2.0, aggregate="topk",
-                                                       image_size=(64, 64))).eval()
+    graph = ReconstructionScorer(_Identityish(), Scorer(residual=kind, smoothing_sigma=2.0, aggregate="topk",
+                                                        image_size=(64, 64))).eval()
     x, y = _pair(3)
-    export_onnx(graph, tmp_path / "m.onnx", x, conditional=False)
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    batch = torch.cat([x, y, x])  # batch 6 != export batch 2: the axis is dynamic
-    out = sess.run(None, {"image": batch.numpy()})
-    with torch.no_grad():
-        ref = graph(batch)
+    # batch 6 != export batch 2: the axis is dynamic
+    out, ref = _onnx_vs_torch(graph, x, torch.cat([x, y, x]), tmp_path)
     assert np.abs(out[0] - ref.anomaly_map.numpy()).max() < 1e-4
     assert np.abs(out[1] - ref.score.numpy()).max() < 1e-4
+
+
+def test_ycc_colour_weighs_a_change_of_hue_more_than_rgb_does(tmp_path) -> None:
+    """``colour="ycc"``: the l1 residual of BT.601 Y, Cb, Cr differences, exported exactly."""
+    g = torch.Generator().manual_seed(5)
+    x = 0.3 + 0.4 * torch.rand(2, 3, 32, 32, generator=g)
+    hue, bright = x.clone(), x.clone()
+    # an isoluminant change (+R, -G balanced by luma) and a gray one of the same RGB L1 size
+    hue[:, 0, 8:16, 8:16] += 0.1
+    hue[:, 1, 8:16, 8:16] -= 0.1 * 0.299 / 0.587
+    step = float((hue - x).abs().mean(1)[0, 8, 8])
+    bright[:, :, 8:16, 8:16] += step
+    for colour in ("rgb", "ycc"):
+        assert residual_map(x, x, "l1", colour=colour).abs().max() < 1e-6
+    rgb = [float(residual_map(x, y, "l1")[0, 0, 12, 12]) for y in (hue, bright)]
+    ycc = [float(residual_map(x, y, "l1", colour="ycc")[0, 0, 12, 12]) for y in (hue, bright)]
+    assert rgb[0] == pytest.approx(rgb[1], rel=1e-4)  # rgb: the same size ...
+    assert ycc[0] > 1.3 * ycc[1]  # ... ycc: the hue change counts more (1.42x here)
+    # against a numpy reference of the transform
+    m = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], np.float32)
+    ref = np.abs(np.einsum("ij,njhw->nihw", m, (x - hue).numpy())).mean(1, keepdims=True)
+    np.testing.assert_allclose(residual_map(x, hue, "l1", colour="ycc").numpy(), ref, atol=1e-6)
+    # errors that say what is wrong
+    with pytest.raises(ValueError, match="needs an RGB model"):
+        residual_map(x[:, :1], hue[:, :1], "l1", colour="ycc")
+    with pytest.raises(ValueError, match="l1 / l2 differences only"):
+        Scorer(residual="ssim", colour="ycc")
+    with pytest.raises(ValueError, match="unknown colour space"):
+        Scorer(residual="l1", colour="lab")
+    # exported: onnxruntime matches torch, and the setting is in the scorer's config
+    scorer = Scorer(residual="l1_ssim", colour="ycc", smoothing_sigma=2.0, aggregate="topk", image_size=(32, 32))
+    assert scorer.config()["colour"] == "ycc"
+    out, ref_out = _onnx_vs_torch(ReconstructionScorer(_Identityish(), scorer).eval(), x, torch.cat([x, hue, bright]), tmp_path)
+    assert np.abs(out[0] - ref_out.anomaly_map.numpy()).max() < 1e-4
+    assert np.abs(out[1] - ref_out.score.numpy()).max() < 1e-4
 
 
 def test_learned_residual_reads_the_models_segmenter() -> None:

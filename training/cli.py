@@ -78,6 +78,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-kwargs", type=_json_arg, default={}, help="JSON object for the model factory")
     p.add_argument("--objective-kwargs", type=_json_arg, default={}, help="JSON object for the objective")
     p.add_argument("--residual", default=None, help="residual kind used at export (l1, l2, ssim, gms, ms, l1_ssim; with a segmenter also learned, l1_learned, …)")
+    p.add_argument("--colour", default=None, choices=("rgb", "ycc"),
+                   help="RGB models: the space of the l1 / l2 differences used at export (ycc: hue and "
+                        "saturation get two of three votes; default rgb)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.add_argument("--generative", action="store_true",
                    help="also write OUT/samples.png, a grid of what the model generates (see what it learned)")
@@ -105,13 +108,19 @@ def _run(args: argparse.Namespace) -> int:
     scoring = dict(DEFAULT_SCORING)
     if args.residual:
         scoring["residual"] = args.residual
+    if args.colour:
+        scoring["colour"] = args.colour
     try:
         cfg = _config(args, scoring)
     except ValueError as exc:  # option combinations the config refuses
         print(f"anomaly train: error: {exc}", file=sys.stderr)
         return 2
     print(f"training {cfg.model} on {cfg.data} -> {cfg.out}", file=sys.stderr)
-    result = train(cfg, resume=args.resume, progress=_progress_printer())
+    try:
+        result = train(cfg, resume=args.resume, progress=_progress_printer())
+    except ValueError as exc:  # settings the data cannot take (e.g. --colour ycc on grayscale images)
+        print(f"anomaly train: error: {exc}", file=sys.stderr)
+        return 2
     print(f"done: {result.epochs_done} epochs, {result.steps_done} steps in {result.seconds:.0f}s "
           f"(stopped by {result.stopped}); best validation error {result.best_val:.5f}")
     print(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")

@@ -116,6 +116,11 @@ def train(config: TrainConfig, *, resume: bool = False,
     train_s, val_s = split_normals(layout.train, config.val_fraction, config.seed)
     if config.channels is None:
         config.channels = detect_channels(train_s[0].path)
+    if config.scoring.get("colour", "rgb") != "rgb" and config.channels != 3:
+        # refuse now, not after the training, when the export would
+        raise ValueError(f"scoring colour {config.scoring['colour']!r} needs an RGB model; the data "
+                         f"{'is grayscale' if config.channels == 1 else f'has {config.channels} channels'} "
+                         "(train with --channels 3 on colour images, or drop --colour)")
     pre = Preprocess(image_size=config.image_size, channels=config.channels)
     num_classes = len(layout.categories)
     model_kwargs = dict(config.model_kwargs)
