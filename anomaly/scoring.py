@@ -25,7 +25,8 @@ Colour space of the ``l1`` / ``l2`` differences (``Scorer(colour=...)``, RGB mod
              a change of hue at the same brightness weighs more than in RGB, where luma dominates. On the
              ``ihc`` colour texture (3 seeds, ``l1`` + per-pixel normalisation, AE and AAE) it raised
              image AUROC by 0.07-0.08, pixel AUROC by 0.03-0.05 and AUPRO by 0.04-0.06, and lowered
-             cracks (pure brightness) by 0.03; with ``l1_ssim`` it lowered every figure
+             cracks (pure brightness) by 0.03; with ``l1_ssim`` it lowered every figure; with the
+             CycleGAN repair's ``l1_learned`` / ``l1_ssim_learned`` it raised every figure
              (``benchmarks/results/quality_session20.md``).
              ``ssim``, ``gms``, ``ms`` and ``learned`` are unchanged by it.
 
