@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     layout = discover(Path(args.data))
     test = layout.test
-    size = 128
+    size = cv2.imread(str(test[0].path), cv2.IMREAD_UNCHANGED).shape[0]  # the data set's side (maps are at it too)
     masks = np.stack([(cv2.imread(str(s.mask), cv2.IMREAD_GRAYSCALE) > 127) if s.mask else np.zeros((size, size), bool)
                       for s in test]).astype(np.uint8)
     kinds = np.array([s.defect_type for s in test])
