@@ -67,7 +67,10 @@ _RESIDUALS: dict[str, Scoring] = {
 
 # Image score plus the latent knn distance (anomaly.scoring, latent="knn"): for the encoder-decoder
 # presets only (a CycleGAN repair generator has no code to measure).
-_LATENT_SCORINGS: dict[str, Scoring] = {"l1_ssim+norm+knn": ({"residual": "l1_ssim", "latent": "knn"}, True)}
+_LATENT_SCORINGS: dict[str, Scoring] = {"l1_ssim+norm+knn": ({"residual": "l1_ssim", "latent": "knn"}, True),
+                                        # plus the texture statistics' map part (session 21)
+                                        "l1_ssim+norm+knn+stats": ({"residual": "l1_ssim", "latent": "knn",
+                                                                    "texture": "stats"}, True)}
 
 
 def _cyclegan(name: str, description: str, *, synthetic_defects: float = 0.5,
@@ -86,7 +89,10 @@ _SEGMENTER_SCORINGS: dict[str, Scoring] = {
     "learned": ({"residual": "learned"}, False),
     "l1_learned+norm": ({"residual": "l1_learned"}, True),
     "l1_ssim_learned+norm": ({"residual": "l1_ssim_learned"}, True),
-    "l1+norm": _RESIDUALS["l1+norm"], "l1_ssim+norm": _RESIDUALS["l1_ssim+norm"]}
+    "l1+norm": _RESIDUALS["l1+norm"], "l1_ssim+norm": _RESIDUALS["l1_ssim+norm"],
+    # plus the texture statistics' distance (anomaly.texture_stats), session 21
+    "learned+stats": ({"residual": "learned", "texture": "stats"}, False),
+    "l1_learned+norm+stats": ({"residual": "l1_learned", "texture": "stats"}, True)}
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [

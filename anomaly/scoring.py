@@ -30,6 +30,16 @@ Colour space of the ``l1`` / ``l2`` differences (``Scorer(colour=...)``, RGB mod
              (``benchmarks/results/quality_session20.md``).
              ``ssim``, ``gms``, ``ms`` and ``learned`` are unchanged by it.
 
+Texture statistics (``Scorer(texture=...)``, one more part of the map):
+    ``none``  the map is the residual's (the default)
+    ``stats`` the residual's map plus ``texture_weight`` times the distance of the input's local
+              texture statistics to those of normal training images
+              (:class:`anomaly.texture_stats.StatisticsMap`, fitted by :meth:`Scorer.set_statistics_bank`),
+              each standardised on normal validation images (:meth:`Scorer.set_mix_statistics`). It
+              finds patches of a foreign texture that pass through the repair; on grass it raised the
+              CycleGAN repair's ``learned`` map's pixel AUROC and AUPRO
+              (``benchmarks/results/quality_session21.md``)
+
 Latent scores (``Scorer(latent=...)``, image score only; the map is unchanged):
     ``none`` the image score is the map's aggregate
     ``knn``  the map's aggregate plus the mean Euclidean distance of the image's code
@@ -52,6 +62,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from anomaly.texture_stats import MIN_SIDE, StatisticsMap
+
 __all__ = [
     "RESIDUALS",
     "PIXEL_RESIDUALS",
@@ -67,6 +79,7 @@ __all__ = [
     "ReconstructionScorer",
     "TTA_MODES",
     "LATENT_SCORES",
+    "TEXTURE_SCORES",
     "encode_decode",
     "FlipAveraged",
     "scoring_graph",
@@ -78,6 +91,7 @@ AGGREGATES = ("max", "mean", "topk")
 COLOUR_SPACES = ("rgb", "ycc")
 TTA_MODES = ("none", "flips")  # test-time augmentation of the exported graph (see FlipAveraged)
 LATENT_SCORES = ("none", "knn")  # image-score term from the encoder's code (see Scorer)
+TEXTURE_SCORES = ("none", "stats")  # map part from local texture statistics (see Scorer)
 
 
 def encode_decode(model: nn.Module, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,6 +254,11 @@ class Scorer(nn.Module):
         latent_k: neighbours averaged by ``knn``.
         colour: one of :data:`COLOUR_SPACES`: the space of the ``l1`` / ``l2`` differences (``ycc``
             needs an RGB model and a residual with an ``l1`` or ``l2`` part).
+        texture: one of :data:`TEXTURE_SCORES`; ``stats`` needs :meth:`set_statistics_bank` and
+            :meth:`set_mix_statistics` before use, and images of at least
+            :data:`anomaly.texture_stats.MIN_SIDE` px a side.
+        texture_weight: the weight of the standardised ``stats`` part in the map's sum (the
+            residual's parts weigh 1).
 
     The optional per-pixel normalisation (``set_normalization``) stores the mean and std of the
     residual of *normal* validation images at each pixel; dividing by them removes the model's
@@ -250,8 +269,13 @@ class Scorer(nn.Module):
 
     def __init__(self, *, residual: str = "l1", smoothing_sigma: float = 4.0, aggregate: str = "max",
                  topk_fraction: float = 0.01, image_size: tuple[int, int] = (64, 64),
-                 latent: str = "none", latent_k: int = 5, colour: str = "rgb") -> None:
+                 latent: str = "none", latent_k: int = 5, colour: str = "rgb", texture: str = "none",
+                 texture_weight: float = 0.5) -> None:
         super().__init__()
+        if texture not in TEXTURE_SCORES:
+            raise ValueError(f"unknown texture score {texture!r}; expected one of {TEXTURE_SCORES}")
+        if not float(texture_weight) > 0:
+            raise ValueError(f"texture_weight must be > 0, got {texture_weight}")
         if colour not in COLOUR_SPACES:
             raise ValueError(f"unknown colour space {colour!r}; expected one of {COLOUR_SPACES}")
         if latent not in LATENT_SCORES:
@@ -276,6 +300,16 @@ class Scorer(nn.Module):
         self.register_buffer("pixel_std", torch.ones(1, 1, *self.image_size))
         self.normalized = False
         self.parts: tuple[str, ...] = (residual[: -len("_learned")], "learned") if residual.endswith("_learned") else (residual,)
+        self.texture = texture
+        self.texture_weight = float(texture_weight)
+        if texture == "stats":
+            if min(self.image_size) < MIN_SIDE:
+                raise ValueError(f"texture statistics need images of at least {MIN_SIDE} px a side; "
+                                 f"image size is {self.image_size}")
+            self.parts = self.parts + ("stats",)
+            self.statistics = StatisticsMap()
+        weights = [self.texture_weight if p == "stats" else 1.0 for p in self.parts]
+        self.register_buffer("mix_weight", torch.tensor(weights))
         self.register_buffer("mix_mean", torch.zeros(len(self.parts)))
         self.register_buffer("mix_std", torch.ones(len(self.parts)))
         self.mixed = False
@@ -300,6 +334,17 @@ class Scorer(nn.Module):
         self.mix_mean.copy_(mean.reshape(self.mix_mean.shape))
         self.mix_std.copy_(std.reshape(self.mix_std.shape).clamp_min(eps))
         self.mixed = True
+
+    def set_statistics_bank(self, mean: torch.Tensor, std: torch.Tensor, centres: torch.Tensor) -> None:
+        """Store the normal texture statistics (:func:`anomaly.texture_stats.fit_statistics_bank`)
+        that the ``stats`` part measures against.
+
+        Raises:
+            ValueError: the scorer has no ``stats`` part, or ``centres`` is not ``(K, 9)``.
+        """
+        if self.texture != "stats":
+            raise ValueError("set_statistics_bank() is for a scorer with texture='stats'")
+        self.statistics.set_bank(mean, std, centres)
 
     def set_latent_bank(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Store the codes ``(M, D)`` of normal training images that ``knn`` measures against;
@@ -361,11 +406,13 @@ class Scorer(nn.Module):
 
     def components(self, x: torch.Tensor, x_hat: torch.Tensor, model: nn.Module | None = None) -> list[torch.Tensor]:
         """The parts ``(N, 1, H, W)`` of the map before smoothing: the first per-pixel normalised
-        (when set), the second (mixed residuals only) the segmenter's map."""
+        (when set), then (mixed residuals only) the segmenter's map, then (``texture="stats"``) the
+        texture statistics' distance."""
         r = self.raw_residual(x, x_hat, model)
         if self.normalized:
             r = (r - self.pixel_mean) / self.pixel_std
-        return [r] + [residual_map(x, x_hat, kind, model) for kind in self.parts[1:]]
+        return [r] + [self.statistics(x) if kind == "stats" else residual_map(x, x_hat, kind, model)
+                      for kind in self.parts[1:]]
 
     def anomaly_map(self, x: torch.Tensor, x_hat: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """The smoothed (and normalised / standardised) map ``(N, 1, H, W)``."""
@@ -375,9 +422,9 @@ class Scorer(nn.Module):
         else:
             if not self.mixed:
                 raise ValueError(f"residual {self.residual!r} needs set_mix_statistics() from normal images first")
-            # sum of standardised parts; smoothing is linear, so the map is the sum of the
+            # weighted sum of standardised parts; smoothing is linear, so the map is the sum of the
             # standardised smoothed parts whose statistics set_mix_statistics holds
-            r = sum((p - self.mix_mean[i]) / self.mix_std[i] for i, p in enumerate(parts))
+            r = sum(self.mix_weight[i] * (p - self.mix_mean[i]) / self.mix_std[i] for i, p in enumerate(parts))
         return gaussian_blur(r, self.smoothing_sigma)
 
     def image_score(self, amap: torch.Tensor) -> torch.Tensor:
@@ -402,7 +449,12 @@ class Scorer(nn.Module):
         out = {"residual": self.residual, "smoothing_sigma": self.smoothing_sigma, "aggregate": self.aggregate,
                "topk_fraction": self.topk_fraction, "normalized": self.normalized, "colour": self.colour}
         if self.mixed:
-            out["mix"] = {"parts": list(self.parts), "mean": self.mix_mean.tolist(), "std": self.mix_std.tolist()}
+            out["mix"] = {"parts": list(self.parts), "mean": self.mix_mean.tolist(), "std": self.mix_std.tolist(),
+                          "weight": self.mix_weight.tolist()}
+        out["texture"] = self.texture
+        if self.texture != "none":
+            out["texture_weight"] = self.texture_weight
+            out["texture_stats"] = {"centres": int(self.statistics.centres.shape[0])}
         out["latent"] = self.latent
         if self.latent != "none":
             out["latent_k"] = self.latent_k

@@ -211,16 +211,19 @@ def run_trial(dataset: str, root: Path, config_name: str, seed: int, epochs: int
 
 
 def evaluate_run(run_dir: Path, dataset: str, config_name: str, seed: int, samples: list[Any], out: Path,
-                 threads: int, tta: Sequence[str] = ("none",), channels: int | None = None) -> list[dict[str, Any]]:
-    """Export a trained run with each scoring of its preset (and each test-time augmentation in
-    ``tta``; ``flips`` rows are named ``<scoring>+tta``) into ``out/bundles`` and evaluate each
-    bundle on ``samples``. Returns the metric rows."""
+                 threads: int, tta: Sequence[str] = ("none",), channels: int | None = None,
+                 only: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Export a trained run with each scoring of its preset (those named in ``only``, when given;
+    and each test-time augmentation in ``tta``; ``flips`` rows are named ``<scoring>+tta``) into
+    ``out/bundles`` and evaluate each bundle on ``samples``. Returns the metric rows."""
     from anomaly.reconstructors import get_preset
     from deploy.export import export_run
 
     cfg_scoring = json.loads((run_dir / "config.json").read_text())["scoring"]  # what `anomaly train` wrote
     rows = []
     for scoring_name, (scoring, normalize) in get_preset(config_name).scorings.items():
+        if only is not None and scoring_name not in only:
+            continue
         for mode in tta:
             name = scoring_name + ("+tta" if mode == "flips" else "")
             bundle = out / "bundles" / f"{dataset}__{config_name}__{name}__s{seed}{'' if channels is None else f'__c{channels}'}"

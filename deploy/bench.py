@@ -241,7 +241,10 @@ def _torch_graph(meta: dict[str, Any], threads: int) -> tuple[Callable[[np.ndarr
     sc = meta["scoring"]
     scorer = Scorer(residual=sc["residual"], smoothing_sigma=sc["smoothing_sigma"], aggregate=sc["aggregate"],
                     topk_fraction=sc.get("topk_fraction", 0.01), image_size=(cfg.image_size, cfg.image_size),
-                    latent=sc.get("latent", "none"), latent_k=sc.get("latent_k", 5), colour=sc.get("colour", "rgb"))
+                    latent=sc.get("latent", "none"), latent_k=sc.get("latent_k", 5), colour=sc.get("colour", "rgb"),
+                    texture=sc.get("texture", "none"), texture_weight=sc.get("texture_weight", 0.5))
+    if sc.get("texture", "none") != "none":  # a bank of the stored size (its values do not change the timing)
+        scorer.set_statistics_bank(torch.zeros(9), torch.ones(9), torch.randn(sc["texture_stats"]["centres"], 9))
     if sc.get("normalized"):  # same arithmetic as the export (values do not change the timing)
         s = cfg.image_size
         scorer.set_normalization(torch.zeros(1, 1, s, s), torch.ones(1, 1, s, s))

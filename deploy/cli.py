@@ -22,6 +22,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="RGB models: the space of the l1 / l2 differences. ycc gives hue and saturation two of "
                         "three votes (finds discolouration better, brightness-only defects a little worse; default: "
                         "the run's setting, rgb)")
+    p.add_argument("--texture-stats", action=argparse.BooleanOptionalAction, default=None,
+                   help="add to the map the distance of the input's local texture statistics to those of the normal "
+                        "training images (finds patches of a foreign texture that the repair lets through; images of "
+                        "at least 32 px; default: the run's setting, off)")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="per-pixel normalisation by validation residual statistics (default: on with >= 16 validation images)")
     p.add_argument("--tta", default="none", choices=("none", "flips"),
@@ -106,6 +110,8 @@ def _export(args: argparse.Namespace) -> int:
 
     scoring = {k: v for k, v in {"residual": args.residual, "smoothing_sigma": args.smoothing_sigma,
                                   "aggregate": args.aggregate, "colour": args.colour}.items() if v is not None}
+    if args.texture_stats is not None:
+        scoring["texture"] = "stats" if args.texture_stats else "none"
     try:
         out = export_run(args.run, args.out, checkpoint=args.checkpoint, scoring=scoring, normalize=args.normalize,
                          tta=args.tta, latent=args.latent)
@@ -119,6 +125,9 @@ def _export(args: argparse.Namespace) -> int:
         bank = meta["scoring"]["latent_bank"]
         print(f"image score: map aggregate + distance to the {meta['scoring']['latent_k']} nearest of {bank['codes']} "
               f"normal training codes (--latent none for the map alone)")
+    if meta["scoring"].get("texture", "none") == "stats":
+        print(f"map: residual + {meta['scoring']['texture_weight']:g} x distance to the nearest of "
+              f"{meta['scoring']['texture_stats']['centres']} normal texture-statistics centres, each standardised")
     if meta.get("parity"):
         par = meta["parity"]
         # in the units decisions are made in: the normal scores' spread, the pixel threshold

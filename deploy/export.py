@@ -54,6 +54,8 @@ LATENT_AUTO_MAX_SIZE = 64
 # the graph carries at most this many training codes (a deterministic subset beyond it); the
 # distances take N x M x D floats: 33 MB for a batch of 64 with 64-d codes
 MAX_LATENT_BANK = 2048
+#: at most this many training images feed the texture statistics' bank (``texture="stats"``)
+MAX_STATISTICS_IMAGES = 512
 
 
 def _versions() -> dict[str, str]:
@@ -179,6 +181,22 @@ def _latent_bank(model: torch.nn.Module, scorer: Scorer, pre: Preprocess, split:
 
 
 @torch.no_grad()
+def _statistics_bank(scorer: Scorer, pre: Preprocess, split: dict[str, Any], batch_size: int = 64) -> None:
+    """Fit the ``stats`` part's bank on the run's training images (at most
+    :data:`MAX_STATISTICS_IMAGES`, a fixed subset)."""
+    from anomaly.texture_stats import fit_statistics_bank
+
+    paths = list(split.get("train", []))
+    if not paths:
+        raise ValueError("texture statistics need the run's normal training images; split.json lists none")
+    if len(paths) > MAX_STATISTICS_IMAGES:
+        keep = np.sort(np.random.default_rng(0).permutation(len(paths))[:MAX_STATISTICS_IMAGES])
+        paths = [paths[j] for j in keep]
+    batches = (torch.from_numpy(pre.load_batch(paths[i:i + batch_size])) for i in range(0, len(paths), batch_size))
+    scorer.set_statistics_bank(*fit_statistics_bank(batches))
+
+
+@torch.no_grad()
 def _score_mix(model: torch.nn.Module, scorer: Scorer, val: np.ndarray, labels: np.ndarray | None) -> None:
     """Mean/std of the map aggregate and of the latent distance on normal validation images."""
     x = torch.from_numpy(val)
@@ -234,7 +252,8 @@ def build_scoring_graph(run_dir: str | os.PathLike, *, checkpoint: str = "best",
     scorer = Scorer(residual=settings["residual"], smoothing_sigma=settings["smoothing_sigma"],
                     aggregate=settings["aggregate"], topk_fraction=settings.get("topk_fraction", 0.01),
                     image_size=(cfg.image_size, cfg.image_size), latent=latent,
-                    latent_k=latent_k, colour=settings.get("colour", "rgb"))
+                    latent_k=latent_k, colour=settings.get("colour", "rgb"), texture=settings.get("texture", "none"),
+                    texture_weight=settings.get("texture_weight", 0.5))
     val = pre.load_batch(val_paths) if val_paths else np.zeros((0, cfg.channels, cfg.image_size, cfg.image_size), np.float32)
     val_labels = np.asarray(split.get("val_categories", [0] * len(val_paths)), np.int64) if conditional else None
     if normalize is None:
@@ -245,9 +264,11 @@ def build_scoring_graph(run_dir: str | os.PathLike, *, checkpoint: str = "best",
         if len(val) < 2:
             raise ValueError("per-pixel normalisation needs at least 2 validation images; train with --val-fraction > 0")
         _normalization(model, scorer, val, val_labels)
+    if scorer.texture == "stats":
+        _statistics_bank(scorer, pre, split)
     if len(scorer.parts) > 1:
         if len(val) < 2:
-            raise ValueError(f"residual {scorer.residual!r} standardises its parts on normal validation images: "
+            raise ValueError(f"scoring {'+'.join(scorer.parts)!r} standardises its parts on normal validation images: "
                              f"found {len(val)}; train with --val-fraction > 0")
         _mix_statistics(model, scorer, val, val_labels)
     if latent != "none":

@@ -23,6 +23,12 @@ def test_train_export_calibrate_audit(mvtec_dir: Path, tmp_path: Path, capsys) -
     # a colour-space option a grayscale run cannot take: a clear error, no bundle
     assert main(["export", str(run), "--out", str(tmp_path / "ycc"), "--colour", "ycc"]) == 2
     assert "needs an RGB model" in capsys.readouterr().err and not (tmp_path / "ycc").exists()
+    # the texture-statistics part: exported, described, and as exact as the rest of the graph
+    assert main(["export", str(run), "--out", str(tmp_path / "stats"), "--texture-stats"]) == 0
+    assert "texture-statistics centres" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "stats" / "model.json").read_text())
+    assert meta["scoring"]["texture"] == "stats" and meta["scoring"]["mix"]["parts"][-1] == "stats"
+    assert meta["parity"]["max_abs_diff_map"] < 1e-3
 
     normal = tmp_path / "held_out_normal"
     normal.mkdir()
@@ -64,6 +70,13 @@ def test_train_refuses_colour_ycc_on_grayscale_data(mvtec_dir: Path, tmp_path: P
     assert main(["train", "--data", str(mvtec_dir), "--out", str(tmp_path / "r"), "--image-size", "32", "--epochs", "1",
                  "--colour", "ycc"]) == 2
     assert "needs an RGB model; the data is grayscale" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()  # refused before any training
+
+
+def test_train_refuses_texture_stats_below_32_px(mvtec_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["train", "--data", str(mvtec_dir), "--out", str(tmp_path / "r"), "--image-size", "16", "--epochs", "1",
+                 "--texture-stats"]) == 2
+    assert "texture statistics need images of at least 32 px" in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoints").exists()  # refused before any training
 
 

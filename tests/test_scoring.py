@@ -196,7 +196,7 @@ def test_mixed_residual_sums_standardised_parts_and_exports(tmp_path) -> None:
         want = gaussian_blur((residual_map(y, x_hat, "l1") - 0.1) / 0.02 + (model.defect_map(y, x_hat) - 0.5) / 0.01, 1.0)
     torch.testing.assert_close(out.anomaly_map, want, rtol=1e-5, atol=1e-4)
     assert scorer.config()["mix"] == {"parts": ["l1", "learned"], "mean": pytest.approx([0.1, 0.5]),
-                                      "std": pytest.approx([0.02, 0.01])}
+                                      "std": pytest.approx([0.02, 0.01]), "weight": [1.0, 1.0]}
     export_onnx(graph, tmp_path / "m.onnx", x, conditional=False)
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     batch = torch.cat([x, y, x])

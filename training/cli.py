@@ -81,6 +81,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--colour", default=None, choices=("rgb", "ycc"),
                    help="RGB models: the space of the l1 / l2 differences used at export (ycc: hue and "
                         "saturation get two of three votes; default rgb)")
+    p.add_argument("--texture-stats", action="store_true",
+                   help="export with the texture-statistics map part (anomaly export --texture-stats): for textured "
+                        "surfaces where foreign patches pass through the repair")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.add_argument("--generative", action="store_true",
                    help="also write OUT/samples.png, a grid of what the model generates (see what it learned)")
@@ -110,6 +113,8 @@ def _run(args: argparse.Namespace) -> int:
         scoring["residual"] = args.residual
     if args.colour:
         scoring["colour"] = args.colour
+    if args.texture_stats:
+        scoring["texture"] = "stats"
     try:
         cfg = _config(args, scoring)
     except ValueError as exc:  # option combinations the config refuses

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from anomaly.registry import create_model, get_spec
+from anomaly.texture_stats import MIN_SIDE as TEXTURE_MIN_SIDE
 from data.folder import DatasetLayout, ImageDataset, Sample, discover
 from data.io import atomic_write, read_image
 from data.preprocess import Preprocess
@@ -121,6 +122,9 @@ def train(config: TrainConfig, *, resume: bool = False,
         raise ValueError(f"scoring colour {config.scoring['colour']!r} needs an RGB model; the data "
                          f"{'is grayscale' if config.channels == 1 else f'has {config.channels} channels'} "
                          "(train with --channels 3 on colour images, or drop --colour)")
+    if config.scoring.get("texture", "none") == "stats" and config.image_size < TEXTURE_MIN_SIDE:
+        raise ValueError(f"texture statistics need images of at least {TEXTURE_MIN_SIDE} px a side; "
+                         f"--image-size is {config.image_size}")
     pre = Preprocess(image_size=config.image_size, channels=config.channels)
     num_classes = len(layout.categories)
     model_kwargs = dict(config.model_kwargs)
