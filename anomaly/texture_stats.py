@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 #: names of the channels of :func:`texture_statistics`, in order.
 STATISTICS = ("mean_s2", "std_s2", "grad_s2", "mean_s4", "std_s4", "grad_s4", "log_s1", "log_s2", "log_s4")
-#: the smallest image side the reflect-padded blurs can take (the widest kernel has radius 24 px).
+#: the smallest image side the statistics take: the widest window (sigma 4 on the half-resolution grid,
+#: radius 12) must fit its reflect padding, and the quarter-resolution grid keeps 8 cells a side.
 MIN_SIDE = 32
 
 _LUMA = (0.299, 0.587, 0.114)  # BT.601
