@@ -100,6 +100,11 @@ def _query_grid(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(texture_statistics(x), 2)
 
 
+#: at most this many grid vectors of one image feed the bank (all of a 128² image's 32 x 32 grid): keeps the
+#: fit's memory bounded for large images (a 1024² image has 65,536).
+MAX_VECTORS_PER_IMAGE = 1024
+
+
 @torch.no_grad()
 def fit_statistics_bank(batches: Iterable[torch.Tensor], centres: int = 1024, samples: int = 60000,
                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,7 +114,8 @@ def fit_statistics_bank(batches: Iterable[torch.Tensor], centres: int = 1024, sa
         batches: normal training images, ``(B, C, H, W)`` float tensors in [0, 1].
         centres: ``K``; with no more vectors than that (a handful of small images), the vectors
             themselves are the bank.
-        samples: pixel vectors drawn (uniformly, ``seed``) for the k-means.
+        samples: pixel vectors drawn (uniformly, ``seed``) for the k-means. Images whose grid has more
+            than :data:`MAX_VECTORS_PER_IMAGE` vectors contribute a random subset of that many.
         seed: of the sample and the k-means.
 
     Raises:
@@ -117,7 +123,13 @@ def fit_statistics_bank(batches: Iterable[torch.Tensor], centres: int = 1024, sa
     """
     from sklearn.cluster import MiniBatchKMeans
 
-    feats = [_query_grid(b).permute(0, 2, 3, 1).reshape(-1, len(STATISTICS)).numpy() for b in batches]
+    thin = np.random.default_rng(seed + 1)
+    feats = []
+    for b in batches:
+        grid = _query_grid(b).permute(0, 2, 3, 1).reshape(b.shape[0], -1, len(STATISTICS)).numpy()
+        if grid.shape[1] > MAX_VECTORS_PER_IMAGE:
+            grid = np.stack([g[thin.choice(len(g), MAX_VECTORS_PER_IMAGE, replace=False)] for g in grid])
+        feats.append(grid.reshape(-1, len(STATISTICS)))
     if not feats:
         raise ValueError("texture statistics need at least one normal training image")
     f = np.concatenate(feats).astype(np.float64)

@@ -73,6 +73,17 @@ def test_train_refuses_colour_ycc_on_grayscale_data(mvtec_dir: Path, tmp_path: P
     assert not (tmp_path / "r" / "checkpoints").exists()  # refused before any training
 
 
+def test_train_stores_texture_stats_for_export(mvtec_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(mvtec_dir), "--out", str(run), "--image-size", "32", "--epochs", "1",
+                 "--batch-size", "4", "--model", "ae", "--texture-stats"]) == 0
+    assert json.loads((run / "config.json").read_text())["scoring"]["texture"] == "stats"
+    assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0  # the run's setting
+    assert json.loads((tmp_path / "b" / "model.json").read_text())["scoring"]["texture"] == "stats"
+    assert main(["export", str(run), "--out", str(tmp_path / "off"), "--no-texture-stats"]) == 0  # overridden
+    assert json.loads((tmp_path / "off" / "model.json").read_text())["scoring"]["texture"] == "none"
+
+
 def test_train_refuses_texture_stats_below_32_px(mvtec_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["train", "--data", str(mvtec_dir), "--out", str(tmp_path / "r"), "--image-size", "16", "--epochs", "1",
                  "--texture-stats"]) == 2

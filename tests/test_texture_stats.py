@@ -59,6 +59,13 @@ def test_small_training_sets_keep_every_vector() -> None:
         fit_statistics_bank([])
 
 
+def test_large_images_feed_a_bounded_number_of_vectors() -> None:
+    from anomaly.texture_stats import MAX_VECTORS_PER_IMAGE
+
+    _, _, bank = fit_statistics_bank([_grating(2, size=256)], centres=10_000)  # fewer vectors: all kept
+    assert bank.shape == (2 * MAX_VECTORS_PER_IMAGE, len(STATISTICS))  # not the 2 x 64 x 64 of the full grids
+
+
 def test_scorer_part_errors() -> None:
     with pytest.raises(ValueError, match="unknown texture score"):
         Scorer(texture="lbp")
