@@ -67,22 +67,17 @@ def read_gray(path: str, size: int) -> np.ndarray:
 
 
 def test_set(data: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Test image paths, their kinds, and their ``(N, H, W)`` masks (zeros for good images)."""
+    """Test image paths, their kinds, and their ``(N, H, W)`` masks (zeros for good images), from the
+    data set's layout (:func:`data.folder.discover`)."""
     import cv2
 
-    paths, kinds, masks = [], [], []
-    for kind_dir in sorted((data / "test").iterdir()):
-        for p in sorted(kind_dir.glob("*.png")):
-            paths.append(str(p))
-            kinds.append(kind_dir.name)
-            if kind_dir.name == "good":
-                masks.append(None)
-            else:
-                m = cv2.imread(str(data / "ground_truth" / kind_dir.name / f"{p.stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
-                masks.append((m > 127).astype(np.uint8))
+    from data.folder import discover
+
+    test = discover(data).test
+    masks = [(cv2.imread(str(s.mask), cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8) if s.mask else None for s in test]
     shape = next(m.shape for m in masks if m is not None)
     masks = [np.zeros(shape, np.uint8) if m is None else m for m in masks]
-    return paths, np.array(kinds), np.stack(masks)
+    return [str(s.path) for s in test], np.array([s.defect_type for s in test]), np.stack(masks)
 
 
 def evaluate(maps: np.ndarray, masks: np.ndarray, kinds: np.ndarray) -> dict:
