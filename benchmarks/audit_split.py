@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 STAGES = ("decode", "infer", "finish", "overlay", "write", "regions")
 
 
-def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_size: int = 16) -> dict[str, Any]:
+def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_size: int = 16,
+            device: str = "cpu") -> dict[str, Any]:
     """Run one audit with per-stage CPU clocks; returns ``{"images", "images_per_second",
     "ms_per_image": {stage: ms}, "calls": {stage: n}, "heatmap_kb"}`` (``main`` and ``process``
     included; ``heatmap_kb``: mean size of the heatmap files written)."""
@@ -82,7 +83,7 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
     tmp = tempfile.mkdtemp(prefix="audit-split-", dir=out_dir)
     try:
         c0, m0 = os.times(), time.thread_time()
-        summary = audit.run_audit(bundle, inputs, Path(tmp) / "out", batch_size=batch_size, device="cpu")
+        summary = audit.run_audit(bundle, inputs, Path(tmp) / "out", batch_size=batch_size, device=device)
         c1, m1 = os.times(), time.thread_time()
         heatmaps = [f.stat().st_size for f in (Path(tmp) / "out" / "heatmaps").glob("*.jpg")]
     finally:
@@ -104,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("inputs", nargs="+", help="images, folders, globs or list files, as for `anomaly audit`")
     p.add_argument("--out", default=None, help="folder for the audit's temporary output (default: the system's)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, tensorrt or auto")
     args = p.parse_args(argv)
-    r = measure(args.bundle, args.inputs, args.out, args.batch_size)
+    r = measure(args.bundle, args.inputs, args.out, args.batch_size, args.device)
     ms = r["ms_per_image"]
     print(f"{r['images']} images, {r['images_per_second']:.0f} images/s; CPU ms per image "
           f"(process {ms['process']:.2f}, of which system {ms['process_system']:.2f}); heatmaps "

@@ -30,6 +30,7 @@ import shlex
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -87,8 +88,9 @@ def dataset(work: Path, data: str | None) -> tuple[Path, str]:
         return root, "generated textures (300x300 gray)"
 
 
-def prepare(work: Path, data: Path, size: int, minutes: float, calib: Path) -> Path:
-    """Train (or reuse) the default AAE at ``size``, export it with int8 and fp16 variants."""
+def prepare(work: Path, data: Path, size: int, minutes: float, calib: Path,
+            variants: Sequence[str] = ("int8", "fp16")) -> Path:
+    """Train (or reuse) the default AAE at ``size``, export it with its ``variants`` (int8, fp16)."""
     from deploy.export import export_run
     from deploy.quantize import convert_fp16, quantize_int8
     from training.config import TrainConfig
@@ -101,15 +103,19 @@ def prepare(work: Path, data: Path, size: int, minutes: float, calib: Path) -> P
                           max_minutes=minutes, seed=0))
     if not (bundle / "model.json").is_file():
         export_run(run, bundle)
-    if not (work / f"bundle_{size}_int8" / "model.json").is_file():
+    if "int8" in variants and not (work / f"bundle_{size}_int8" / "model.json").is_file():
         quantize_int8(bundle, work / f"bundle_{size}_int8", calib)
-    if not (work / f"bundle_{size}_fp16" / "model.json").is_file():
+    if "fp16" in variants and not (work / f"bundle_{size}_fp16" / "model.json").is_file():
         convert_fp16(bundle, work / f"bundle_{size}_fp16")
     return bundle
 
 
-def accuracy(bundles: dict[str, Path], data: Path) -> list[str]:
-    """Image AUROC on the test split per precision, and score agreement with float32 (CPU)."""
+def accuracy(bundles: dict[str, Path], data: Path, gpus: Sequence[str] = ()) -> list[str]:
+    """Image AUROC on the test split per precision, and score agreement with float32 on the CPU.
+
+    Every precision is scored on the CPU provider; on each device in ``gpus`` the fp32 and fp16
+    bundles are scored again (``fp16/cuda``): what a GPU line would decide.
+    """
     from sklearn.metrics import roc_auc_score
 
     from data.folder import discover
@@ -118,21 +124,26 @@ def accuracy(bundles: dict[str, Path], data: Path) -> list[str]:
     test = discover(data).test
     paths = [str(s.path) for s in test]
     labels = np.array([int(s.label) for s in test])
-    scores = {}
-    for name, b in bundles.items():
-        scores[name] = np.array([r.score for r in Runtime(b, device="cpu").score_paths(paths, batch_size=16)])
+    runs = [(name, b, "cpu") for name, b in bundles.items()]
+    runs += [(f"{name}/{dev}", bundles[name], dev) for dev in gpus for name in ("fp32", "fp16") if name in bundles]
+    scores, failed = {}, []
+    for name, b, dev in runs:
+        try:
+            scores[name] = np.array([r.score for r in Runtime(b, device=dev).score_paths(paths, batch_size=16)])
+        except RuntimeError as exc:  # a GPU provider that cannot start: say so, keep the CPU rows
+            failed.append(f"{name}: {str(exc).split(';')[0]}")
     ref = scores["fp32"]
     rank = lambda a: np.argsort(np.argsort(a))  # noqa: E731
-    lines = [f"{'precision':<9} {'AUROC':>7} {'ΔAUROC':>8} {'Spearman':>9} {'max|Δscore|':>12} {'median rel Δ':>13}"]
+    lines = [f"{'precision':<10} {'AUROC':>7} {'ΔAUROC':>8} {'Spearman':>9} {'max|Δscore|':>12} {'median rel Δ':>13}"]
     for name, s in scores.items():
         auc = roc_auc_score(labels, s) if len(set(labels)) == 2 else float("nan")
         d_auc = auc - roc_auc_score(labels, ref) if len(set(labels)) == 2 else float("nan")
         rho = float(np.corrcoef(rank(ref), rank(s))[0, 1])
-        lines.append(f"{name:<9} {auc:7.4f} {d_auc:+8.4f} {rho:9.5f} {np.abs(s - ref).max():12.2e} "
+        lines.append(f"{name:<10} {auc:7.4f} {d_auc:+8.4f} {rho:9.5f} {np.abs(s - ref).max():12.2e} "
                      f"{np.median(np.abs(s - ref) / np.abs(ref)):13.2e}")
     lines.append(f"({len(paths)} test images: {int((labels == 0).sum())} normal, {int((labels == 1).sum())} anomalous; "
-                 "fp16 evaluated on the CPU provider)")
-    return lines
+                 "against fp32 on the CPU provider; a name without a device ran there too, fp16 included)")
+    return lines + [f"not scored: {f}" for f in failed]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,9 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="*", default=[128, 256], help="model sizes to time (none: skip)")
     ap.add_argument("--train-minutes", type=float, default=1.5, help="training budget per size (default 1.5)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--variants", nargs="*", choices=("int8", "fp16"), default=["int8", "fp16"],
+                    help="precision variants to write and time beside fp32 (default: int8 fp16; a GPU machine "
+                         "needs only fp16: int8 is timed on the CPU alone)")
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="auto (every installed provider), or e.g. cpu,cuda")
+    ap.add_argument("--tf32", action="store_true", help="TF32 for float32 on CUDA (default off, as the runtime's)")
+    ap.add_argument("--gpu-batch-sizes", type=int, nargs="*", default=[], metavar="N",
+                    help="further batch sizes for the GPU rows only (e.g. 64 256)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     ap.add_argument("--audit-images", type=int, default=1024)
     ap.add_argument("--pairs", type=int, default=5, help="interleaved onnxruntime/torch window pairs for the ratio (default 5)")
@@ -156,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from deploy.bench import compare_with_torch, format_table, run_all
+    from deploy.bench import compare_with_torch, format_table, parse_devices, run_all
 
+    gpus = [d for d in parse_devices(args.device) if d != "cpu"]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data, described = dataset(work, args.data)
@@ -166,16 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(machine()))
     print(f"data: {described}; int8 calibrated on {calib}; timed inputs and audit: {test_dir}")
     for size in args.sizes:
-        bundle = prepare(work, data, size, args.train_minutes, calib)
+        bundle = prepare(work, data, size, args.train_minutes, calib, args.variants)
+        variants = [work / f"bundle_{size}_{v}" for v in args.variants]
         rows = run_all(bundle, batch_size=args.batch_size, iterations=args.iterations, warmup=args.warmup,
                        device=args.device, images=str(test_dir), threads=args.threads, audit_images=args.audit_images,
-                       audit_dir=args.audit_dir)
+                       variants=variants, audit_dir=args.audit_dir, gpu_batch_sizes=args.gpu_batch_sizes,
+                       tf32=args.tf32)
         print(f"\n== aae {size}x{size} (default settings; {args.iterations} timed calls after {args.warmup} warm-up; "
               "latency per call) ==")
         print(format_table(rows))
-        torch_n = next((r for r in rows if r.engine == "torch eager" and r.batch == args.batch_size and r.images_per_s), None)
+        torch_n = next((r for r in rows if r.engine == "torch eager" and r.device == "cpu" and r.batch == args.batch_size
+                        and r.images_per_s), None)
         ort_n = next((r for r in rows if r.engine == "onnxruntime" and r.precision == "fp32" and r.device == "cpu"
-                      and r.batch == args.batch_size), None)
+                      and r.batch == args.batch_size and r.images_per_s), None)
         if torch_n and ort_n:
             print(f"onnxruntime fp32 / torch eager at batch {args.batch_size}, the rows above: "
                   f"{ort_n.images_per_s / torch_n.images_per_s:.2f}x")
@@ -185,11 +206,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"onnxruntime fp32 / torch eager at batch {args.batch_size}, interleaved: {paired.describe()}")
         if args.accuracy:
             print()
-            print("\n".join(accuracy({"fp32": bundle, "int8": work / f"bundle_{size}_int8",
-                                      "fp16": work / f"bundle_{size}_fp16"}, data)))
+            print("\n".join(accuracy({"fp32": bundle, **{v: work / f"bundle_{size}_{v}" for v in args.variants}},
+                                     data, gpus)))
     for run in map(Path, args.accuracy_runs):
         print(f"\n== accuracy of int8 / fp16 against fp32: {run} ==")
-        print("\n".join(accuracy(precision_variants(run, work / f"acc_{run.name}"), run_data(run))))
+        print("\n".join(accuracy(precision_variants(run, work / f"acc_{run.name}"), run_data(run), gpus)))
     return 0
 
 

@@ -595,6 +595,9 @@ def run_audit(
     device: str = "auto",
     category: str | None = None,
     workers: int | None = None,
+    decode_workers: int | None = None,
+    threads: int | None = None,
+    tf32: bool = False,
     csv_every: int = 256,
     min_area: int = 16,
     progress: Callable[[AuditProgress], None] | None = None,
@@ -616,6 +619,11 @@ def run_audit(
         resume: skip inputs already in ``out/results.jsonl``; if False and there are results, refuse.
         force: delete previous outputs of this module in ``out`` and start over.
         workers: threads that write image files (default ``min(4, cpu count)``).
+        decode_workers: the runtime's decoding threads (default: :class:`deploy.runtime.Runtime`'s,
+            which depends on the pipeline and the machine).
+        threads: onnxruntime intra-op threads (default: the runtime's: the physical cores on the
+            CPU provider, 1 with a GPU provider).
+        tf32: let CUDA run float32 in TF32 (see :class:`deploy.runtime.Runtime`; off by default).
         csv_every: flush ``results.csv`` after this many new images (and at the end).
         min_area: smallest region kept, in original pixels.
         progress: called with an :class:`AuditProgress` after each image.
@@ -643,7 +651,14 @@ def run_audit(
         raise AuditError(f"min_area must be >= 0, got {min_area}")
     if heatmap_size < 0:
         raise AuditError(f"heatmap size must be >= 0 (0: the input's own size), got {heatmap_size}")
-    rt = Runtime(bundle, device=device, category=category, min_area=min_area)
+    if decode_workers is not None and decode_workers < 0:
+        raise AuditError(f"decode_workers must be >= 0, got {decode_workers}")
+    if workers is not None and workers < 1:
+        raise AuditError(f"workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise AuditError(f"threads must be >= 1, got {threads}")
+    rt = Runtime(bundle, device=device, category=category, min_area=min_area, decode_workers=decode_workers,
+                 threads=threads, tf32=tf32)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {

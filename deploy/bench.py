@@ -4,11 +4,18 @@ For batch 1 and batch N it times the exported graph on the same preprocessed inp
 
 * **torch eager** — the run's model rebuilt from the run folder recorded in the sidecar
   (:func:`deploy.export.load_run`, the same :class:`anomaly.scoring.Scorer` settings); only when
-  torch is installed and that folder is still there;
+  torch is installed and that folder is still there; on the CPU, and on CUDA (float32 and float16
+  autocast, each call copying the batch in and every output back, as onnxruntime's does) when the
+  devices include a GPU that torch sees;
 * **onnxruntime** — the float32 bundle, and its int8 / fp16 variants (``--variants`` or the
   sibling folders ``<bundle>_int8`` / ``<bundle>_fp16`` that ``anomaly export --int8/--fp16``
   write), on the CPU and, where onnxruntime-gpu and a GPU are there, CUDA / TensorRT (fp16 only
-  on a GPU: a CPU has no float16 kernels worth timing);
+  on a GPU: a CPU has no float16 kernels worth timing; int8 only on the CPU, its target);
+
+``--device`` takes one device or a comma list (``cpu,cuda``); ``--gpu-batch-sizes`` adds batch
+sizes timed on GPU devices only (a GPU needs hundreds of images per call to fill: on an H200 the
+default AAE at 256² ran 5,300 images/s at batch 16 and 7,300 at 256). A row that cannot run (no
+such device, out of memory) says why in its note and the table goes on.
 
 and reports images/s and per-call latency p50/p99. Then it runs the whole audit
 (:func:`deploy.audit.run_audit`: decode -> score -> results.csv + heatmap JPEGs) on a folder of
@@ -57,7 +64,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 __all__ = ["add_parsers", "AuditRate", "BenchRow", "PairedRatio", "audit_in_flight", "time_calls", "time_window",
-           "paired_ratio", "compare_with_torch", "bench_bundle", "bench_audit", "file_write_ms", "format_table",
+           "paired_ratio", "compare_with_torch", "bench_bundle", "parse_devices", "bench_audit", "file_write_ms", "format_table",
            "find_variants"]
 
 log = logging.getLogger(__name__)
@@ -221,8 +228,15 @@ def find_variants(bundle: str | os.PathLike) -> list[Path]:
     return [p for p in (b.parent / f"{b.name}_int8", b.parent / f"{b.name}_fp16") if (p / "model.onnx").is_file()]
 
 
-def _torch_graph(meta: dict[str, Any], threads: int) -> tuple[Callable[[np.ndarray], Any] | None, str]:
-    """The eager torch graph of the bundle's run, or ``(None, why not)``."""
+def _torch_graph(meta: dict[str, Any], threads: int, device: str = "cpu", half: bool = False,
+                 tf32: bool = False) -> tuple[Callable[[np.ndarray], Any] | None, str]:
+    """The eager torch graph of the bundle's run, or ``(None, why not)``.
+
+    On ``device="cuda"`` each call copies the batch to the GPU, runs the graph (under float16
+    autocast when ``half``) and copies every output back, as onnxruntime's ``run`` does, so the
+    call returns when the GPU is done and both engines pay the same transfers. ``tf32`` sets
+    torch's TF32 switches for convolutions and matrix products, as the runtime's does onnxruntime's.
+    """
     # Idle OpenMP threads sleep instead of spinning (set before torch loads its OpenMP runtime):
     # on a few shared cores spinning made torch 2-5x slower and erratic, which would flatter
     # onnxruntime (whose threads do not spin there either, see deploy.runtime).
@@ -259,39 +273,88 @@ def _torch_graph(meta: dict[str, Any], threads: int) -> tuple[Callable[[np.ndarr
     graph = scoring_graph(model, scorer, sc.get("tta", "none")).eval()
     torch.set_num_threads(threads)
     conditional = bool(meta["model"].get("conditional"))
+    if device == "cpu":
+        def run_graph(x: np.ndarray) -> Any:
+            with torch.inference_mode():
+                t = torch.from_numpy(x)
+                return graph(t, torch.zeros(len(x), dtype=torch.int64) if conditional else None)
 
-    def run_graph(x: np.ndarray) -> Any:
-        with torch.inference_mode():
-            t = torch.from_numpy(x)
-            return graph(t, torch.zeros(len(x), dtype=torch.int64) if conditional else None)
+        return run_graph, ""
+    if device != "cuda" or not torch.cuda.is_available():
+        return None, f"torch has no {device} device here"
+    dev = torch.device("cuda")
+    graph = graph.to(dev)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
 
-    return run_graph, ""
+    def run_gpu(x: np.ndarray) -> Any:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=half):
+            t = torch.from_numpy(x).to(dev)
+            outs = graph(t, torch.zeros(len(x), dtype=torch.int64, device=dev) if conditional else None)
+            return [o.float().cpu().numpy() for o in outs]
+
+    return run_gpu, ""
+
+
+def parse_devices(device: str) -> list[str]:
+    """``auto`` (every installed onnxruntime provider), one device, or a comma list (``cpu,cuda``)."""
+    from deploy.runtime import available_devices
+
+    if device == "auto":
+        return available_devices()
+    devices = [d.strip() for d in device.split(",") if d.strip()]
+    unknown = [d for d in devices if d not in ("cpu", "cuda", "tensorrt")]
+    if not devices or unknown:
+        raise ValueError(f"unknown device {device!r}; expected auto, or cpu, cuda, tensorrt (comma-separated)")
+    return devices
+
+
+def _timed_row(engine: str, precision: str, dev: str, b: int, fn: Callable[[], Any], iterations: int, warmup: int,
+               note: str = "") -> BenchRow:
+    """One timed row; a failure (a GPU out of memory, a kernel missing) becomes the row's note."""
+    try:
+        ips, p50, p99 = time_calls(fn, b, iterations, warmup)
+    except Exception as exc:  # noqa: BLE001 - a row that cannot run says why; the table goes on
+        log.warning("%s %s %s batch %d failed: %s", engine, precision, dev, b, exc)
+        return BenchRow(engine, precision, dev, b, None, note=f"failed: {str(exc).splitlines()[0][:120]}")
+    return BenchRow(engine, precision, dev, b, ips, p50, p99, note=note)
 
 
 def bench_bundle(bundle: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 16), iterations: int = 20,
                  warmup: int = 3, device: str = "auto", images: str | os.PathLike | None = None,
                  variants: Sequence[str | os.PathLike] | None = None, threads: int | None = None,
-                 torch_eager: bool = True) -> list[BenchRow]:
+                 torch_eager: bool = True, gpu_batch_sizes: Sequence[int] = (), tf32: bool = False) -> list[BenchRow]:
     """Time the bundle's graph with each available engine, precision and device.
 
     Args:
         bundle: float32 bundle folder.
         batch_sizes: batch sizes to time.
         iterations, warmup: timed and untimed calls per row.
-        device: ``auto`` (every installed provider), or one of ``cpu``, ``cuda``, ``tensorrt``.
+        device: ``auto`` (every installed provider), one of ``cpu``, ``cuda``, ``tensorrt``, or a
+            comma list of them.
         images: folder of images to feed (preprocessed); ``None``: seeded noise of the same shape.
         variants: other bundles of the same model (int8, fp16); ``None``: the sibling folders.
-        threads: intra-op threads for onnxruntime and torch (``None``: physical cores).
-        torch_eager: include the torch row when possible.
+        threads: intra-op threads for onnxruntime and torch (``None``: physical cores; on a GPU
+            provider the runtime's default, 1).
+        torch_eager: include the torch rows when possible: on the CPU, and on CUDA (float32 and
+            float16 autocast) when the devices include a GPU and torch sees one.
+        gpu_batch_sizes: further batch sizes timed on GPU devices only (a GPU needs large batches
+            to fill; on a CPU they would only cost time).
+        tf32: TF32 for float32 on CUDA, in onnxruntime and torch (off: the runtime's default).
 
     Returns:
         one :class:`BenchRow` per engine/precision/device/batch.
     """
-    from deploy.runtime import Runtime, available_devices, physical_cores
+    from deploy.runtime import Runtime, physical_cores
 
-    threads = threads or physical_cores()
+    asked_threads, threads = threads, threads or physical_cores()  # GPU sessions keep the runtime's default
+    devices = parse_devices(device)
+    if any(b < 1 for b in [*batch_sizes, *gpu_batch_sizes]):
+        raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)} and {list(gpu_batch_sizes)}")
+    gpu_sizes = sorted({*batch_sizes, *gpu_batch_sizes})
     base = Runtime(bundle, device="cpu", threads=threads)
-    xs = {b: _inputs(base.preprocess, b, images) for b in batch_sizes}
+    xs = {b: _inputs(base.preprocess, b, images)
+          for b in (gpu_sizes if any(d != "cpu" for d in devices) else batch_sizes)}
     rows: list[BenchRow] = []
     if torch_eager:
         fn, why = _torch_graph(base.meta, threads)
@@ -299,25 +362,37 @@ def bench_bundle(bundle: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
             if fn is None:
                 rows.append(BenchRow("torch eager", "fp32", "cpu", b, None, note=why))
                 continue
-            ips, p50, p99 = time_calls(lambda: fn(xs[b]), b, iterations, warmup)
-            rows.append(BenchRow("torch eager", "fp32", "cpu", b, ips, p50, p99,
-                                 note=f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}"))
-    devices = available_devices() if device == "auto" else [device]
+            rows.append(_timed_row("torch eager", "fp32", "cpu", b, lambda: fn(xs[b]), iterations, warmup,
+                                   note=f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}"))
+        if any(d != "cpu" for d in devices):
+            for half in (False, True):
+                precision = "fp16" if half else "fp32"
+                gfn, why = _torch_graph(base.meta, threads, device="cuda", half=half, tf32=tf32)
+                if gfn is None:
+                    rows.append(BenchRow("torch eager", precision, "cuda", gpu_sizes[0], None, note=why))
+                    continue
+                for b in gpu_sizes:
+                    rows.append(_timed_row("torch eager", precision, "cuda", b, lambda: gfn(xs[b]), iterations, warmup,
+                                           note="float16 autocast" if half else ""))
     bundles = [Path(bundle)] + [Path(v) for v in (find_variants(bundle) if variants is None else variants)]
+    from deploy.bundle import load_sidecar
+
     for dev in devices:
         for bpath in bundles:
-            precision = "fp32"
+            precision = str(load_sidecar(bpath).get("precision", "fp32"))
+            if precision == "int8" and dev != "cpu":
+                continue  # static int8 is for CPUs; a GPU provider would run most of its nodes on the CPU
             try:
-                rt = base if (bpath == Path(bundle) and dev == "cpu") else Runtime(bpath, device=dev, threads=threads)
+                rt = base if (bpath == Path(bundle) and dev == "cpu") else \
+                    Runtime(bpath, device=dev, threads=threads if dev == "cpu" else asked_threads, tf32=tf32)
                 precision = rt.precision
             except (RuntimeError, ValueError) as exc:
                 rows.append(BenchRow("onnxruntime", precision, dev, batch_sizes[0], None, note=str(exc).split(";")[0]))
                 continue
             if precision == "fp16" and dev == "cpu":
                 continue  # float16 is for GPUs; on a CPU onnxruntime casts back to float32
-            for b in batch_sizes:
-                ips, p50, p99 = time_calls(lambda: rt.infer(xs[b]), b, iterations, warmup)
-                rows.append(BenchRow("onnxruntime", precision, dev, b, ips, p50, p99))
+            for b in (batch_sizes if dev == "cpu" else gpu_sizes):
+                rows.append(_timed_row("onnxruntime", precision, dev, b, lambda: rt.infer(xs[b]), iterations, warmup))
     return rows
 
 
@@ -358,13 +433,13 @@ def file_write_ms(folder: str | os.PathLike, n: int = 64, size: int = 12_000) ->
     return float(np.median(times) * 1e3)
 
 
-def audit_in_flight(bundle: str | os.PathLike, device: str, batch_size: int) -> int:
+def audit_in_flight(bundle: str | os.PathLike, device: str, batch_size: int, decode_workers: int | None = None) -> int:
     """Most images :func:`deploy.audit.run_audit` holds between reading and committing: the
     runtime's pipeline bound (``Runtime.score_paths``) plus the ``2 * batch_size`` finished images
     waiting for their files."""
     from deploy.runtime import Runtime
 
-    rt = Runtime(bundle, device=device)
+    rt = Runtime(bundle, device=device, decode_workers=decode_workers)
     chunks = rt.decode_workers + rt.prefetch if rt.pipeline == "batch" else rt.prefetch + 1
     return (chunks + 2) * batch_size
 
@@ -373,7 +448,8 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
                 images: str | os.PathLike | None = None, max_images: int = 1024, repeats: int = 3,
                 heatmaps: bool | str = True, thumbnail: int = 256,
                 out_dir: str | os.PathLike | None = None,
-                before_repeat: Callable[[], Any] | None = None) -> AuditRate:
+                before_repeat: Callable[[], Any] | None = None, workers: int | None = None,
+                decode_workers: int | None = None, threads: int | None = None, tf32: bool = False) -> AuditRate:
     """Run the end-to-end audit (decode -> score -> results.csv + heatmaps) and time it.
 
     Args:
@@ -387,6 +463,8 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
         out_dir: where the audit writes (a temporary folder inside it; default the system's).
         before_repeat: called before each repeat, outside its timing (:func:`run_all` times the
             reference graph there).
+        workers, decode_workers, threads: the audit's file writers, the runtime's decoders and
+            onnxruntime's intra-op threads (``None``: their defaults; see :func:`deploy.audit.run_audit`).
 
     Returns:
         The :class:`AuditRate` of the fastest repeat.
@@ -410,7 +488,7 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
             source = f"{len(paths)} images from {images}"
         if not paths:
             raise FileNotFoundError(f"{images}: no images to audit")
-        in_flight = audit_in_flight(bundle, device, batch_size)
+        in_flight = audit_in_flight(bundle, device, batch_size, decode_workers)
         best: AuditRate | None = None
         for k in range(max(1, repeats)):
             out = Path(tmp) / f"audit{k}"
@@ -419,8 +497,8 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
                 before_repeat()
             t = time.perf_counter()
             summary = run_audit(bundle, [str(p) for p in paths], out, batch_size=batch_size, heatmaps=heatmaps,
-                                thumbnail=thumbnail, device=device,
-                                progress=lambda p: ticks.append((p.done, p.seconds)))
+                                thumbnail=thumbnail, device=device, workers=workers, decode_workers=decode_workers,
+                                threads=threads, tf32=tf32, progress=lambda p: ticks.append((p.done, p.seconds)))
             wall = time.perf_counter() - t
             whole = float(summary.get("images_per_second") or len(paths) / wall)
             steady = whole
@@ -457,7 +535,8 @@ def run_all(bundle: str | os.PathLike, *, batch_size: int = 16, iterations: int 
             device: str = "auto", images: str | os.PathLike | None = None,
             variants: Sequence[str | os.PathLike] | None = None, threads: int | None = None,
             audit: bool = True, audit_images: int = 1024, torch_eager: bool = True,
-            audit_dir: str | os.PathLike | None = None, reference_seconds: float = 1.5) -> list[BenchRow]:
+            audit_dir: str | os.PathLike | None = None, reference_seconds: float = 1.5,
+            gpu_batch_sizes: Sequence[int] = (), tf32: bool = False) -> list[BenchRow]:
     """Every row of ``anomaly bench``: the graph timings, then the audit against pure inference —
     as the CLI runs it (heatmaps, thumbnails where due), with heatmaps for flagged images only
     (``--heatmaps flagged``; how much it spares depends on the share flagged, which the note gives),
@@ -470,22 +549,22 @@ def run_all(bundle: str | os.PathLike, *, batch_size: int = 16, iterations: int 
     """
     sizes = (1, batch_size) if batch_size != 1 else (1,)
     rows = bench_bundle(bundle, batch_sizes=sizes, iterations=iterations, warmup=warmup, device=device,
-                        images=images, variants=variants, threads=threads, torch_eager=torch_eager)
+                        images=images, variants=variants, threads=threads, torch_eager=torch_eager,
+                        gpu_batch_sizes=gpu_batch_sizes, tf32=tf32)
     if audit:
         from deploy.runtime import Runtime
 
-        audit_device = "cpu" if device == "auto" else device
-        if device == "auto":
-            from deploy.runtime import available_devices
-
-            gpus = [d for d in available_devices() if d != "cpu"]
-            audit_device = "cuda" if "cuda" in gpus else "cpu"
+        # The audit runs on CUDA when it is among the devices and its float32 row ran, else on the
+        # CPU (or the one device asked for).
+        devices = parse_devices(device)
+        ran = {r.device for r in rows if r.engine == "onnxruntime" and r.precision == "fp32" and r.images_per_s}
+        audit_device = next((d for d in ("cuda", "cpu", "tensorrt") if d in devices and d in ran), devices[0])
         ref = next((r for r in rows if r.engine == "onnxruntime" and r.precision == "fp32" and r.device == audit_device
                     and r.batch == batch_size and r.images_per_s), None)
         windows: list[float] = []
         window: Callable[[], Any] | None = None
         if ref is not None and reference_seconds > 0:
-            ref_rt = Runtime(bundle, device=audit_device, threads=threads)
+            ref_rt = Runtime(bundle, device=audit_device, threads=threads, tf32=tf32)
             x = _inputs(ref_rt.preprocess, batch_size, images)
 
             def _window() -> None:
@@ -500,7 +579,7 @@ def run_all(bundle: str | os.PathLike, *, batch_size: int = 16, iterations: int 
                                      ("audit (no files)", {"heatmaps": "none", "thumbnail": 0}, "journal + CSV only")):
             rates.append((engine, what, bench_audit(bundle, batch_size=batch_size, device=audit_device, images=images,
                                                     max_images=audit_images, out_dir=audit_dir,
-                                                    before_repeat=window, **kwargs)))
+                                                    before_repeat=window, tf32=tf32, **kwargs)))
         if window is not None:
             window()
         best = max([ref.images_per_s, *windows]) if ref is not None else None
@@ -530,7 +609,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="batch N (batch 1 is always timed; default 16)")
     p.add_argument("--iterations", type=int, default=20, help="timed calls per row (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
-    p.add_argument("--device", default="auto", help="auto (every installed provider), cpu, cuda or tensorrt")
+    p.add_argument("--device", default="auto",
+                   help="auto (every installed provider), cpu, cuda or tensorrt, or a comma list (cpu,cuda)")
+    p.add_argument("--gpu-batch-sizes", type=int, nargs="*", default=[], metavar="N",
+                   help="further batch sizes timed on GPU devices only (e.g. 64 256: a GPU needs large batches)")
+    p.add_argument("--tf32", action="store_true", help="TF32 for float32 on CUDA (onnxruntime and torch rows)")
     p.add_argument("--images", default=None, help="folder of images to feed and audit (default: generated)")
     p.add_argument("--variants", nargs="*", default=None,
                    help="int8/fp16 bundles of the same model (default: BUNDLE_int8 and BUNDLE_fp16 if present)")
@@ -558,15 +641,24 @@ def _bench(args: argparse.Namespace) -> int:
         print("anomaly bench: error: --batch-size and --iterations must be >= 1, --warmup, --reference-seconds and "
               "--pairs >= 0", file=sys.stderr)
         return 2
+    try:
+        parse_devices(args.device)
+    except ValueError as exc:
+        print(f"anomaly bench: error: --device: {exc}", file=sys.stderr)
+        return 2
+    if any(b < 1 for b in args.gpu_batch_sizes):
+        print("anomaly bench: error: --gpu-batch-sizes must be >= 1", file=sys.stderr)
+        return 2
     if args.audit_dir is not None and not Path(args.audit_dir).is_dir():
         print(f"anomaly bench: error: --audit-dir {args.audit_dir}: no such folder", file=sys.stderr)
         return 2
     rows = run_all(args.bundle, batch_size=args.batch_size, iterations=args.iterations, warmup=args.warmup,
                    device=args.device, images=args.images, variants=args.variants, threads=args.threads,
                    audit=args.audit, audit_images=args.audit_images, torch_eager=args.torch_eager,
-                   audit_dir=args.audit_dir, reference_seconds=args.reference_seconds)
+                   audit_dir=args.audit_dir, reference_seconds=args.reference_seconds,
+                   gpu_batch_sizes=args.gpu_batch_sizes, tf32=args.tf32)
     print(f"anomaly bench {args.bundle}: {args.iterations} timed calls after {args.warmup} warm-up, "
-          f"{args.threads or physical_cores()} intra-op threads; latency is per call (batch images)")
+          f"{args.threads or physical_cores()} intra-op threads on the CPU; latency is per call (batch images)")
     print(format_table(rows))
     torch_n = any(r.engine == "torch eager" and r.batch == args.batch_size and r.images_per_s for r in rows)
     if torch_n and args.pairs > 0:

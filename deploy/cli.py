@@ -85,7 +85,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to run if OUT already holds results")
     p.add_argument("--force", action="store_true", help="delete previous audit outputs in OUT and start over")
     p.add_argument("--fail-on-anomaly", action="store_true", help="exit with status 1 when any image is flagged")
-    p.add_argument("--workers", type=int, default=None, help="threads for decoding and writing files (default: up to 4)")
+    p.add_argument("--workers", type=int, default=None, help="threads that write the image files (default: up to 4)")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="threads that read and preprocess images (default: the physical cores on the CPU, "
+                        "up to 4 with a GPU provider)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime intra-op threads (default: the physical cores on the CPU, 1 with a GPU provider)")
+    p.add_argument("--tf32", action="store_true",
+                   help="let CUDA compute float32 in TF32: faster pure inference, scores off by ~1e-4 relative")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or tensorrt")
     p.add_argument("--category", default=None, help="category for conditional models")
     p.set_defaults(func=_audit)
@@ -212,6 +219,7 @@ def _audit(args: argparse.Namespace) -> int:
                       heatmap_size=args.heatmap_size,
                       masks=args.masks, save_maps=args.save_maps, reconstructions=args.reconstructions,
                       thumbnail=args.thumbnail_size, resume=args.resume, force=args.force, workers=args.workers,
+                      decode_workers=args.decode_workers, threads=args.threads, tf32=args.tf32,
                       device=args.device, category=args.category, progress=progress)
     except AuditError as exc:
         print(f"anomaly audit: error: {exc}", file=sys.stderr)

@@ -6,10 +6,11 @@ the calibration is applied with :class:`anomaly.decision.ImageDecision` (importi
 took longer than loading the model).
 
 Execution providers: ``device="auto"`` picks TensorRT/CUDA when their provider is installed
-(onnxruntime-gpu), else the CPU; ``cpu``, ``cuda`` and ``tensorrt`` force one and fail with a
-message naming the installed providers when it is missing. Session options: intra-op threads =
-physical cores (unless ``threads`` is given), all graph optimisations (NCHWc layout included),
-sequential execution, memory-pattern planning on (see :class:`Runtime`).
+(onnxruntime-gpu; TensorRT only where its own libraries load), else the CPU; ``cpu``, ``cuda`` and
+``tensorrt`` force one and fail with a message naming the installed providers when it is missing.
+Session options: intra-op threads = physical cores on the CPU provider, 1 on a GPU one (unless
+``threads`` is given), all graph optimisations (NCHWc layout included), sequential execution,
+memory-pattern planning on; CUDA in full float32 unless ``tf32`` (see :class:`Runtime`).
 
 :meth:`Runtime.score_paths` is a bounded pipeline whose results come back in input order, the
 path iterable consumed lazily, unreadable files yielding a result with ``error`` set in their
@@ -45,6 +46,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -78,9 +80,39 @@ _PROVIDERS = {
 _AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+# TensorRT's own libraries, which onnxruntime-gpu does not ship (its TensorRT provider needs them).
+_TENSORRT_LIBRARIES = (("libnvinfer.so.10", "libnvonnxparser.so.10"), ("nvinfer_10.dll", "nvonnxparser_10.dll"))
+
+
+@functools.lru_cache(maxsize=1)
+def _tensorrt_loadable() -> bool:
+    """Whether TensorRT's libraries load. onnxruntime-gpu lists its TensorRT provider whether or not
+    TensorRT is installed; a session that asks for it without them logs an error and retries
+    without it (seen on an H200 with onnxruntime-gpu 1.31.1, 2026-12-04)."""
+    import ctypes
+
+    for names in _TENSORRT_LIBRARIES:
+        try:
+            for name in names:
+                ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _usable_providers() -> list[str]:
+    """onnxruntime's installed providers, less TensorRT when its libraries are missing."""
+    have = list(ort.get_available_providers())
+    if "TensorrtExecutionProvider" in have and not _tensorrt_loadable():
+        have.remove("TensorrtExecutionProvider")
+    return have
+
+
 def available_devices() -> list[str]:
-    """Devices whose onnxruntime execution provider is installed (``cpu`` always)."""
-    have = set(ort.get_available_providers())
+    """Devices whose onnxruntime execution provider is installed and can start (``cpu`` always;
+    ``tensorrt`` only where TensorRT's libraries load)."""
+    have = set(_usable_providers())
     return [d for d, p in _PROVIDERS.items() if p in have]
 
 
@@ -187,7 +219,8 @@ class Runtime:
         device: ``auto`` (TensorRT/CUDA when their provider is installed, else CPU), ``cpu``,
             ``cuda`` or ``tensorrt``. Asking for a provider that is not installed is an error that
             says which ones are.
-        threads: intra-op threads (``None``: the physical cores this process may use).
+        threads: intra-op threads (``None``: the physical cores this process may use on the CPU
+            provider; 1 with a GPU provider, which leaves only shape computations to the CPU).
         category: for conditional models, the category name (or index) to condition on.
         decode_workers: worker threads of :meth:`score_paths` (``None``: the physical cores in
             the ``batch`` pipeline; as many as CPUs, at most 4, in the ``overlap`` one; ``0``:
@@ -207,6 +240,11 @@ class Runtime:
         pipeline: ``auto`` (``batch`` on the CPU provider, else ``overlap``), ``batch`` or
             ``overlap`` (see the module docstring).
         min_area: smallest region kept in ``ImageResult.regions``, in original pixels.
+        tf32: let the CUDA provider run float32 convolutions and matrix products in TF32 (its own
+            default). Off here: on an H200 it moved scores by up to 2.1e-4 relative to the CPU
+            provider, against 1.8e-5 in full float32, for 25-30 % more images/s of pure inference
+            (default AAE, 128² and 256², batch 16 and 256, 2026-12-04), which the audit does not
+            see: there the CPU side sets the pace (README, GPU figures).
         split: :meth:`infer` runs a batch of N >= 2 as ``min(threads, N)`` slices side by side on
             the single-threaded session (module docstring). ``None``: on the CPU provider with
             more than one thread; ``False``: one call of the multi-threaded session.
@@ -215,8 +253,9 @@ class Runtime:
     def __init__(self, bundle: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  category: str | int | None = None, *, decode_workers: int | None = None, prefetch: int = 2,
                  spin: bool = True, nchwc: bool = True, pipeline: str = "auto", min_area: int = 16,
-                 split: bool | None = None) -> None:
+                 split: bool | None = None, tf32: bool = False) -> None:
         self.bundle = Path(bundle)
+        self.tf32 = bool(tf32)
         self.meta = load_sidecar(self.bundle)
         self.preprocess = Preprocess.from_dict(self.meta["preprocess"])
         self.input_names: list[str] = list(self.meta["inputs"])
@@ -233,7 +272,13 @@ class Runtime:
         self.min_area = int(min_area)
         self.prefetch = prefetch
         ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.threads = int(threads) if threads else physical_cores()
+        # A GPU session leaves the CPU only the few nodes its provider does not take (shapes): one
+        # thread does them. With a pool of one per core the audit's CPU per image was 10.6 ms
+        # against 8.7 with one thread, at the same images/s (H200, 16 cores, 2026-12-04,
+        # benchmarks/audit_split.py --device cuda): the pool's threads spent cores the decoders
+        # and writers could use.
+        on_gpu = self.providers[0] != "CPUExecutionProvider"
+        self.threads = int(threads) if threads else (1 if on_gpu else physical_cores())
         if pipeline not in ("auto", "batch", "overlap"):
             raise ValueError(f"unknown pipeline {pipeline!r}; expected auto, batch or overlap")
         if pipeline == "auto":
@@ -281,7 +326,9 @@ class Runtime:
     def _new_session(self, options: ort.SessionOptions) -> ort.InferenceSession:
         model_path = str(self.bundle / MODEL_FILE)
         try:
-            return ort.InferenceSession(model_path, sess_options=options, providers=self.providers,
+            providers = [(p, {"use_tf32": "1" if self.tf32 else "0"}) if p == "CUDAExecutionProvider" else p
+                         for p in self.providers]
+            return ort.InferenceSession(model_path, sess_options=options, providers=providers,
                                         disabled_optimizers=None if self._nchwc else ["NchwcTransformer"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BundleError(f"{model_path}: onnxruntime could not load the model with {self.providers[0]} ({exc})") from exc
@@ -308,15 +355,19 @@ class Runtime:
                 self._slicer = None
 
     def _providers(self, device: str) -> list[str]:
-        have = ort.get_available_providers()
+        have = _usable_providers()
         if device == "auto":
             return [p for p in _AUTO_ORDER if p in have]
         if device not in _PROVIDERS:
             raise ValueError(f"unknown device {device!r}; expected auto, {', '.join(_PROVIDERS)}")
-        if _PROVIDERS[device] not in have:
+        if _PROVIDERS[device] not in ort.get_available_providers():
             hint = " (install onnxruntime-gpu in place of onnxruntime)" if device != "cpu" else ""
             raise RuntimeError(f"device {device!r} requested but onnxruntime has no {_PROVIDERS[device]}{hint}; "
                                f"available here: {', '.join(available_devices())}")
+        if _PROVIDERS[device] not in have:
+            raise RuntimeError(f"device {device!r} requested but TensorRT's libraries ({_TENSORRT_LIBRARIES[0][0]}, "
+                               f"{_TENSORRT_LIBRARIES[0][1]}) cannot be loaded: install TensorRT 10 or use --device "
+                               f"cuda; available here: {', '.join(available_devices())}")
         if device == "tensorrt":
             return [p for p in _AUTO_ORDER if p in have]
         return [_PROVIDERS[device], "CPUExecutionProvider"] if device != "cpu" else ["CPUExecutionProvider"]

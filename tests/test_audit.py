@@ -369,3 +369,32 @@ def test_usage_errors_exit_2(trained_bundle: dict, tmp_path: Path, capsys) -> No
     with pytest.raises(SystemExit) as exc:
         _audit(trained_bundle["bundle"], str(empty))  # --out missing: argparse
     assert exc.value.code == 2
+
+
+def test_thread_options_reach_the_runtime_and_bad_counts_exit_2(trained_bundle: dict, tmp_path: Path, capsys,
+                                                                  monkeypatch) -> None:
+    """``--decode-workers`` and ``--threads`` set the runtime's decoders and onnxruntime's intra-op
+    threads (sequential decoding with 0 decoders gives the same results); negative or zero counts
+    are usage errors."""
+    import deploy.audit
+    from deploy.runtime import Runtime
+
+    seen: list[tuple[int, int]] = []
+
+    class Spy(Runtime):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append((self.decode_workers, self.session_options.intra_op_num_threads))
+
+    monkeypatch.setattr(deploy.audit, "Runtime", Spy)
+    images = str(trained_bundle["data"] / "test")
+    assert _audit(trained_bundle["bundle"], images, "--out", str(tmp_path / "a"), "--decode-workers", "0",
+                  "--threads", "1") == 0
+    assert _audit(trained_bundle["bundle"], images, "--out", str(tmp_path / "b")) == 0
+    assert seen[0] == (0, 1) and seen[1][0] >= 1
+    rows = [(tmp_path / d / "results.csv").read_text().splitlines() for d in "ab"]
+    assert rows[0] == rows[1]
+    capsys.readouterr()
+    for flag, value in (("--decode-workers", "-1"), ("--threads", "0"), ("--workers", "0")):
+        assert _audit(trained_bundle["bundle"], images, "--out", str(tmp_path / "c"), flag, value) == 2
+        assert "must be >=" in capsys.readouterr().err

@@ -349,3 +349,71 @@ def test_fp16_of_a_flip_tta_bundle_loads_and_agrees(trained_bundle: dict, tmp_pa
     ref, got = Runtime(tta, device="cpu").infer(x), rt.infer(x)
     assert np.abs(got["score"] - ref["score"]).max() < FP16_MAX_REL_DIFF * np.abs(ref["score"]).max()
     assert np.abs(got["anomaly_map"] - ref["anomaly_map"]).max() < FP16_MAX_REL_DIFF * np.abs(ref["anomaly_map"]).max()
+
+
+def test_bench_devices_and_gpu_rows_without_a_gpu(trained_bundle: dict) -> None:
+    """``--device cpu,cuda`` on a machine without a GPU: the CPU rows are timed, each GPU row says
+    why it is missing, the GPU-only batch sizes cost the CPU nothing, and a bad device is refused."""
+    from deploy.bench import bench_bundle, parse_devices
+    from deploy.runtime import available_devices
+
+    assert parse_devices("cpu, cuda") == ["cpu", "cuda"] and parse_devices("auto") == available_devices()
+    for bad in ("gpu", "", "cpu,npu"):
+        with pytest.raises(ValueError, match="unknown device"):
+            parse_devices(bad)
+    if "cuda" in available_devices():
+        pytest.skip("a CUDA provider is installed here: the GPU rows would run")
+    rows = bench_bundle(trained_bundle["bundle"], batch_sizes=(1, 2), iterations=1, warmup=0, device="cpu,cuda",
+                        variants=[], gpu_batch_sizes=(8,))
+    cpu = [r for r in rows if r.device == "cpu"]
+    assert {(r.engine, r.batch) for r in cpu} == {("torch eager", 1), ("torch eager", 2), ("onnxruntime", 1),
+                                                   ("onnxruntime", 2)}
+    assert all(r.images_per_s and r.images_per_s > 0 for r in cpu)
+    gpu = [r for r in rows if r.device == "cuda"]
+    assert gpu and all(r.images_per_s is None and r.note for r in gpu)
+    assert {r.precision for r in gpu if r.engine == "torch eager"} == {"fp32", "fp16"}
+    assert any("no CUDAExecutionProvider" in r.note for r in gpu if r.engine == "onnxruntime")
+    with pytest.raises(ValueError, match="batch sizes must be >= 1"):
+        bench_bundle(trained_bundle["bundle"], batch_sizes=(1,), device="cpu", gpu_batch_sizes=(0,))
+
+
+def test_tensorrt_without_its_libraries_is_left_out(trained_bundle: dict, monkeypatch) -> None:
+    """onnxruntime-gpu lists its TensorRT provider even where TensorRT is not installed; ``auto``
+    must not pick it (onnxruntime would log an error and retry), and asking for it says what is
+    missing."""
+    import deploy.runtime as runtime
+
+    monkeypatch.setattr(runtime.ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(runtime, "_tensorrt_loadable", lambda: False)
+    assert runtime.available_devices() == ["cpu"]
+    rt = runtime.Runtime(trained_bundle["bundle"], device="auto")
+    assert rt.providers == ["CPUExecutionProvider"]
+    with pytest.raises(RuntimeError, match="TensorRT's libraries .*libnvinfer.so.10.* cannot be loaded"):
+        runtime.Runtime(trained_bundle["bundle"], device="tensorrt")
+    monkeypatch.setattr(runtime, "_tensorrt_loadable", lambda: True)
+    assert runtime.available_devices() == ["cpu", "tensorrt"]
+
+
+def test_gpu_sessions_get_full_float32_and_one_cpu_thread(trained_bundle: dict, monkeypatch) -> None:
+    """With a CUDA provider the session asks for full float32 (no TF32) unless ``tf32=True``, and
+    one intra-op thread for the nodes left on the CPU. No GPU is needed to see what is asked for:
+    the provider list is recorded and the model runs on the CPU provider."""
+    import deploy.runtime as runtime
+
+    real = runtime.ort.InferenceSession
+    asked: list = []
+
+    def fake_session(path, sess_options=None, providers=None, **kwargs):
+        asked.append((providers, sess_options.intra_op_num_threads))
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(runtime.ort, "InferenceSession", fake_session)
+    rt = runtime.Runtime(trained_bundle["bundle"], device="auto")
+    assert asked[-1] == ([("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"], 1)
+    assert rt.threads == 1 and rt.pipeline == "overlap" and not rt.split
+    runtime.Runtime(trained_bundle["bundle"], device="auto", tf32=True, threads=3)
+    assert asked[-1] == ([("CUDAExecutionProvider", {"use_tf32": "1"}), "CPUExecutionProvider"], 3)
+    runtime.Runtime(trained_bundle["bundle"], device="cpu")
+    assert asked[-1][0] == ["CPUExecutionProvider"] and asked[-1][1] == runtime.physical_cores()
