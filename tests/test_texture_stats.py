@@ -114,3 +114,34 @@ def test_scorer_with_statistics_exports_exactly(tmp_path) -> None:
     plain = Scorer(residual="l1", smoothing_sigma=2.0, image_size=(64, 64))
     with torch.no_grad():
         assert (want.anomaly_map - plain.anomaly_map(batch, _Identityish()(batch))).abs().max() > 1.0
+
+
+def test_flip_tta_measures_the_statistics_once_and_exports_exactly(tmp_path) -> None:
+    """Under ``--tta flips`` the statistics part is measured on the un-flipped image only and added
+    to the flip average of the other parts before smoothing; the graph exports with fp32 parity."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from anomaly.scoring import gaussian_blur
+    from deploy.export import export_onnx
+
+    sc = Scorer(residual="l1", smoothing_sigma=2.0, aggregate="topk", image_size=(64, 64), texture="stats")
+    sc.set_statistics_bank(*fit_statistics_bank([_grating(16)], centres=128))
+    sc.set_mix_statistics(torch.tensor([0.05, 1.0]), torch.tensor([0.02, 0.5]))
+    model = _Identityish()
+    graph = scoring_graph(model, sc, "flips").eval()
+    batch = _with_foreign_patch(_grating(3, seed=9))
+    calls: list[int] = []
+    sc.statistics.register_forward_hook(lambda _m, inp, _out: calls.append(inp[0].shape[0]))
+    with torch.no_grad():
+        got = graph(batch)
+        assert calls == [3]  # one pass of the statistics, over the N un-flipped images
+        views = [batch, batch.flip(-1), batch.flip(-2), batch.flip(-2, -1)]
+        backs = [lambda m: m, lambda m: m.flip(-1), lambda m: m.flip(-2), lambda m: m.flip(-2, -1)]
+        l1 = [back((sc.components(v, model(v), model, texture=False)[0] - 0.05) / 0.02)
+              for v, back in zip(views, backs)]
+        want = gaussian_blur(sum(l1) / 4 + 0.5 * (sc.statistics(batch) - 1.0) / 0.5, 2.0)
+    torch.testing.assert_close(got.anomaly_map, want, rtol=1e-5, atol=1e-5)
+    export_onnx(graph, tmp_path / "tta.onnx", batch[:2], conditional=False)
+    sess = onnxruntime.InferenceSession(str(tmp_path / "tta.onnx"), providers=["CPUExecutionProvider"])
+    amap, score = sess.run(None, {"image": batch.numpy()})[:2]
+    np.testing.assert_allclose(amap, got.anomaly_map.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(score, got.score.numpy(), rtol=1e-4, atol=1e-4)
