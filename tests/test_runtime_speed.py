@@ -375,6 +375,10 @@ def test_bench_devices_and_gpu_rows_without_a_gpu(trained_bundle: dict) -> None:
     assert any("no CUDAExecutionProvider" in r.note for r in gpu if r.engine == "onnxruntime")
     with pytest.raises(ValueError, match="batch sizes must be >= 1"):
         bench_bundle(trained_bundle["bundle"], batch_sizes=(1,), device="cpu", gpu_batch_sizes=(0,))
+    from anomaly.cli import main
+
+    assert main(["bench", str(trained_bundle["bundle"]), "--device", "gpu"]) == 2
+    assert main(["bench", str(trained_bundle["bundle"]), "--gpu-batch-sizes", "0"]) == 2
 
 
 def test_tensorrt_without_its_libraries_is_left_out(trained_bundle: dict, monkeypatch) -> None:
