@@ -506,8 +506,9 @@ class FlipAveraged(nn.Module):
     by 90 degrees is not a normal brick wall). Averaging removes the part of the map that depends
     on the orientation, mostly the repair's noise at the texture's grain; it costs four times the
     inference. The texture statistics part (``texture="stats"``), which commutes with the flips, is
-    measured on the un-flipped view only (see :meth:`forward`). ``reconstruction`` is the un-flipped view's, and so is the code a ``knn`` latent
-    score measures (the bank holds codes of un-flipped training images).
+    measured on the un-flipped view only (see :meth:`forward`). ``reconstruction`` is the un-flipped
+    view's, and so is the code a ``knn`` latent score measures (the bank holds codes of un-flipped
+    training images).
 
     Args and shapes as :class:`ReconstructionScorer`: ``image (N, C, H, W) [, label (N,)] -> ScoreOutput``.
     """
