@@ -14,8 +14,8 @@ For batch 1 and batch N it times the exported graph on the same preprocessed inp
 
 ``--device`` takes one device or a comma list (``cpu,cuda``); ``--gpu-batch-sizes`` adds batch
 sizes timed on GPU devices only (a GPU needs hundreds of images per call to fill: on an H200 the
-default AAE at 256² ran 5,300 images/s at batch 16 and 6,300 at 256 in float32, 7,300 in float16). A row that cannot run (no
-such device, out of memory) says why in its note and the table goes on.
+default AAE at 256² ran 5,300 images/s at batch 16 and 6,300 at 256 in float32, 7,300 in float16).
+A row that cannot run (no such device, out of memory) says why in its note and the table goes on.
 
 and reports images/s and per-call latency p50/p99. Then it runs the whole audit
 (:func:`deploy.audit.run_audit`: decode -> score -> results.csv + heatmap JPEGs) on a folder of
