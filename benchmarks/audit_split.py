@@ -22,9 +22,21 @@ image:
 OpenCV's own worker threads, if any, are in ``process`` but not in the stages. Stages are wrapped
 by patching module attributes, so this is a measuring tool, not an API.
 
+``--ceiling`` estimates how much of pure inference the audit's own work leaves room for on this
+machine. It runs the audit with the least parallelism (the runtime decoding and inferring in the
+calling thread with one onnxruntime thread, one file writer) and takes the process's CPU per image:
+the work itself, with no time lost to threads competing for the cores. ``cores x 1000 / that`` is
+the rate at which the cores would finish that work if it split over them without loss, and its
+ratio to the float32 graph at the same batch (the best of ``--windows`` windows, as ``anomaly
+bench`` times its reference) is the share the work allows. An estimate, not a bound: the pipelined
+audit runs one single-threaded graph per core, which can use a core better than one graph on two
+threads does (at 256² the audit has kept more than this estimate). The audit's default mode is
+measured (heatmaps for every image).
+
 Usage::
 
     python benchmarks/audit_split.py BUNDLE IMAGES... [--out DIR] [--batch-size 16]
+    python benchmarks/audit_split.py BUNDLE IMAGES... --ceiling [--repeats 3] [--windows 5]
 """
 from __future__ import annotations
 
@@ -45,10 +57,11 @@ STAGES = ("decode", "infer", "finish", "overlay", "write", "regions")
 
 
 def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_size: int = 16,
-            device: str = "cpu") -> dict[str, Any]:
+            device: str = "cpu", sequential: bool = False) -> dict[str, Any]:
     """Run one audit with per-stage CPU clocks; returns ``{"images", "images_per_second",
     "ms_per_image": {stage: ms}, "calls": {stage: n}, "heatmap_kb"}`` (``main`` and ``process``
-    included; ``heatmap_kb``: mean size of the heatmap files written)."""
+    included; ``heatmap_kb``: mean size of the heatmap files written). ``sequential``: the runtime
+    decodes and infers in the calling thread with one onnxruntime thread, and one thread writes."""
     import deploy.audit as audit
     import deploy.regions as regions
     from deploy.runtime import Runtime
@@ -57,6 +70,8 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
     calls: collections.Counter = collections.Counter()
     lock = threading.Lock()
     patched: list[tuple[Any, str, Callable]] = []
+    caller = threading.get_ident()
+    in_caller = [0.0]  # stage CPU spent in the calling thread (the sequential runtime's), kept out of ``main``
 
     def wrap(owner: Any, name: str, stage: str) -> None:
         original = getattr(owner, name)
@@ -70,6 +85,8 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
                 with lock:
                     cpu[stage] += dt
                     calls[stage] += 1
+                    if threading.get_ident() == caller and owner is Runtime:
+                        in_caller[0] += dt
 
         patched.append((owner, name, original))
         setattr(owner, name, timed)
@@ -83,7 +100,8 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
     tmp = tempfile.mkdtemp(prefix="audit-split-", dir=out_dir)
     try:
         c0, m0 = os.times(), time.thread_time()
-        summary = audit.run_audit(bundle, inputs, Path(tmp) / "out", batch_size=batch_size, device=device)
+        least = {"decode_workers": 0, "threads": 1, "workers": 1} if sequential else {}
+        summary = audit.run_audit(bundle, inputs, Path(tmp) / "out", batch_size=batch_size, device=device, **least)
         c1, m1 = os.times(), time.thread_time()
         heatmaps = [f.stat().st_size for f in (Path(tmp) / "out" / "heatmaps").glob("*.jpg")]
     finally:
@@ -92,11 +110,36 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
         shutil.rmtree(tmp, ignore_errors=True)
     n = max(1, int(summary["images"]))
     ms = {stage: cpu[stage] / n * 1e3 for stage in STAGES}
-    ms["main"] = (m1 - m0) / n * 1e3
+    ms["main"] = (m1 - m0 - in_caller[0]) / n * 1e3
     ms["process"] = (c1.user + c1.system - c0.user - c0.system) / n * 1e3
     ms["process_system"] = (c1.system - c0.system) / n * 1e3
     return {"images": n, "images_per_second": summary["images_per_second"], "ms_per_image": ms, "calls": dict(calls),
             "heatmap_kb": sum(heatmaps) / len(heatmaps) / 1e3 if heatmaps else None}
+
+
+def ceiling(bundle: str, inputs: list[str], out_dir: str | None = None, batch_size: int = 16, repeats: int = 3,
+            windows: int = 5, seconds: float = 1.5) -> dict[str, Any]:
+    """The share of pure inference that the audit's own work allows on this machine (see the module
+    docstring).
+
+    Returns ``{"images", "cpu_ms_per_image": [per repeat], "cores", "ceiling_images_per_second",
+    "reference_images_per_second": [per window], "share", "split"}``: ``share`` divides the ceiling
+    (from the lowest CPU per image) by the fastest reference window; ``split``: :func:`measure`'s
+    result for that repeat.
+    """
+    from deploy.bench import _inputs, time_window
+    from deploy.runtime import Runtime, physical_cores
+
+    runs = [measure(bundle, inputs, out_dir, batch_size, "cpu", sequential=True) for _ in range(max(1, repeats))]
+    cpu_ms = [r["ms_per_image"]["process"] for r in runs]
+    cores = physical_cores()
+    rt = Runtime(bundle, device="cpu")  # the reference: the runtime's default threads, as `anomaly bench`
+    x = _inputs(rt.preprocess, batch_size, inputs[0] if Path(inputs[0]).is_dir() else None)
+    ref = [time_window(lambda: rt.infer(x), batch_size, seconds) for _ in range(max(1, windows))]
+    lowest = min(runs, key=lambda r: r["ms_per_image"]["process"])
+    best = cores * 1e3 / lowest["ms_per_image"]["process"]
+    return {"images": lowest["images"], "cpu_ms_per_image": cpu_ms, "cores": cores, "ceiling_images_per_second": best,
+            "reference_images_per_second": ref, "share": best / max(ref), "split": lowest}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,15 +149,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="folder for the audit's temporary output (default: the system's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, tensorrt or auto")
+    p.add_argument("--ceiling", action="store_true",
+                   help="estimate the share of pure inference that the audit's own work allows on this CPU (see above)")
+    p.add_argument("--repeats", type=int, default=3, help="--ceiling: sequential audits (the lowest CPU per image counts)")
+    p.add_argument("--windows", type=int, default=5, help="--ceiling: reference windows of 1.5 s (the fastest counts)")
     args = p.parse_args(argv)
-    r = measure(args.bundle, args.inputs, args.out, args.batch_size, args.device)
+    if args.ceiling:
+        c = ceiling(args.bundle, args.inputs, args.out, args.batch_size, args.repeats, args.windows)
+        print(f"sequential audits (heatmaps for every image): CPU ms per image "
+              f"{', '.join(f'{v:.2f}' for v in c['cpu_ms_per_image'])}; the lowest:")
+        _print_split(c["split"])
+        print(f"that work on {c['cores']} cores without loss: {c['ceiling_images_per_second']:.0f} images/s; onnxruntime fp32 batch "
+              f"{args.batch_size}: {', '.join(f'{v:.0f}' for v in c['reference_images_per_second'])} images/s")
+        print(f"share of pure inference that this work allows (an estimate): {c['share']:.0%}")
+        return 0
+    _print_split(measure(args.bundle, args.inputs, args.out, args.batch_size, args.device))
+    return 0
+
+
+def _print_split(r: dict[str, Any]) -> None:
     ms = r["ms_per_image"]
     print(f"{r['images']} images, {r['images_per_second']:.0f} images/s; CPU ms per image "
           f"(process {ms['process']:.2f}, of which system {ms['process_system']:.2f}); heatmaps "
           f"{r['heatmap_kb']:.1f} kB on average:")
     for stage in ("decode", "infer", "finish", "overlay", "write", "regions", "main"):
         print(f"  {stage:8s} {ms[stage]:6.3f}" + (f"   ({r['calls'][stage]} calls)" if stage in r["calls"] else ""))
-    return 0
 
 
 if __name__ == "__main__":
