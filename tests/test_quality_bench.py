@@ -69,6 +69,40 @@ def test_audit_split_accounts_for_the_audit_per_stage(trained_bundle: dict, tmp_
     assert list(tmp_path.iterdir()) == []  # its audit folder is removed
 
 
+def test_audit_split_ceiling_runs_the_audit_sequentially(trained_bundle: dict, tmp_path: Path) -> None:
+    """``audit_split.py --ceiling``: sequential audits, each image through each stage once; the
+    estimate is the cores' rate over the lowest CPU per image against the fastest reference window;
+    every output is removed."""
+    mod = _benchmark("audit_split")
+    images = sorted((trained_bundle["data"] / "test").rglob("*.png"))
+    c = mod.ceiling(str(trained_bundle["bundle"]), [str(p) for p in images], str(tmp_path), batch_size=4,
+                    repeats=2, windows=2, seconds=0.05)
+    assert len(c["cpu_ms_per_image"]) == 2 and len(c["reference_images_per_second"]) == 2
+    ms = c["split"]["ms_per_image"]
+    assert ms["process_steady"] == min(c["cpu_ms_per_image"]) > 0
+    assert c["split"]["calls"]["decode"] == len(images) and c["split"]["calls"]["infer"] == -(-len(images) // 4)
+    assert c["ceiling_images_per_second"] == pytest.approx(c["cores"] * 1e3 / ms["process_steady"])
+    assert c["share"] == pytest.approx(c["ceiling_images_per_second"] / max(c["reference_images_per_second"]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_texture_misses_tells_found_defects_from_missed_ones() -> None:
+    """``texture_misses.coverage``: the threshold is the normal pixels' quantile, and each defect's
+    share of pixels above it separates a lit defect from a dark one."""
+    mod = _benchmark("texture_misses")
+    rng = np.random.default_rng(0)
+    maps = rng.random((4, 16, 16)).astype(np.float32)  # normal pixels in [0, 1)
+    masks = np.zeros((4, 16, 16), np.uint8)
+    masks[2:, 4:8, 4:8] = 1
+    maps[2, 4:8, 4:8] = 5.0  # lit
+    maps[3, 4:8, 4:8] = -1.0  # dark
+    kinds = np.array(["good", "good", "blob", "blob"])
+    t, shares = mod.coverage(maps, masks, kinds, fpr=0.05)
+    normal = np.concatenate([maps[:2].ravel(), maps[2:][masks[2:] == 0]])
+    assert t == pytest.approx(np.quantile(normal, 0.95)) and 0.9 < t < 1.0
+    assert list(shares) == ["blob"] and shares["blob"].tolist() == [1.0, 0.0]
+
+
 def test_texture_crop_size_sets_the_field_of_view_not_the_resolution(tmp_path: Path) -> None:
     """``--crop-size 64 --image-size 32``: 64-px cuts written at 32 px, in their own cache folder."""
     import json
