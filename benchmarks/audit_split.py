@@ -25,16 +25,15 @@ OpenCV's own worker threads, if any, are in ``process`` but not in the stages. S
 by patching module attributes, so this is a measuring tool, not an API.
 
 ``--ceiling`` estimates how much of pure inference the audit's own work leaves room for on this
-machine. It runs the audit with the least parallelism (the runtime decoding and inferring in the
-calling thread with one onnxruntime thread, one file writer) and takes the process's CPU per image
-in steady state: the work itself, with no time lost to threads competing for the cores and none to
-the start. ``cores x 1000 / that`` is
-the rate at which the cores would finish that work if it split over them without loss, and its
-ratio to the float32 graph at the same batch (the best of ``--windows`` windows, as ``anomaly
-bench`` times its reference) is the share the work allows. An estimate, not a bound: the pipelined
-audit runs one single-threaded graph per core, which can use a core better than one graph on two
-threads does (at 256² the audit has kept more than this estimate). The audit's default mode is
-measured (heatmaps for every image).
+machine's CPU. It runs the audit with the least parallelism (the runtime decoding and inferring in
+the calling thread with one onnxruntime thread, one file writer) and takes the process's CPU per
+image in steady state: the work itself, with no time lost to threads competing for the cores and
+none to the start. ``cores x 1000 / that`` is the rate at which the cores would finish that work if
+it split over them without loss, and its ratio to the float32 graph at the same batch (the best of
+``--windows`` windows, as ``anomaly bench`` times its reference) is the share the work allows. An
+estimate, not a bound: the pipelined audit runs one single-threaded graph per core, which can use a
+core a little better than one graph on two threads does, and has kept a few points more in some
+runs. The audit's default mode is measured (heatmaps for every image).
 
 Usage::
 
