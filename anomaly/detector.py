@@ -187,7 +187,8 @@ class AnomalyDetector(BaseEstimator):
         self.categories_ = list(built.ckpt.get("categories", [])) if built.conditional else []
         self.calibrator_ = self.pixel_calibrator_ = self.threshold_ = None
         self.calibration_source_ = None
-        if len(built.val):  # the defaults export_run records: 1 % of normal images, 0.1 % of normal pixels
+        if len(built.val):  # export_run's defaults: 1 % of normal images, 0.1 % of normal pixels (same thresholds;
+            # export records the rate 1 / n it can keep under 100 images, this keeps the target asked for)
             out = self._run(built.val, built.val_labels)
             self.calibrator_ = ThresholdCalibrator(method="fpr", target_fpr=self.target_fpr).fit(out["score"])
             self.pixel_calibrator_ = PixelThresholdCalibrator(method="fpr", target_fpr=self.pixel_fpr).fit(out["anomaly_map"])

@@ -354,7 +354,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
             "max_abs_diff_map": float(np.abs(ref.anomaly_map.numpy() - res["anomaly_map"]).max()),
         }
         meta["normal_stats"] = _stats(scores, "validation split of the training folder (never trained on)")
-        cal = ThresholdCalibrator(method="fpr", target_fpr=0.01).fit(scores)
+        # Provisional thresholds until `anomaly calibrate`: 1 % of the validation images (0.1 % of
+        # their pixels). Under 100 images 1 % cannot be resolved: the threshold is then their largest
+        # score, whose false-positive rate is about 1 / n, and the sidecar records that rate rather
+        # than a 1 % it cannot keep (the calibrator would warn about it on every small export).
+        image_fpr = max(0.01, 1.0 / len(scores))
+        cal = ThresholdCalibrator(method="fpr", target_fpr=image_fpr).fit(scores)
         meta["calibration"] = {
             "image": cal.to_dict(),
             "pixel": PixelThresholdCalibrator(method="fpr", target_fpr=0.001).fit(res["anomaly_map"][:, 0]).to_dict(),
@@ -363,6 +368,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
         write_sidecar(out, meta)
         log.info("exported %s; parity on %d validation images: max |score diff| %.2e", out, len(val),
                  meta["parity"]["max_abs_diff_score"])
+        log.info("provisional image threshold %.4g at %.2g of the %d validation images; `anomaly calibrate` on "
+                 "held-out normal images sets the real one", cal.threshold_, image_fpr, len(val))
     else:
         log.warning("run has no validation images: the bundle has no threshold until `anomaly calibrate`")
     return out

@@ -92,6 +92,27 @@ def test_sidecar_contents(trained_bundle: dict) -> None:
     assert "onnxruntime" in meta["versions"]
 
 
+def test_provisional_threshold_records_the_rate_it_can_keep(trained_bundle: dict, tmp_path: Path, caplog) -> None:
+    """Under 100 validation images the export's 1 % threshold cannot be resolved: the threshold is
+    their largest score, and the sidecar records its rate (1 / n) instead of 1 %, with no warning."""
+    import logging
+
+    from deploy.export import export_run
+
+    with caplog.at_level(logging.INFO):
+        export_run(trained_bundle["run"], tmp_path / "b", latent="none")
+    meta = load_sidecar(tmp_path / "b")
+    n = meta["normal_stats"]["n"]
+    image = meta["calibration"]["image"]
+    assert 1 <= n < 100 and image["n_normal"] == n
+    assert image["params"]["target_fpr"] == pytest.approx(1.0 / n)
+    assert image["threshold"] == pytest.approx(meta["normal_stats"]["max"])
+    assert meta["calibration"]["pixel"]["params"]["target_fpr"] == pytest.approx(0.001)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "too few to resolve" in m]
+    assert any("provisional image threshold" in m for m in messages)
+
+
 def test_modified_model_is_refused(trained_bundle: dict, tmp_path: Path) -> None:
     b = tmp_path / "b"
     shutil.copytree(trained_bundle["bundle"], b)
