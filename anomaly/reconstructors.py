@@ -101,6 +101,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("aae", "aae", "adversarial autoencoder (latent discriminator), defaults as `anomaly train`; "
            "exported with every residual kind and with per-pixel normalisation (one training run)",
            scorings={**_RESIDUALS, **_LATENT_SCORINGS}),
+    Preset("cond_aae", "cond_aae", "conditional AAE: one model for several categories, each category its label "
+           "(benchmarks/quality.py's elpv_types: the cell type); exported as the aae default and its neighbours",
+           scorings={"l1_ssim+norm": _RESIDUALS["l1_ssim+norm"], **_LATENT_SCORINGS}),
     # Negative control: learning rate 0 (random weights; only BatchNorm statistics see the data).
     # Shows how much of a score comes from training rather than from the scoring pipeline.
     Preset("untrained_aae", "aae", "negative control: aae with lr=0 (random init), 1 epoch",

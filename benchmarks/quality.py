@@ -19,7 +19,11 @@ Example (what ``benchmarks/results/quality.md`` holds)::
         --epochs 15 --image-size 64 --out bench_out
 
 Datasets: ``elpv_mono``, ``elpv_poly`` (real EL solar-cell images, :func:`data.elpv.prepare_elpv`;
-train = functional cells of ``train/good``, test = ``test/good`` vs ``test/defective``) and
+train = functional cells of ``train/good``, test = ``test/good`` vs ``test/defective``),
+``elpv_types`` (the same two splits as the two categories ``mono`` and ``poly`` of one folder: one
+model for both cell types; a conditional model such as ``cond_aae`` receives the type as its label,
+others pool the cells; each type is scored on its own and reported as ``elpv_types/mono`` and
+``elpv_types/poly``, directly comparable with the single-type rows) and
 ``brick``, ``grass``, ``gravel`` and the colour ``ihc`` (:func:`data.textures.make_texture_dataset`,
 masks from the evaluation defect generator, which differs from the training ``DefectSynthesizer``;
 ``ihc`` adds ``discolour`` defects that keep the luma, so ``--channels 1`` against ``--channels 3``
@@ -54,6 +58,7 @@ if str(REPO) not in sys.path:
 
 TEXTURES = ("brick", "grass", "gravel", "ihc")  # ihc: the colour texture (data.textures.COLOUR_TEXTURES)
 ELPV = ("elpv_mono", "elpv_poly")
+ELPV_TYPES = "elpv_types"  # both cell types as the categories of one folder
 
 
 def prepare_dataset(name: str, cache: Path, image_size: int, seed: int = 0, crop_size: int | None = None,
@@ -73,6 +78,10 @@ def prepare_dataset(name: str, cache: Path, image_size: int, seed: int = 0, crop
     """
     if texture_test < 1:
         raise ValueError(f"--texture-test must be >= 1, got {texture_test}")
+    if name == ELPV_TYPES:
+        if crop_size is not None or texture_test != 40:
+            raise ValueError(f"--crop-size and --texture-test apply to the textures only; {name} images are whole solar cells")
+        return _elpv_types(cache, seed)
     if name in ELPV:
         if crop_size is not None:
             raise ValueError(f"--crop-size applies to the textures only; {name} images are whole solar cells")
@@ -92,7 +101,37 @@ def prepare_dataset(name: str, cache: Path, image_size: int, seed: int = 0, crop
             make_texture_dataset(root, name, image_size=image_size, crop_size=crop, seed=seed,
                                  n_test_good=texture_test, n_test_bad=texture_test)
         return root
-    raise ValueError(f"unknown dataset {name!r}; expected one of {ELPV + TEXTURES}")
+    raise ValueError(f"unknown dataset {name!r}; expected one of {ELPV + (ELPV_TYPES,) + TEXTURES}")
+
+
+def _elpv_types(cache: Path, seed: int) -> Path:
+    """``cache/elpv_types/{mono,poly}``: the single-type ELPV folders (same splits, same seed) as the
+    categories of one folder, hard-linked (copied where links are impossible)."""
+    import shutil
+
+    from data.elpv import prepare_elpv
+
+    root = cache / ELPV_TYPES
+    sources = {t: prepare_elpv(cache, cell_type=t, seed=seed) for t in ("mono", "poly")}
+    for cell_type, src in sources.items():
+        dest = root / cell_type
+        if (dest / "split.json").is_file() and (dest / "split.json").read_bytes() == (src / "split.json").read_bytes():
+            continue
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp = root / f".{cell_type}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+        def link(a: str, b: str) -> None:
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copy2(a, b)
+
+        shutil.copytree(src, tmp, copy_function=link)
+        tmp.rename(dest)  # in place whole: an interrupted copy leaves only the temporary folder
+    return root
 
 
 def test_samples(root: Path, limit_per_class: int | None = None, seed: int = 0) -> list[Any]:
@@ -121,12 +160,13 @@ def _mask_at(path: Path | None, size: int) -> np.ndarray:
     return (m > 127).astype(np.uint8)
 
 
-def evaluate_bundle(bundle: Path, samples: list[Any], threads: int = 1) -> dict[str, float]:
-    """Score ``samples`` through the ONNX runtime; image (and pixel, when masks exist) metrics."""
+def evaluate_bundle(bundle: Path, samples: list[Any], threads: int = 1, category: int | None = None) -> dict[str, float]:
+    """Score ``samples`` through the ONNX runtime; image (and pixel, when masks exist) metrics.
+    ``category``: what a conditional bundle conditions on (ignored by other bundles)."""
     from anomaly.metrics import aupro, image_metrics, pixel_metrics
     from deploy.runtime import Runtime
 
-    rt = Runtime(bundle, device="cpu", threads=threads, decode_workers=1)
+    rt = Runtime(bundle, device="cpu", threads=threads, decode_workers=1, category=category)
     t0 = time.perf_counter()
     results = list(rt.score_paths([str(s.path) for s in samples]))
     infer_s = time.perf_counter() - t0
@@ -220,6 +260,10 @@ def evaluate_run(run_dir: Path, dataset: str, config_name: str, seed: int, sampl
     from deploy.export import export_run
 
     cfg_scoring = json.loads((run_dir / "config.json").read_text())["scoring"]  # what `anomaly train` wrote
+    # several categories (elpv_types): each scored on its own, as the dataset "<dataset>/<category>"
+    names = json.loads((run_dir / "split.json").read_text()).get("categories") or []
+    groups = ({None: samples} if len(names) < 2 else
+              {k: [s for s in samples if s.category == k] for k in range(len(names))})
     rows = []
     for scoring_name, (scoring, normalize) in get_preset(config_name).scorings.items():
         if only is not None and scoring_name not in only:
@@ -230,10 +274,12 @@ def evaluate_run(run_dir: Path, dataset: str, config_name: str, seed: int, sampl
             c1 = time.process_time()
             # a row's latent score is what its preset names ("none" unless it says otherwise)
             export_run(run_dir, bundle, scoring={"latent": "none", **scoring}, normalize=normalize, tta=mode)
-            metrics = evaluate_bundle(bundle, samples, threads)
-            rows.append({"scoring": name, "tta": mode, "eval_cpu_s": round(time.process_time() - c1, 1),
-                         "scoring_settings": {**cfg_scoring, "latent": "none", **scoring}, "normalize": normalize,
-                         **metrics})
+            for k, group in groups.items():
+                metrics = evaluate_bundle(bundle, group, threads, category=k)
+                per = {} if k is None else {"dataset": f"{dataset}/{names[k]}", "category": names[k]}
+                rows.append({"scoring": name, "tta": mode, "eval_cpu_s": round(time.process_time() - c1, 1),
+                             "scoring_settings": {**cfg_scoring, "latent": "none", **scoring}, "normalize": normalize,
+                             **per, **metrics})
     return rows
 
 
@@ -295,7 +341,7 @@ def header(argv: list[str], rows: list[dict[str, Any]] = ()) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="elpv_mono,elpv_poly", help="comma list of " + ",".join(ELPV + TEXTURES))
+    p.add_argument("--datasets", default="elpv_mono,elpv_poly", help="comma list of " + ",".join(ELPV + (ELPV_TYPES,) + TEXTURES))
     p.add_argument("--configs", default="ae,aae,aae_repair", help="comma list of anomaly.reconstructors presets")
     p.add_argument("--seeds", default="0", help="comma list of seeds")
     p.add_argument("--epochs", type=int, default=15)
@@ -336,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / "results.json"
     if json_path.is_file():  # resume: keep finished trials
         rows = json.loads(json_path.read_text()).get("rows", [])
-    done = {(r["dataset"], r["config"], r["seed"], r.get("channels_arg")) for r in rows}
+    done = {(r.get("trial_dataset", r["dataset"]), r["config"], r["seed"], r.get("channels_arg")) for r in rows}
     sources = args.defect_sources
     if sources == "skimage" and "ihc" in args.datasets.split(","):
         p.error("--defect-sources skimage includes scikit-image's immunohistochemistry photograph, the ihc texture "
@@ -361,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                     new = [{"dataset": dataset, "config": config, "scoring": "-", "seed": seed,
                             "error": f"{type(exc).__name__}: {exc}"}]
                 for r in new:
+                    r["trial_dataset"] = dataset
                     r["command"] = "python benchmarks/quality.py " + shlex.join(argv)
                     r["channels_arg"] = args.channels
                     if dataset in TEXTURES:

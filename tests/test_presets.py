@@ -20,8 +20,13 @@ def test_every_preset_builds_its_model_and_each_export_scorer(name: str) -> None
     assert preset.name == name
     cfg = preset.train_config(data="unused", out="unused", epochs=4, image_size=32)  # TrainConfig validates
     assert cfg.model == preset.model and cfg.lr_decay_from == preset.lr_decay_from and cfg.augment == preset.augment
-    model = build_model(cfg.model, in_channels=1, image_size=32, num_classes=1, **cfg.model_kwargs).eval()
+    from anomaly.registry import get_spec
+
+    conditional = get_spec(cfg.model).conditional
+    model = build_model(cfg.model, in_channels=1, image_size=32, num_classes=2 if conditional else 1,
+                        **cfg.model_kwargs).eval()
     x = torch.rand(2, 1, 32, 32)
+    cond = torch.tensor([0, 1]) if conditional else None  # a conditional model's category, as export passes it
     for label, (overrides, _normalize) in preset.scorings.items():
         settings = {**cfg.scoring, **overrides}
         scorer = Scorer(residual=settings["residual"], smoothing_sigma=settings["smoothing_sigma"],
@@ -30,7 +35,7 @@ def test_every_preset_builds_its_model_and_each_export_scorer(name: str) -> None
         if len(scorer.parts) > 1:  # export measures these on validation images
             scorer.set_mix_statistics(torch.zeros(len(scorer.parts)), torch.ones(len(scorer.parts)))
         with torch.no_grad():  # "learned" raises here unless the model has a segmenter
-            out = ReconstructionScorer(model, scorer)(x)
+            out = ReconstructionScorer(model, scorer)(x, cond)
         assert out.anomaly_map.shape == (2, 1, 32, 32) and out.score.shape == (2,), label
         assert torch.isfinite(out.score).all(), label
 
