@@ -105,6 +105,27 @@ def test_texture_misses_tells_found_defects_from_missed_ones() -> None:
     assert list(shares) == ["blob"] and shares["blob"].tolist() == [1.0, 0.0]
 
 
+def test_elpv_types_holds_the_single_type_splits_as_two_categories(tmp_path: Path) -> None:
+    """``--datasets elpv_types``: one folder whose categories ``mono`` and ``poly`` are the
+    single-type data sets' own splits (so the rows compare), reused when asked again."""
+    from data.folder import discover
+
+    q = _quality()
+    root = q.prepare_dataset("elpv_types", tmp_path, 64)
+    layout = discover(root)
+    assert layout.kind == "multi" and layout.categories == ["mono", "poly"]
+    for k, cell_type in enumerate(layout.categories):
+        single = tmp_path / f"elpv_{cell_type}"
+        for part in ("train/good", "test/good", "test/defective"):
+            assert sorted(p.name for p in (root / cell_type / part).iterdir()) == \
+                sorted(p.name for p in (single / part).iterdir()), part
+        mine = sorted(s.path.name for s in layout.test if s.category == k)
+        assert mine == sorted(s.path.name for s in discover(single).test)
+    assert q.prepare_dataset("elpv_types", tmp_path, 64) == root
+    with pytest.raises(ValueError, match="textures only"):
+        q.prepare_dataset("elpv_types", tmp_path, 64, crop_size=32)
+
+
 def test_texture_crop_size_sets_the_field_of_view_not_the_resolution(tmp_path: Path) -> None:
     """``--crop-size 64 --image-size 32``: 64-px cuts written at 32 px, in their own cache folder."""
     import json
