@@ -643,10 +643,6 @@ def run_audit(
     heatmap_mode = ("all" if heatmaps else "none") if isinstance(heatmaps, bool) else heatmaps
     if heatmap_mode not in HEATMAP_MODES:
         raise AuditError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, got {heatmaps!r}")
-    paths = _expand(inputs)
-    if not paths:
-        raise AuditError(f"no images found in {', '.join(map(str, inputs))} "
-                         f"(looked for {', '.join(IMAGE_EXTENSIONS)} in folders)")
     if min_area < 0:
         raise AuditError(f"min_area must be >= 0, got {min_area}")
     if heatmap_size < 0:
@@ -657,8 +653,13 @@ def run_audit(
         raise AuditError(f"workers must be >= 1, got {workers}")
     if threads is not None and threads < 1:
         raise AuditError(f"threads must be >= 1, got {threads}")
+    # the bundle before the inputs: a wrong bundle path should not wait for a million-line list
     rt = Runtime(bundle, device=device, category=category, min_area=min_area, decode_workers=decode_workers,
                  threads=threads, tf32=tf32)
+    paths = _expand(inputs)
+    if not paths:
+        raise AuditError(f"no images found in {', '.join(map(str, inputs))} "
+                         f"(looked for {', '.join(IMAGE_EXTENSIONS)} in folders)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {

@@ -310,6 +310,19 @@ def test_force_no_resume_and_other_bundle(trained_bundle: dict, tmp_path: Path, 
     assert json.loads((out / "audit.json").read_text())["calibration"]["threshold"] == meta["calibration"]["image"]["threshold"]
 
 
+def test_a_wrong_bundle_is_reported_before_the_inputs_are_read(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A mistyped bundle path is the error, even when the inputs are missing too, and the inputs
+    (a million-line list on a real line) are not expanded first."""
+    import deploy.audit as audit
+
+    expanded = []
+    monkeypatch.setattr(audit, "_expand", lambda inputs: expanded.append(inputs) or [])
+    assert main(["audit", str(tmp_path / "no_bundle"), str(tmp_path / "no_images"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no_bundle" in err and "no_images" not in err
+    assert expanded == []
+
+
 def test_globs_and_list_files(trained_bundle: dict, tmp_path: Path) -> None:
     data = trained_bundle["data"]
     found = expand_inputs([str(data / "test" / "*" / "00[01].png")])
