@@ -60,7 +60,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UnknownModelError, DatasetError, ImageReadError, BundleError, FileNotFoundError]
     # a command's own error class can only have been raised if its module was imported; importing
     # the others here would load scikit-learn (deploy.calibrate) just to print a bad path's message
-    for module, name in (("deploy.audit", "AuditError"), ("deploy.calibrate", "CalibrationError"),
+    for module, name in (("deploy.runtime", "CategoryError"), ("deploy.audit", "AuditError"), ("deploy.calibrate", "CalibrationError"),
                          ("deploy.evaluate", "EvaluationError"), ("deploy.review", "ReviewError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))

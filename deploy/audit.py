@@ -477,7 +477,7 @@ def _error_record(path: str, error: str) -> dict[str, Any]:
 
 # -- folder state ------------------------------------------------------------------------------
 def _calibration_snapshot(rt: Runtime) -> dict[str, Any]:
-    cal = rt.meta.get("calibration") or {}
+    cal = rt.calibration  # a conditional model's own category's, when calibrated on its own
     image = cal.get("image") or {}
     return {"threshold": rt.threshold, "method": image.get("method"), "pixel_threshold": rt.pixel_threshold,
             "normal_histogram": image.get("normal_histogram") or image.get("normal_histogram_"),
@@ -486,7 +486,7 @@ def _calibration_snapshot(rt: Runtime) -> dict[str, Any]:
 
 
 def _calibration_sha256(rt: Runtime) -> str:
-    blob = json.dumps(rt.meta.get("calibration"), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(rt.calibration, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -185,6 +185,7 @@ def calibrate_bundle(
     batch_size: int = 16,
     device: str = "auto",
     reviews: str | os.PathLike | None = None,
+    category: str | int | None = None,
 ) -> dict[str, Any]:
     """Calibrate ``bundle`` in place; returns a report (threshold, expected FPR, recall, images used).
 
@@ -198,12 +199,18 @@ def calibrate_bundle(
         pixel_fpr: pixel false-positive rate of the normal-only pixel threshold.
         reviews: decisions JSON from ``anomaly review`` (see the module docstring); ``normal`` may
             then be ``None``. The report gains ``reviews`` (counts, rule, threshold before/after).
+        category: for a conditional model of several categories (required there): the category
+            the images belong to. Its thresholds go to ``calibration.categories[<name>]``, which the
+            runtime uses when it runs for that category; the bundle's own stay as they were.
 
     Raises:
         CalibrationError: missing/empty folders, images used in training, every image unreadable,
             a decisions file that is malformed or belongs to another model.
     """
     meta = load_sidecar(bundle)
+    if category is not None and reviews is not None:
+        raise CalibrationError("--reviews adjusts the bundle's calibration, not one category's; calibrate the "
+                               "category on its normal images instead")
     rv = _load_reviews(reviews, meta) if reviews is not None else None
     if normal is None:
         if rv is None:
@@ -216,7 +223,8 @@ def calibrate_bundle(
     if overlap:
         raise CalibrationError(f"{len(overlap)} calibration image(s) were used to train this model "
                                f"(e.g. {overlap[0]}); calibrate on held-out images only")
-    rt = Runtime(bundle, device=device)
+    rt = Runtime(bundle, device=device, category=category)  # a conditional model scores as that category
+    per_category = rt.conditional and len(rt.categories) > 1
     size = rt.preprocess.image_size
 
     scores: list[float] = []
@@ -265,8 +273,17 @@ def calibrate_bundle(
               "masks": str(mask_root.resolve()) if mask_root else None, "failed": failed}
     if review is not None:
         source["reviews"] = {k: v for k, v in review.items() if k != "changed"}
-    update_calibration(bundle, {"image": cal.to_dict(), "pixel": pix.to_dict(), "source": source})
+    new = {"image": cal.to_dict(), "pixel": pix.to_dict(), "source": source}
+    old = meta.get("calibration") or {}
+    categories = dict(old.get("categories") or {})
+    if per_category:  # this category's own; the bundle's and the other categories' stay
+        categories[rt.category_name] = new
+        update_calibration(bundle, {**old, "categories": categories})
+    else:
+        update_calibration(bundle, {**new, **({"categories": categories} if categories else {})})
     report = {"threshold": cal.threshold_, "method": method, "expected_fpr": cal.expected_fpr_, "recall": cal.recall_,
-              "pixel_threshold": pix.threshold_, "pixel_method": pix_method, **source, "reviews": review}
-    log.info("calibrated %s: threshold %.6g (%s)", bundle, cal.threshold_, method)
+              "pixel_threshold": pix.threshold_, "pixel_method": pix_method, **source, "reviews": review,
+              "category": rt.category_name if per_category else None}
+    log.info("calibrated %s%s: threshold %.6g (%s)", bundle, f" for {rt.category_name}" if per_category else "",
+             cal.threshold_, method)
     return report

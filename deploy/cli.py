@@ -55,6 +55,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--percentile", type=float, default=99.0, help="for --method percentile")
     p.add_argument("--probability", default=None, choices=("isotonic", "logistic"), help="fit P(defect) (needs --defects)")
     p.add_argument("--pixel-fpr", type=float, default=0.001)
+    p.add_argument("--category", default=None,
+                   help="conditional models of several categories: the category of these images; its thresholds "
+                        "are stored for it alone and used when the bundle runs for it (audit --category)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_calibrate)
 
@@ -171,7 +174,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     rep = calibrate_bundle(args.bundle, args.normal, defects=args.defects, masks=args.masks, method=args.method,
                            target_fpr=args.target_fpr, k=args.k, percentile=args.percentile,
                            probability=args.probability, pixel_fpr=args.pixel_fpr, device=args.device,
-                           reviews=args.reviews)
+                           reviews=args.reviews, category=args.category)
     if rep.get("reviews"):
         rv = rep["reviews"]
         old = "none" if rv["previous_threshold"] is None else f"{rv['previous_threshold']:.6g}"
@@ -184,7 +187,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         if args.normal is None:
             print(f"wrote {args.bundle}/model.json (pixel threshold and normal-score histogram kept)")
             return 0
-    print(f"calibrated {args.bundle}/model.json with method {rep['method']} on {rep['n_normal']} normal images from {rep['normal']}"
+    print(f"calibrated {args.bundle}/model.json" + (f" for category {rep['category']}" if rep.get("category") else "")
+          + f" with method {rep['method']} on {rep['n_normal']} normal images from {rep['normal']}"
           + (f" and {rep['n_defects']} defective images from {rep['defects']}" if rep["defects"] else ""))
     print(f"image threshold: {rep['threshold']:.6g}; false-positive rate on these normal images: {rep['expected_fpr']:.2%}")
     if rep["recall"] is not None:

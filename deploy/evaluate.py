@@ -56,8 +56,9 @@ def _mask(path: Path | None, size: int) -> np.ndarray:
 
 
 def evaluate_bundle(bundle: str | os.PathLike, data: str | os.PathLike, *, batch_size: int = 16,
-                    device: str = "auto", fpr_limit: float = 0.3) -> dict[str, Any]:
-    """Evaluate ``bundle`` on ``data/test`` (MVTec layout); returns the metrics dict.
+                    device: str = "auto", fpr_limit: float = 0.3, category: str | int | None = None) -> dict[str, Any]:
+    """Evaluate ``bundle`` on ``data/test`` (MVTec layout); returns the metrics dict. ``category``:
+    what a conditional model of several categories scores the images as (and whose thresholds).
 
     Raises:
         EvaluationError: no labelled test images, a single class, or images used for
@@ -67,9 +68,11 @@ def evaluate_bundle(bundle: str | os.PathLike, data: str | os.PathLike, *, batch
     test = layout.test
     if not test:
         raise EvaluationError(f"{data}: no test images (expected test/good and test/<defect-type> folders)")
-    rt = Runtime(bundle, device=device)
-    cal_source = (rt.meta.get("calibration") or {}).get("source") or {}
-    leaked = [s.path for s in test if _inside(s.path, cal_source.get("normal")) or _inside(s.path, cal_source.get("defects"))]
+    rt = Runtime(bundle, device=device, category=category)
+    cal = rt.meta.get("calibration") or {}
+    sources = [cal.get("source") or {}] + [(c or {}).get("source") or {} for c in (cal.get("categories") or {}).values()]
+    leaked = [s.path for s in test if any(_inside(s.path, src.get("normal")) or _inside(s.path, src.get("defects"))
+                                          for src in sources)]
     run = rt.meta.get("model", {}).get("run")
     split = Path(run) / "split.json" if run else None
     if split is not None and split.is_file():
@@ -114,11 +117,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="JSON file to write (default: BUNDLE/evaluation.json)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
+    p.add_argument("--category", default=None, help="conditional models of several categories: the category of the test images")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    res = evaluate_bundle(args.bundle, args.data, batch_size=args.batch_size, device=args.device)
+    res = evaluate_bundle(args.bundle, args.data, batch_size=args.batch_size, device=args.device, category=args.category)
     out = Path(args.out) if args.out else Path(args.bundle) / "evaluation.json"
     with atomic_write(out) as fh:
         json.dump(res, fh, indent=2)

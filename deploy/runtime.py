@@ -66,7 +66,7 @@ from data.preprocess import Preprocess
 from deploy.bundle import MODEL_FILE, BundleError, load_sidecar
 from deploy.regions import Region, find_regions
 
-__all__ = ["Runtime", "ImageResult", "available_devices", "physical_cores", "PipelineStats"]
+__all__ = ["Runtime", "ImageResult", "available_devices", "physical_cores", "PipelineStats", "CategoryError"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,10 @@ def physical_cores() -> int:
     if cores and logical > n:
         n = max(1, round(allowed * n / logical))
     return max(1, min(n, allowed))
+
+
+class CategoryError(ValueError):
+    """A conditional bundle run without a category, or with one it was not trained on."""
 
 
 @dataclass
@@ -299,7 +303,7 @@ class Runtime:
                                f"missing or no GPU?); onnxruntime fell back to {got}")
         if self.providers[0] not in got:
             log.warning("%s could not start; running on %s", self.providers[0], got)
-        cal = self.meta.get("calibration") or {}
+        cal = self.calibration
         self.calibrator = None
         if cal.get("image"):
             # numpy alone: importing scikit-learn for ThresholdCalibrator cost more than the model load
@@ -376,18 +380,34 @@ class Runtime:
         if not self.conditional:
             return None
         if category is None:
-            if len(self.categories) == 1:
+            if len(self.categories) <= 1:
                 return 0
-            raise ValueError(f"this model is conditional: pass a category, one of {self.categories}")
+            raise CategoryError(f"this model is conditional: pass a category, one of {self.categories}")
         if isinstance(category, int) or str(category).isdigit():
             idx = int(category)
         elif category in self.categories:
             idx = self.categories.index(category)
         else:
-            raise ValueError(f"unknown category {category!r}; expected one of {self.categories}")
+            raise CategoryError(f"unknown category {category!r}; expected one of {self.categories}")
         if not 0 <= idx < max(len(self.categories), 1):
-            raise ValueError(f"category index {idx} out of range for {len(self.categories)} categories")
+            raise CategoryError(f"category index {idx} out of range for {len(self.categories)} categories")
         return idx
+
+    @property
+    def category_name(self) -> str | None:
+        """The category a conditional model runs for (``None`` for other models)."""
+        if self.category_index is None:
+            return None
+        return self.categories[self.category_index] if self.category_index < len(self.categories) else str(self.category_index)
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """The sidecar's calibration in force for this runtime: a conditional model's own
+        category's (``calibration.categories[name]``, written by ``anomaly calibrate --category``)
+        when there is one, else the bundle's (without the ``categories`` table)."""
+        cal = dict(self.meta.get("calibration") or {})
+        own = (cal.pop("categories", None) or {}).get(self.category_name) if self.category_name is not None else None
+        return dict(own) if own else cal
 
     @property
     def threshold(self) -> float | None:

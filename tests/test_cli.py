@@ -174,7 +174,7 @@ def test_train_generative_writes_sample_grid(model: str, mvtec_dir: Path, tmp_pa
     assert grid is not None and grid.shape[0] > 32 and grid.shape[1] > 32 and grid.std() > 0
 
 
-def test_conditional_model_end_to_end(tmp_path: Path) -> None:
+def test_conditional_model_end_to_end(tmp_path: Path, capsys) -> None:
     """Several categories -> cond_aae (label = category) -> bundle with a `label` input -> audit per category."""
     from conftest import make_mvtec
 
@@ -205,3 +205,23 @@ def test_conditional_model_end_to_end(tmp_path: Path) -> None:
     assert main(["audit", str(bundle), str(root / "tiles_b" / "test"), "--out", str(tmp_path / "o"),
                  "--category", "tiles_b"]) == 0
     assert len(list(csv.DictReader(open(tmp_path / "o" / "results.csv")))) == 8
+
+    # calibration per category: each category's thresholds from its own normal images, used when the
+    # bundle runs for it; the bundle's own (the export's) stay for the other categories
+    exported = load_sidecar(bundle)["calibration"]
+    assert main(["calibrate", str(bundle), "--normal", str(root / "tiles_b" / "test" / "good")]) == 2  # which category?
+    assert "pass a category" in capsys.readouterr().err
+    assert main(["calibrate", str(bundle), "--normal", str(root / "tiles_b" / "test" / "good"),
+                 "--category", "tiles_b", "--method", "percentile", "--percentile", "50"]) == 0
+    cal = load_sidecar(bundle)["calibration"]
+    assert {k: v for k, v in cal.items() if k != "categories"} == exported and list(cal["categories"]) == ["tiles_b"]
+    normal_b = sorted((root / "tiles_b" / "test" / "good").glob("*.png"))
+    rt_b = Runtime(bundle, category="tiles_b")
+    scores_b = [r.score for r in rt_b.score_paths(normal_b)]
+    assert rt_b.threshold == pytest.approx(float(np.percentile(scores_b, 50, method="higher")), rel=1e-5)
+    assert Runtime(bundle, category="tiles_a").threshold == exported["image"]["threshold"]
+    assert main(["evaluate", str(bundle), "--data", str(root / "tiles_a"), "--category", "tiles_a"]) == 0
+    assert main(["evaluate", str(bundle), "--data", str(root / "tiles_a"), "--category", "tiles_c"]) == 2
+    assert "unknown category 'tiles_c'" in capsys.readouterr().err
+    assert main(["audit", str(bundle), str(root / "tiles_a" / "test"), "--out", str(tmp_path / "o2")]) == 2
+    assert "pass a category" in capsys.readouterr().err  # an error message, not a traceback
