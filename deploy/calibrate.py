@@ -100,6 +100,21 @@ def _load_reviews(path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, An
     return {"file": str(p.resolve()), "scores": np.asarray(scores), "labels": np.asarray(labels, dtype=np.int64)}
 
 
+def _category_name(meta: dict[str, Any], category: str | int | None) -> str | None:
+    """The category whose thresholds a calibration writes: a name for a conditional model of several
+    categories (required there), ``None`` (the bundle's own thresholds) otherwise."""
+    names = list((meta.get("model") or {}).get("categories") or [])
+    if "label" not in (meta.get("inputs") or []) or len(names) < 2:
+        return None
+    if category is None:
+        raise CalibrationError(f"this model is conditional: pass --category, one of {names}")
+    if str(category) in names:
+        return str(category)
+    if str(category).isdigit() and int(category) < len(names):
+        return names[int(category)]
+    raise CalibrationError(f"unknown category {category!r}; expected one of {names}")
+
+
 def _fpr_from_histogram(hist: dict[str, list] | None, threshold: float) -> float | None:
     """Fraction of a stored normal-score histogram above ``threshold`` (uniform within bins)."""
     if not hist or not hist.get("counts"):
@@ -132,12 +147,17 @@ def _review_report(rv: dict[str, Any], before: float | None, after: float, rule:
 
 
 def _refit_from_reviews(bundle: str | os.PathLike, meta: dict[str, Any], rv: dict[str, Any], method: str,
-                        probability: str | None) -> dict[str, Any]:
-    """Reviews only: change the image threshold, keep everything else of the current calibration."""
-    cal = dict(meta.get("calibration") or {})
+                        probability: str | None, name: str | None = None) -> dict[str, Any]:
+    """Reviews only: change the image threshold, keep everything else of the current calibration
+    (category ``name``'s, when given)."""
+    root = dict(meta.get("calibration") or {})
+    categories = dict(root.get("categories") or {})
+    cal = dict(categories.get(name) or {}) if name is not None else root
     prev = cal.get("image")
     if not prev:
-        raise CalibrationError(f"{bundle}: has no calibration to adjust; run `anomaly calibrate --normal ...` first")
+        hint = f" --category {name}" if name is not None else ""
+        raise CalibrationError(f"{bundle}: has no calibration{' for category ' + name if name else ''} to adjust; "
+                               f"run `anomaly calibrate --normal ...{hint}` first")
     before = float(prev["threshold"])
     kind, m = _review_rule(rv, method)
     if kind == "both":
@@ -162,6 +182,9 @@ def _refit_from_reviews(bundle: str | os.PathLike, meta: dict[str, Any], rv: dic
     review = _review_report(rv, before, after, rule)
     cal["image"] = new
     cal["source"] = {**(cal.get("source") or {}), "reviews": {k: v for k, v in review.items() if k != "changed"}}
+    if name is not None:
+        categories[name] = cal
+        cal = {**root, "categories": categories}
     update_calibration(bundle, cal)
     log.info("refit %s from reviews: threshold %.6g -> %.6g (%s)", bundle, before, after, rule)
     return {"threshold": after, "method": new.get("method"), "expected_fpr": new.get("expected_fpr"),
@@ -200,22 +223,21 @@ def calibrate_bundle(
         reviews: decisions JSON from ``anomaly review`` (see the module docstring); ``normal`` may
             then be ``None``. The report gains ``reviews`` (counts, rule, threshold before/after).
         category: for a conditional model of several categories (required there): the category
-            the images belong to. Its thresholds go to ``calibration.categories[<name>]``, which the
-            runtime uses when it runs for that category; the bundle's own stay as they were.
+            the images (or the reviewed scores) belong to. Its thresholds go to
+            ``calibration.categories[<name>]``, which the runtime uses when it runs for that
+            category; the bundle's own and the other categories' stay as they were.
 
     Raises:
         CalibrationError: missing/empty folders, images used in training, every image unreadable,
             a decisions file that is malformed or belongs to another model.
     """
     meta = load_sidecar(bundle)
-    if category is not None and reviews is not None:
-        raise CalibrationError("--reviews adjusts the bundle's calibration, not one category's; calibrate the "
-                               "category on its normal images instead")
+    name = _category_name(meta, category)
     rv = _load_reviews(reviews, meta) if reviews is not None else None
     if normal is None:
         if rv is None:
             raise CalibrationError("nothing to calibrate on: pass a folder of held-out normal images and/or reviews")
-        return _refit_from_reviews(bundle, meta, rv, method, probability)
+        return {**_refit_from_reviews(bundle, meta, rv, method, probability, name), "category": name}
     normal_paths = _images(normal, "normal")
     defect_paths = _images(defects, "defective") if defects else []
     trained = _training_images(meta)
@@ -223,8 +245,7 @@ def calibrate_bundle(
     if overlap:
         raise CalibrationError(f"{len(overlap)} calibration image(s) were used to train this model "
                                f"(e.g. {overlap[0]}); calibrate on held-out images only")
-    rt = Runtime(bundle, device=device, category=category)  # a conditional model scores as that category
-    per_category = rt.conditional and len(rt.categories) > 1
+    rt = Runtime(bundle, device=device, category=name if name is not None else category)  # scores as that category
     size = rt.preprocess.image_size
 
     scores: list[float] = []
@@ -249,7 +270,7 @@ def calibrate_bundle(
         raise CalibrationError(f"{normal}: none of the {len(normal_paths)} normal images could be scored")
     review: dict[str, Any] | None = None
     if rv is not None:
-        before = (meta.get("calibration") or {}).get("image", {}).get("threshold")
+        before = (rt.calibration.get("image") or {}).get("threshold")
         kind, m = _review_rule({"labels": np.asarray(labels + rv["labels"].tolist())}, method)
         method = m if kind == "both" else method
         scores += rv["scores"].tolist()
@@ -276,14 +297,13 @@ def calibrate_bundle(
     new = {"image": cal.to_dict(), "pixel": pix.to_dict(), "source": source}
     old = meta.get("calibration") or {}
     categories = dict(old.get("categories") or {})
-    if per_category:  # this category's own; the bundle's and the other categories' stay
-        categories[rt.category_name] = new
+    if name is not None:  # this category's own; the bundle's and the other categories' stay
+        categories[name] = new
         update_calibration(bundle, {**old, "categories": categories})
     else:
         update_calibration(bundle, {**new, **({"categories": categories} if categories else {})})
     report = {"threshold": cal.threshold_, "method": method, "expected_fpr": cal.expected_fpr_, "recall": cal.recall_,
               "pixel_threshold": pix.threshold_, "pixel_method": pix_method, **source, "reviews": review,
-              "category": rt.category_name if per_category else None}
-    log.info("calibrated %s%s: threshold %.6g (%s)", bundle, f" for {rt.category_name}" if per_category else "",
-             cal.threshold_, method)
+              "category": name}
+    log.info("calibrated %s%s: threshold %.6g (%s)", bundle, f" for {name}" if name else "", cal.threshold_, method)
     return report

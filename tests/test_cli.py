@@ -210,7 +210,7 @@ def test_conditional_model_end_to_end(tmp_path: Path, capsys) -> None:
     # bundle runs for it; the bundle's own (the export's) stay for the other categories
     exported = load_sidecar(bundle)["calibration"]
     assert main(["calibrate", str(bundle), "--normal", str(root / "tiles_b" / "test" / "good")]) == 2  # which category?
-    assert "pass a category" in capsys.readouterr().err
+    assert "pass --category" in capsys.readouterr().err
     assert main(["calibrate", str(bundle), "--normal", str(root / "tiles_b" / "test" / "good"),
                  "--category", "tiles_b", "--method", "percentile", "--percentile", "50"]) == 0
     cal = load_sidecar(bundle)["calibration"]
@@ -219,6 +219,14 @@ def test_conditional_model_end_to_end(tmp_path: Path, capsys) -> None:
     rt_b = Runtime(bundle, category="tiles_b")
     scores_b = [r.score for r in rt_b.score_paths(normal_b)]
     assert rt_b.threshold == pytest.approx(float(np.percentile(scores_b, 50, method="higher")), rel=1e-5)
+    assert Runtime(bundle, category="tiles_a").threshold == exported["image"]["threshold"]
+    # a reviewer's false alarm raises that category's threshold alone
+    alarm = max(scores_b) + 1.0
+    decisions = tmp_path / "decisions.json"
+    decisions.write_text(json.dumps({"bundle_sha256": load_sidecar(bundle)["onnx"]["sha256"],
+                                     "decisions": [{"path": "x.png", "score": alarm, "decision": "false_alarm"}]}))
+    assert main(["calibrate", str(bundle), "--reviews", str(decisions), "--category", "tiles_b"]) == 0
+    assert alarm < Runtime(bundle, category="tiles_b").threshold < alarm + 1e-3
     assert Runtime(bundle, category="tiles_a").threshold == exported["image"]["threshold"]
     assert main(["evaluate", str(bundle), "--data", str(root / "tiles_a"), "--category", "tiles_a"]) == 0
     assert main(["evaluate", str(bundle), "--data", str(root / "tiles_a"), "--category", "tiles_c"]) == 2
