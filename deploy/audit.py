@@ -6,9 +6,10 @@
 ==========================  ============================================================================
 ``audit.json``              what this folder was audited with: the bundle's path, ``bundle_sha256`` (the
                             ONNX model's sha256, i.e. the model that made the scores),
-                            ``calibration_sha256`` (hash of the sidecar's ``calibration`` section), the
-                            calibration in force (threshold, pixel threshold, normal-score histogram)
-                            and the options. Written before the first image.
+                            ``calibration_sha256`` (hash of the calibration in force), that
+                            calibration (threshold, pixel threshold, normal-score histogram), the
+                            ``category`` a conditional model ran for (``None`` for other models) and the
+                            options. Written before the first image.
 ``results.jsonl``           **the journal**: one JSON object per image, appended and flushed as each
                             image finishes (after its image files are written), so a killed run leaves
                             only complete lines (a truncated last line is dropped on resume).
@@ -521,6 +522,10 @@ def _prepare(out: Path, rt: Runtime, manifest: dict[str, Any], resume: bool, for
         raise AuditError(f"{out} was audited with another model (bundle sha256 {str(old.get('bundle_sha256'))[:12]}…, "
                          f"this bundle {manifest['bundle_sha256'][:12]}…, {manifest['bundle']}); resuming would mix "
                          "scores of two models. Use another --out, or --force to start over")
+    if old.get("category") != manifest.get("category"):
+        raise AuditError(f"{out} was audited as category {old.get('category')!r} of this conditional model, not "
+                         f"{manifest.get('category')!r}; resuming would mix scores of two categories. Use another "
+                         "--out, or --force to start over")
     if old.get("calibration_sha256") != manifest["calibration_sha256"]:
         raise AuditError(f"{out} was audited with a different calibration of this bundle (the threshold changed "
                          f"since: {old.get('calibration', {}).get('threshold')} -> {manifest['calibration']['threshold']}); "
@@ -665,7 +670,8 @@ def run_audit(
     manifest = {
         "schema": AUDIT_SCHEMA, "bundle": str(Path(bundle).resolve()),
         "bundle_sha256": str(rt.meta.get("onnx", {}).get("sha256")), "calibration_sha256": _calibration_sha256(rt),
-        "model": rt.meta.get("model", {}).get("name"), "calibration": _calibration_snapshot(rt),
+        "model": rt.meta.get("model", {}).get("name"), "category": rt.category_name,
+        "calibration": _calibration_snapshot(rt),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "options": {"heatmaps": heatmap_mode, "heatmap_size": heatmap_size, "masks": masks, "save_maps": save_maps,
                     "reconstructions": reconstructions,

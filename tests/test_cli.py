@@ -233,3 +233,7 @@ def test_conditional_model_end_to_end(tmp_path: Path, capsys) -> None:
     assert "unknown category 'tiles_c'" in capsys.readouterr().err
     assert main(["audit", str(bundle), str(root / "tiles_a" / "test"), "--out", str(tmp_path / "o2")]) == 2
     assert "pass a category" in capsys.readouterr().err  # an error message, not a traceback
+    assert json.loads((tmp_path / "o" / "audit.json").read_text())["category"] == "tiles_b"
+    assert main(["audit", str(bundle), str(root / "tiles_b" / "test"), "--out", str(tmp_path / "o"),
+                 "--category", "tiles_a"]) == 2  # resuming as another category would mix scores
+    assert "as category 'tiles_b'" in capsys.readouterr().err
