@@ -35,7 +35,7 @@ import numpy as np
 from anomaly.calibration import PixelThresholdCalibrator, ThresholdCalibrator
 from data.io import list_images, read_image
 from deploy.bundle import load_sidecar, update_calibration
-from deploy.runtime import Runtime
+from deploy.runtime import Runtime, resolve_category
 
 __all__ = ["calibrate_bundle", "CalibrationError"]
 
@@ -106,13 +106,7 @@ def _category_name(meta: dict[str, Any], category: str | int | None) -> str | No
     names = list((meta.get("model") or {}).get("categories") or [])
     if "label" not in (meta.get("inputs") or []) or len(names) < 2:
         return None
-    if category is None:
-        raise CalibrationError(f"this model is conditional: pass --category, one of {names}")
-    if str(category) in names:
-        return str(category)
-    if str(category).isdigit() and int(category) < len(names):
-        return names[int(category)]
-    raise CalibrationError(f"unknown category {category!r}; expected one of {names}")
+    return names[resolve_category(names, category)]  # the runtime's rule (CategoryError on a bad one)
 
 
 def _fpr_from_histogram(hist: dict[str, list] | None, threshold: float) -> float | None:

@@ -357,8 +357,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
         # Provisional thresholds until `anomaly calibrate`: 1 % of the validation images (0.1 % of
         # their pixels). Under 100 images 1 % cannot be resolved: the threshold is then their largest
         # score, whose false-positive rate is about 1 / n, and the sidecar records that rate rather
-        # than a 1 % it cannot keep (the calibrator would warn about it on every small export).
-        image_fpr = max(0.01, 1.0 / len(scores))
+        # than a 1 % it cannot keep (the calibrator would warn about it on every small export). At most
+        # 0.5: a rate must stay below 1, and one validation image is too few for any rate anyway.
+        image_fpr = min(max(0.01, 1.0 / len(scores)), 0.5)
         cal = ThresholdCalibrator(method="fpr", target_fpr=image_fpr).fit(scores)
         meta["calibration"] = {
             "image": cal.to_dict(),

@@ -66,7 +66,8 @@ from data.preprocess import Preprocess
 from deploy.bundle import MODEL_FILE, BundleError, load_sidecar
 from deploy.regions import Region, find_regions
 
-__all__ = ["Runtime", "ImageResult", "available_devices", "physical_cores", "PipelineStats", "CategoryError"]
+__all__ = ["Runtime", "ImageResult", "available_devices", "physical_cores", "PipelineStats", "CategoryError",
+           "resolve_category"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,28 @@ def physical_cores() -> int:
 
 class CategoryError(ValueError):
     """A conditional bundle run without a category, or with one it was not trained on."""
+
+
+def resolve_category(categories: Sequence[str], category: str | int | None) -> int:
+    """The index of ``category`` (a name or an index) among a conditional model's ``categories``;
+    ``None`` is allowed only when there is at most one.
+
+    Raises:
+        CategoryError: no category where several exist, or an unknown name or index.
+    """
+    if category is None:
+        if len(categories) <= 1:
+            return 0
+        raise CategoryError(f"this model is conditional: pass a category, one of {list(categories)}")
+    if isinstance(category, int) or str(category).isdigit():
+        idx = int(category)
+    elif category in categories:
+        idx = list(categories).index(category)
+    else:
+        raise CategoryError(f"unknown category {category!r}; expected one of {list(categories)}")
+    if not 0 <= idx < max(len(categories), 1):
+        raise CategoryError(f"category index {idx} out of range for {len(categories)} categories")
+    return idx
 
 
 @dataclass
@@ -377,21 +400,7 @@ class Runtime:
         return [_PROVIDERS[device], "CPUExecutionProvider"] if device != "cpu" else ["CPUExecutionProvider"]
 
     def _category(self, category: str | int | None) -> int | None:
-        if not self.conditional:
-            return None
-        if category is None:
-            if len(self.categories) <= 1:
-                return 0
-            raise CategoryError(f"this model is conditional: pass a category, one of {self.categories}")
-        if isinstance(category, int) or str(category).isdigit():
-            idx = int(category)
-        elif category in self.categories:
-            idx = self.categories.index(category)
-        else:
-            raise CategoryError(f"unknown category {category!r}; expected one of {self.categories}")
-        if not 0 <= idx < max(len(self.categories), 1):
-            raise CategoryError(f"category index {idx} out of range for {len(self.categories)} categories")
-        return idx
+        return resolve_category(self.categories, category) if self.conditional else None
 
     @property
     def category_name(self) -> str | None:

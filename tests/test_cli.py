@@ -210,7 +210,7 @@ def test_conditional_model_end_to_end(tmp_path: Path, capsys) -> None:
     # bundle runs for it; the bundle's own (the export's) stay for the other categories
     exported = load_sidecar(bundle)["calibration"]
     assert main(["calibrate", str(bundle), "--normal", str(root / "tiles_b" / "test" / "good")]) == 2  # which category?
-    assert "pass --category" in capsys.readouterr().err
+    assert "pass a category" in capsys.readouterr().err
     assert main(["calibrate", str(bundle), "--normal", str(root / "tiles_b" / "test" / "good"),
                  "--category", "tiles_b", "--method", "percentile", "--percentile", "50"]) == 0
     cal = load_sidecar(bundle)["calibration"]
