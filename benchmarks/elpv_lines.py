@@ -8,7 +8,9 @@ long and nearly straight, grain is not, so this integrates a ridge map along eve
 2. ridge map: the larger Hessian eigenvalue at ``--sigma`` px (positive across a dark line),
    clipped at 0 and scaled by sigma^2;
 3. Radon transform at ``--angles`` angles: the ridge map's mean along each line ``(rho, theta)``;
-   lines shorter than ``--min-length`` of the side are ignored;
+   lines shorter than ``--min-length`` of the side are ignored. With ``--window`` below 1, the
+   transform runs on square windows of that fraction of the side, at half-window steps, so a
+   curved crack is straight enough within one of them;
 4. per angle, the cell's median over rho is subtracted (a grainy cell lifts all its lines alike),
    then each ``(rho, theta)`` is standardised by its mean and std over the training cells (busbars,
    borders and the usual streaks are long dark lines in every cell);
@@ -38,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SUBSETS = ("train/good", "calibrate/good", "test/good", "test/defective")
 
 
-def line_profile(path: str, size: int, sigma: float, angles: int) -> np.ndarray:
-    """``(n_rho, angles)`` float32: mean ridge response along each straight line of the cell."""
+def line_profile(path: str, size: int, sigma: float, angles: int, window: int | None = None) -> np.ndarray:
+    """``(n_windows, n_rho, angles)`` float32: mean ridge response along each straight line of each
+    ``window`` px square (half-window steps; the whole cell, one window, when ``window`` is None)."""
     import cv2
     from skimage.feature import hessian_matrix, hessian_matrix_eigvals
     from skimage.transform import radon
@@ -52,8 +55,11 @@ def line_profile(path: str, size: int, sigma: float, angles: int) -> np.ndarray:
     h = hessian_matrix(im, sigma=sigma, order="rc", use_gaussian_derivatives=False)
     ridge = (np.maximum(hessian_matrix_eigvals(h)[0], 0.0) * sigma ** 2).astype(np.float32)
     theta = np.linspace(0.0, 180.0, angles, endpoint=False)
-    sums = radon(ridge, theta=theta, circle=False)
-    return (sums / np.maximum(line_lengths(size, angles), 1.0)).astype(np.float32)
+    w = window or size
+    lengths = np.maximum(line_lengths(w, angles), 1.0)
+    starts = range(0, size - w + 1, max(1, w // 2))
+    return np.stack([radon(ridge[y:y + w, x:x + w], theta=theta, circle=False) / lengths
+                     for y in starts for x in starts]).astype(np.float32)
 
 
 def line_lengths(size: int, angles: int) -> np.ndarray:
@@ -65,16 +71,19 @@ def line_lengths(size: int, angles: int) -> np.ndarray:
 
 
 def line_scores(profiles: dict[str, np.ndarray], valid: np.ndarray, top: int) -> dict[str, np.ndarray]:
-    """Per subset ``(N,)``: mean of the ``top`` largest standardised lines (steps 4-5 above)."""
+    """Per subset ``(N,)``: mean of the ``top`` largest standardised lines (steps 4-5 above).
+
+    ``profiles`` hold ``(N, n_windows, n_rho, angles)`` arrays; ``valid`` is ``(n_rho, angles)``.
+    """
     def relative(x: np.ndarray) -> np.ndarray:
-        masked = np.where(valid[None], x, np.nan)
-        return x - np.nanmedian(masked, axis=1, keepdims=True)
+        masked = np.where(valid, x, np.nan)
+        return x - np.nanmedian(masked, axis=-2, keepdims=True)
 
     rel = {k: relative(v) for k, v in profiles.items()}
     mu, sd = rel["train/good"].mean(0), rel["train/good"].std(0) + 1e-6
     out = {}
     for k, v in rel.items():
-        z = np.where(valid[None], (v - mu) / sd, -np.inf).reshape(len(v), -1)
+        z = np.where(valid, (v - mu) / sd, -np.inf).reshape(len(v), -1)
         out[k] = -np.sort(-z, axis=1)[:, :top].mean(1)
     return out
 
@@ -91,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sigma", type=float, default=1.0, help="Hessian scale in px (default: %(default)s)")
     p.add_argument("--angles", type=int, default=90, help="Radon angles over 180 degrees (default: %(default)s)")
     p.add_argument("--min-length", type=float, default=0.3, help="shortest line kept, as a fraction of the side (default: %(default)s)")
+    p.add_argument("--window", type=float, default=1.0,
+                   help="window side as a fraction of the cell's, half-window steps; 1: the whole cell (default: %(default)s)")
     p.add_argument("--top", type=int, default=5, help="lines averaged into the score (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="processes for the ridge and Radon steps (default: %(default)s)")
-    p.add_argument("--cache", default=None, help="an .npz to keep the line profiles in (read when it exists)")
+    p.add_argument("--cache", default=None, help="an .npz to keep the line profiles in (read when it exists and has the same settings)")
     args = p.parse_args(argv)
     data = Path(args.data)
     for sub in SUBSETS:
@@ -104,28 +115,36 @@ def main(argv: list[str] | None = None) -> int:
         if not ps:
             p.error(f"{data / sub}: no images")
 
+    if not 0.0 < args.window <= 1.0:
+        p.error("--window must be in (0, 1]")
+    window = max(8, round(args.window * args.size))
+    settings = [float(args.size), float(args.sigma), float(args.angles), float(window)]
     cache = Path(args.cache) if args.cache else None
     if cache is not None and cache.is_file():
         with np.load(cache) as f:
+            kept = f["settings"].tolist() if "settings" in f.files else None
+            if kept != settings:
+                p.error(f"{cache} holds profiles for size, sigma, angles, window = {kept}, not {settings}")
             profiles = {sub: f[sub.replace("/", "_")] for sub in SUBSETS}
         print(f"line profiles read from {cache}")
     else:
-        work = partial(line_profile, size=args.size, sigma=args.sigma, angles=args.angles)
+        work = partial(line_profile, size=args.size, sigma=args.sigma, angles=args.angles, window=window)
         profiles = {}
         with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
             for sub in SUBSETS:
                 profiles[sub] = np.stack(list(pool.map(work, paths[sub], chunksize=8)))
                 print(f"{sub}: {len(paths[sub])} cells", flush=True)
         if cache is not None:
-            np.savez(cache, **{sub.replace("/", "_"): v for sub, v in profiles.items()})
+            np.savez(cache, settings=np.array(settings), **{sub.replace("/", "_"): v for sub, v in profiles.items()})
 
-    valid = line_lengths(args.size, args.angles) >= args.min_length * args.size
+    valid = line_lengths(window, args.angles) >= args.min_length * window
     score = line_scores(profiles, valid, args.top)
     y = np.r_[np.zeros(len(paths["test/good"])), np.ones(len(paths["test/defective"]))]
     s = np.r_[score["test/good"], score["test/defective"]]
     ref = score["calibrate/good"]
     z = (s - ref.mean()) / (ref.std() + 1e-12)
-    print(f"size {args.size}, sigma {args.sigma:g}, {args.angles} angles, min length {args.min_length:g}, top {args.top}")
+    print(f"size {args.size}, sigma {args.sigma:g}, {args.angles} angles, window {window} px, "
+          f"min length {args.min_length:g}, top {args.top}")
     print(f"line score alone: image AUROC {roc_auc_score(y, s):.3f}")
     if args.bundle:
         from deploy.runtime import Runtime

@@ -256,7 +256,9 @@ def test_elpv_lines_ranks_a_thin_line_above_heavier_grain(tmp_path: Path) -> Non
         "grainy": np.stack([profile(cell(0.10, False)) for _ in range(6)]),
         "cracked": np.stack([profile(cell(0.03, True)) for _ in range(6)]),
     }
-    assert profiles["train/good"].shape == (30,) + mod.line_lengths(64, 30).shape
+    assert profiles["train/good"].shape == (30, 1) + mod.line_lengths(64, 30).shape
+    assert mod.line_profile(cell(0.05, False), size=64, sigma=1.0, angles=30, window=32).shape == \
+        (9,) + mod.line_lengths(32, 30).shape  # 3 x 3 windows at half-window steps
     valid = mod.line_lengths(64, 30) >= 0.3 * 64
     s = mod.line_scores(profiles, valid, top=5)
     assert s["cracked"].min() > s["grainy"].max(), (s["cracked"], s["grainy"])
