@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="window side as a fraction of the cell's, half-window steps; 1: the whole cell (default: %(default)s)")
     p.add_argument("--top", type=int, default=5, help="lines averaged into the score (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="processes for the ridge and Radon steps (default: %(default)s)")
-    p.add_argument("--cache", default=None, help="an .npz to keep the line profiles in (read when it exists and has the same settings)")
+    p.add_argument("--cache", default=None, help="an .npz to keep the line profiles in (read when it exists and has the same settings); large: 0.2 GB for poly's 1,322 cells, 0.9 GB with --window 0.5")
     args = p.parse_args(argv)
     data = Path(args.data)
     for sub in SUBSETS:
