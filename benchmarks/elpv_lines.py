@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         profiles = {}
         with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
             for sub in SUBSETS:
-                profiles[sub] = np.stack(list(pool.map(work, paths[sub], chunksize=8)))
+                try:
+                    profiles[sub] = np.stack(list(pool.map(work, paths[sub], chunksize=8)))
+                except ValueError as e:  # an unreadable cell: say which, without the worker's traceback
+                    p.error(str(e))
                 print(f"{sub}: {len(paths[sub])} cells", flush=True)
         if cache is not None:
             np.savez(cache, settings=np.array(settings), **{sub.replace("/", "_"): v for sub, v in profiles.items()})
@@ -153,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'bundle':<60} {'alone':>6} {'w=0.5':>6} {'w=1':>6} {'w=2':>6}")
         for b in args.bundle:
             rt = Runtime(b)
-            bs = np.array([r.score for r in rt.score_paths(test_paths, batch_size=32)], dtype=np.float64)
+            results = list(rt.score_paths(test_paths, batch_size=32))
+            failed = [r for r in results if r.error]
+            if failed:
+                p.error(f"{b}: {len(failed)} test cell(s) could not be scored, e.g. {failed[0].path}: {failed[0].error}")
+            bs = np.array([r.score for r in results], dtype=np.float64)
             row = "".join(f" {roc_auc_score(y, bs + w * z):6.3f}" for w in (0.5, 1.0, 2.0))
             print(f"{Path(b).name:<60} {roc_auc_score(y, bs):6.3f}{row}", flush=True)
     return 0
