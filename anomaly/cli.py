@@ -15,7 +15,7 @@ from typing import Sequence
 
 __all__ = ["main", "COMMAND_MODULES"]
 
-COMMAND_MODULES = ("training.cli", "deploy.cli", "deploy.bench", "deploy.evaluate", "anomaly.demo")
+COMMAND_MODULES = ("anomaly.training.cli", "anomaly.deploy.cli", "anomaly.deploy.bench", "anomaly.deploy.evaluate", "anomaly.demo")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -53,15 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from anomaly.registry import UnknownModelError
-    from data.folder import DatasetError
-    from data.io import ImageReadError
-    from deploy.bundle import BundleError
+    from anomaly.data.folder import DatasetError
+    from anomaly.data.io import ImageReadError
+    from anomaly.deploy.bundle import BundleError
 
     errors: list[type[BaseException]] = [UnknownModelError, DatasetError, ImageReadError, BundleError, FileNotFoundError]
     # a command's own error class can only have been raised if its module was imported; importing
-    # the others here would load scikit-learn (deploy.calibrate) just to print a bad path's message
-    for module, name in (("deploy.runtime", "CategoryError"), ("deploy.audit", "AuditError"), ("deploy.calibrate", "CalibrationError"),
-                         ("deploy.evaluate", "EvaluationError"), ("deploy.review", "ReviewError")):
+    # the others here would load scikit-learn (anomaly.deploy.calibrate) just to print a bad path's message
+    for module, name in (("anomaly.deploy.runtime", "CategoryError"), ("anomaly.deploy.audit", "AuditError"), ("anomaly.deploy.calibrate", "CalibrationError"),
+                         ("anomaly.deploy.evaluate", "EvaluationError"), ("anomaly.deploy.review", "ReviewError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

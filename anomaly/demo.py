@@ -47,13 +47,13 @@ def run_demo(out: Path, *, cell_type: str = "mono", model: str = "aae", image_si
     import numpy as np
 
     from anomaly.metrics import image_metrics
-    from data.elpv import prepare_elpv
-    from deploy.audit import run_audit
-    from deploy.calibrate import calibrate_bundle
-    from deploy.export import export_run
-    from training.cli import _progress_printer
-    from training.config import TrainConfig
-    from training.run import train
+    from anomaly.data.elpv import prepare_elpv
+    from anomaly.deploy.audit import run_audit
+    from anomaly.deploy.calibrate import calibrate_bundle
+    from anomaly.deploy.export import export_run
+    from anomaly.training.cli import _progress_printer
+    from anomaly.training.config import TrainConfig
+    from anomaly.training.run import train
 
     def say(msg: str) -> None:
         if verbose:

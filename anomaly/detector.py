@@ -1,9 +1,9 @@
 """The training-side detector: scikit-learn's ``fit`` / ``decision_function`` / ``predict`` over a run.
 
 :class:`AnomalyDetector` is for notebooks and pipelines that hold images in memory. ``fit`` trains a
-model (:func:`training.run.train`, the same job as ``anomaly train``), then builds the same scoring
-graph that ``anomaly export`` writes to ONNX (:func:`deploy.export.build_scoring_graph`) and runs it
-in torch. ``save`` writes that graph as a bundle for the torch-free :class:`deploy.runtime.Runtime`,
+model (:func:`anomaly.training.run.train`, the same job as ``anomaly train``), then builds the same scoring
+graph that ``anomaly export`` writes to ONNX (:func:`anomaly.deploy.export.build_scoring_graph`) and runs it
+in torch. ``save`` writes that graph as a bundle for the torch-free :class:`anomaly.deploy.runtime.Runtime`,
 with this detector's thresholds in the sidecar, so the runtime reproduces its scores and labels
 (``tests/test_detector.py`` feeds both the same files).
 
@@ -58,12 +58,12 @@ class AnomalyDetector(BaseEstimator):
             scorer's normalisation statistics and the default threshold. Never trained on.
         seed: seeds the split, the initialisation and the data order.
         device: ``auto``, ``cpu`` or ``cuda`` (training and torch scoring).
-        augment: ``none``, ``flip`` or ``flip_rot90`` (:class:`training.config.TrainConfig`).
+        augment: ``none``, ``flip`` or ``flip_rot90`` (:class:`anomaly.training.config.TrainConfig`).
         model_kwargs: passed to the model factory.
         scoring: overrides of the scoring settings (residual, smoothing_sigma, aggregate, ...).
-        tta: ``none`` or ``flips`` (:func:`deploy.export.export_run`).
+        tta: ``none`` or ``flips`` (:func:`anomaly.deploy.export.export_run`).
         latent: ``None`` / ``auto``, ``knn`` or ``none``: the image score's latent term
-            (:func:`deploy.export.export_run`).
+            (:func:`anomaly.deploy.export.export_run`).
         checkpoint: ``best`` (lowest validation error) or ``last``.
         target_fpr: false-positive rate on normal images of the image threshold (``fit`` sets it
             on the validation images, :meth:`calibrate` on held-out ones).
@@ -74,7 +74,7 @@ class AnomalyDetector(BaseEstimator):
     Attributes (after ``fit``, :meth:`from_run` or :meth:`calibrate`):
         run_dir_: the training run folder.
         graph_: the torch scoring graph (``eval()``), the one ``save`` exports.
-        preprocess_: the run's :class:`data.preprocess.Preprocess`.
+        preprocess_: the run's :class:`anomaly.data.preprocess.Preprocess`.
         categories_: class names of a conditional model (``[]`` otherwise).
         calibrator_: :class:`anomaly.calibration.ThresholdCalibrator` of the image scores, or
             ``None`` when the run has no validation images and :meth:`calibrate` was not called.
@@ -130,13 +130,13 @@ class AnomalyDetector(BaseEstimator):
 
         Raises:
             ValueError: defective labels in ``y``, no images, a float image outside [0, 1].
-            data.folder.DatasetError: a folder without training images.
+            anomaly.data.folder.DatasetError: a folder without training images.
 
         A second ``fit`` with the same ``work_dir`` starts over: it replaces the run (and the
         written training images) of the first.
         """
-        from training.config import TrainConfig
-        from training.run import train
+        from anomaly.training.config import TrainConfig
+        from anomaly.training.run import train
 
         if y is not None and np.any(np.asarray(y) != 0):
             raise ValueError(f"fit takes normal images only, but y marks {int(np.count_nonzero(np.asarray(y)))} "
@@ -165,7 +165,7 @@ class AnomalyDetector(BaseEstimator):
         ``params`` are constructor arguments; those that describe training (model, image size,
         epochs, ...) are taken from the run's ``config.json``.
         """
-        from training.config import TrainConfig
+        from anomaly.training.config import TrainConfig
 
         cfg = TrainConfig.load(Path(run_dir) / "config.json")
         trained = {"model": cfg.model, "image_size": cfg.image_size, "channels": cfg.channels, "epochs": cfg.epochs,
@@ -176,7 +176,7 @@ class AnomalyDetector(BaseEstimator):
 
     def _load(self, run_dir: Path) -> "AnomalyDetector":
         from anomaly.calibration import PixelThresholdCalibrator, ThresholdCalibrator
-        from deploy.export import build_scoring_graph
+        from anomaly.deploy.export import build_scoring_graph
 
         built = build_scoring_graph(run_dir, checkpoint=self.checkpoint, scoring=self.scoring,
                                     tta=self.tta, latent=self.latent)
@@ -291,7 +291,7 @@ class AnomalyDetector(BaseEstimator):
         return self.calibrator_.predict_proba(self.decision_function(X, labels, batch_size))
 
     def save(self, path: str | os.PathLike, opset: int | None = None) -> Path:
-        """Export to a bundle folder for :class:`deploy.runtime.Runtime` and ``anomaly audit``.
+        """Export to a bundle folder for :class:`anomaly.deploy.runtime.Runtime` and ``anomaly audit``.
 
         The bundle's graph is :attr:`graph_` (same run, checkpoint and settings) and its sidecar
         carries this detector's thresholds, so the runtime gives the same scores (to float
@@ -300,8 +300,8 @@ class AnomalyDetector(BaseEstimator):
         Returns:
             the bundle folder.
         """
-        from deploy.bundle import update_calibration
-        from deploy.export import OPSET, export_run
+        from anomaly.deploy.bundle import update_calibration
+        from anomaly.deploy.export import OPSET, export_run
 
         self._check_fitted()
         out = export_run(self.run_dir_, path, checkpoint=self.checkpoint, scoring=self.scoring,
@@ -379,7 +379,7 @@ def _is_path(x: Any) -> bool:
 
 def _images(X: Images) -> list[Any]:
     """Paths (str) or arrays, one per image, from any :data:`Images` form; checked before any work."""
-    from deploy.audit import expand_inputs
+    from anomaly.deploy.audit import expand_inputs
 
     if _is_path(X):
         paths = [str(p) for p in expand_inputs([X])]  # type: ignore[list-item]
@@ -409,7 +409,7 @@ def _images(X: Images) -> list[Any]:
 
 def _preprocess_one(pre: Any, item: str | np.ndarray, index: int) -> np.ndarray:
     """``(C, S, S)`` float32 of one image; a file is decoded as the runtime decodes it."""
-    from data.io import read_image
+    from anomaly.data.io import read_image
 
     image = read_image(item, raw=True) if isinstance(item, str) else item
     try:
@@ -424,7 +424,7 @@ def _training_folder(X: Images, folder: Path) -> Path:
     they are, floats in [0, 1] as 16-bit)."""
     import shutil
 
-    from data.io import IMAGE_EXTENSIONS
+    from anomaly.data.io import IMAGE_EXTENSIONS
 
     if _is_path(X) and Path(X).is_dir():  # type: ignore[arg-type]
         return Path(X)  # type: ignore[arg-type]

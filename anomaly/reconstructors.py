@@ -3,12 +3,12 @@
 A preset is a model from the zoo plus the objective/model keyword arguments, the synthetic-defect
 ("repair") setting and one or more scorings to export with. ``benchmarks/quality.py`` trains and
 evaluates them; ``get_preset(name).train_config(data=..., out=...)`` returns the
-:class:`training.config.TrainConfig` to pass to :func:`training.run.train`.
+:class:`anomaly.training.config.TrainConfig` to pass to :func:`anomaly.training.run.train`.
 
 Example::
 
     from anomaly.reconstructors import get_preset
-    from training.run import train
+    from anomaly.training.run import train
     cfg = get_preset("aae_repair").train_config(data="cache/elpv_mono", out="runs/mono", epochs=15)
     train(cfg)
 """
@@ -41,8 +41,8 @@ class Preset:
 
     def train_config(self, *, data: str, out: str, epochs: int = 15, image_size: int = 64, seed: int = 0,
                      **overrides: Any):
-        """The :class:`training.config.TrainConfig` of this preset (``overrides`` win)."""
-        from training.config import TrainConfig
+        """The :class:`anomaly.training.config.TrainConfig` of this preset (``overrides`` win)."""
+        from anomaly.training.config import TrainConfig
 
         kw: dict[str, Any] = dict(data=data, out=out, model=self.model, epochs=self.fixed_epochs or epochs, image_size=image_size,
                                   seed=seed, batch_size=self.batch_size, lr=self.lr,

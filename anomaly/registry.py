@@ -33,7 +33,7 @@ class ModelSpec:
     Attributes:
         name: registry key, lowercase (``"aae"``).
         factory: callable ``factory(**kwargs) -> nn.Module``.
-        objective: registry key of the training objective (see ``training.objectives``).
+        objective: registry key of the training objective (see ``anomaly.training.objectives``).
         family: human name of the family (``"Adversarial autoencoder"``).
         paper: the paper that introduced it.
         conditional: whether the model takes an integer label ``cond``.

@@ -1,7 +1,7 @@
 """Where the audit's CPU time goes, per image: decode, inference, overlay, file writing, regions.
 
 ``anomaly bench`` says how fast the audit is against pure inference; this says why. It runs
-:func:`deploy.audit.run_audit` once with each stage wrapped in a per-thread CPU clock
+:func:`anomaly.deploy.audit.run_audit` once with each stage wrapped in a per-thread CPU clock
 (``time.thread_time``: the CPU of the thread that ran the stage, whatever the other threads did,
 so the figures add up on a machine whose cores are all busy) and prints milliseconds of CPU per
 image:
@@ -9,7 +9,7 @@ image:
 =============  ==============================================================================
 ``decode``     reading the file and preprocessing it (``Runtime._decode``, worker threads)
 ``infer``      the onnxruntime graph (``Runtime.infer``, one intra-op thread per worker)
-``finish``     everything per image after inference (``deploy.audit._finish``, writer threads),
+``finish``     everything per image after inference (``anomaly.deploy.audit._finish``, writer threads),
                of which ``overlay`` (heatmap colouring) and ``write`` (encoding + creating the
                file)
 ``regions``    defect regions: ``Runtime.regions`` in the worker threads after inference (a
@@ -65,9 +65,9 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
     included; ``heatmap_kb``: mean size of the heatmap files written). ``sequential``: the runtime
     decodes and infers in the calling thread with one onnxruntime thread, and one thread writes.
     ``cleanup``: delete the audit's output at the end (else it stays in ``out_dir``)."""
-    import deploy.audit as audit
-    import deploy.regions as regions
-    from deploy.runtime import Runtime
+    import anomaly.deploy.audit as audit
+    import anomaly.deploy.regions as regions
+    from anomaly.deploy.runtime import Runtime
 
     cpu: dict[str, float] = collections.defaultdict(float)
     calls: collections.Counter = collections.Counter()
@@ -128,7 +128,7 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
     # the process in steady state: from a quarter of the images (and a full pipeline) to the moment
     # the inputs run out, with as many images in flight at both ends (as `anomaly bench` times the
     # audit's rate); without the start (session, first batches) that a long audit spreads thin
-    from deploy.bench import audit_in_flight
+    from anomaly.deploy.bench import audit_in_flight
 
     in_flight = audit_in_flight(bundle, device, batch_size, 0 if sequential else None)
     lo, hi = max(n / 4, in_flight), n - in_flight
@@ -151,8 +151,8 @@ def ceiling(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
     (from the lowest CPU per image) by the fastest reference window; ``split``: :func:`measure`'s
     result for that repeat.
     """
-    from deploy.bench import _inputs, time_window
-    from deploy.runtime import Runtime, physical_cores
+    from anomaly.deploy.bench import _inputs, time_window
+    from anomaly.deploy.runtime import Runtime, physical_cores
 
     # the outputs are deleted only at the end: for about a minute after thousands of files are
     # deleted, ext4 makes each new one cost several times more (see `anomaly bench`'s audit rows)

@@ -3,7 +3,7 @@
 On a GPU the graph is fast (the default AAE at 128²: ~15,000 images/s at batch 16 on an H200), so
 the audit is bound by the CPU side: decoding and preprocessing (the runtime's decode workers),
 overlays and files (the audit's writer threads) and the calling thread (results, journal, CSV).
-This times :func:`deploy.bench.bench_audit` (steady-state images/s, the fastest of its repeats) for
+This times :func:`anomaly.deploy.bench.bench_audit` (steady-state images/s, the fastest of its repeats) for
 each combination of ``--decode-workers``, ``--workers`` and ``--batch-sizes`` and prints one table,
 with the float32 graph's images/s at each batch size for reference.
 
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from deploy.bench import _inputs, bench_audit, time_window
-    from deploy.runtime import Runtime
+    from anomaly.deploy.bench import _inputs, bench_audit, time_window
+    from anomaly.deploy.runtime import Runtime
 
     rt = Runtime(args.bundle, device=args.device)
     print(f"bundle {args.bundle} on {rt.session.get_providers()[0]}; {os.cpu_count()} CPUs; images {args.images}; "

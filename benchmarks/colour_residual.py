@@ -36,7 +36,7 @@ YCC = np.array([[0.299, 0.587, 0.114], [-0.169, -0.331, 0.5], [0.5, -0.419, -0.0
 
 def inputs_and_reconstructions(rt, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed inputs and the bundle's reconstructions, both ``(N, 3, S, S)``."""
-    from data.io import read_image
+    from anomaly.data.io import read_image
 
     images = [read_image(p) for p in paths]
     recs = np.stack([r.reconstruction for r in rt.score_images(images, keep_reconstruction=True)])
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
 
     from anomaly.metrics import aupro, pixel_metrics
-    from data.folder import discover
-    from deploy.runtime import Runtime
+    from anomaly.data.folder import discover
+    from anomaly.deploy.runtime import Runtime
 
     layout = discover(Path(args.data))
     test = layout.test

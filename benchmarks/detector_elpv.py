@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import roc_auc_score
 
     from anomaly import AnomalyDetector, Runtime
-    from data.elpv import prepare_elpv
+    from anomaly.data.elpv import prepare_elpv
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="folder for the split, the run and the bundle")

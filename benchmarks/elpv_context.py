@@ -34,7 +34,7 @@ SPLITS = ("train/good", "calibrate/good", "test/good", "test/defective")
 
 def bundle_scores(root: Path, bundle: str) -> dict[str, dict[str, float]]:
     """The bundle's score of every cell of the four splits, by file name."""
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     rt = Runtime(bundle, device="cpu")
     out = {}

@@ -43,7 +43,7 @@ def _load(folder: Path, size: int) -> tuple[np.ndarray, list[str]]:
     """``(N, size, size)`` float32 cells, each divided by its median (x 0.5, clipped to 1.5), and their paths."""
     import cv2
 
-    from data.io import list_images
+    from anomaly.data.io import list_images
 
     paths = [str(p) for p in list_images(folder)]
     cells = np.stack([cv2.resize(cv2.imread(p, cv2.IMREAD_GRAYSCALE), (size, size), interpolation=cv2.INTER_AREA)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _load(folder: Path, size: int | None) -> tuple[list[str], list[np.ndarray]]:
     import cv2
 
-    from data.io import list_images
+    from anomaly.data.io import list_images
 
     paths = [str(p) for p in list_images(folder)]
     images = []

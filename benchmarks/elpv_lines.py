@@ -91,7 +91,7 @@ def line_scores(profiles: dict[str, np.ndarray], valid: np.ndarray, top: int) ->
 def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import roc_auc_score
 
-    from data.io import list_images
+    from anomaly.data.io import list_images
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="an ELPV category folder (train/good, calibrate/good, test/good, test/defective)")
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
           f"min length {args.min_length:g}, top {args.top}")
     print(f"line score alone: image AUROC {roc_auc_score(y, s):.3f}")
     if args.bundle:
-        from deploy.runtime import Runtime
+        from anomaly.deploy.runtime import Runtime
 
         test_paths = paths["test/good"] + paths["test/defective"]
         print(f"{'bundle':<60} {'alone':>6} {'w=0.5':>6} {'w=1':>6} {'w=2':>6}")

@@ -1,9 +1,9 @@
 """Quality benchmark: train -> export (ONNX) -> score through the deployed runtime -> metrics.
 
 For every dataset x config x seed this script trains a reconstructor with
-:func:`training.run.train`, exports it with :func:`deploy.export.export_run` (optionally several
+:func:`anomaly.training.run.train`, exports it with :func:`anomaly.deploy.export.export_run` (optionally several
 times with different scoring settings: re-exporting is cheap, no retraining), scores the held-out
-test split with :class:`deploy.runtime.Runtime` (the path a line PC runs) and reports
+test split with :class:`anomaly.deploy.runtime.Runtime` (the path a line PC runs) and reports
 
 * image AUROC / AP / F1-max (every dataset),
 * pixel AUROC / AUPRO at model resolution (datasets with masks: the synthetic textures), overall
@@ -18,13 +18,13 @@ Example (what ``benchmarks/results/quality.md`` holds)::
     python benchmarks/quality.py --datasets elpv_mono,elpv_poly --configs ae,aae,aae_repair \\
         --epochs 15 --image-size 64 --out bench_out
 
-Datasets: ``elpv_mono``, ``elpv_poly`` (real EL solar-cell images, :func:`data.elpv.prepare_elpv`;
+Datasets: ``elpv_mono``, ``elpv_poly`` (real EL solar-cell images, :func:`anomaly.data.elpv.prepare_elpv`;
 train = functional cells of ``train/good``, test = ``test/good`` vs ``test/defective``),
 ``elpv_types`` (the same two splits as the two categories ``mono`` and ``poly`` of one folder: one
 model for both cell types; a conditional model such as ``cond_aae`` receives the type as its label,
 others pool the cells; each type is scored on its own and reported as ``elpv_types/mono`` and
 ``elpv_types/poly``, directly comparable with the single-type rows) and
-``brick``, ``grass``, ``gravel`` and the colour ``ihc`` (:func:`data.textures.make_texture_dataset`,
+``brick``, ``grass``, ``gravel`` and the colour ``ihc`` (:func:`anomaly.data.textures.make_texture_dataset`,
 masks from the evaluation defect generator, which differs from the training ``DefectSynthesizer``;
 ``ihc`` adds ``discolour`` defects that keep the luma, so ``--channels 1`` against ``--channels 3``
 measures what reading colour is worth). Textures are
@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-TEXTURES = ("brick", "grass", "gravel", "ihc")  # ihc: the colour texture (data.textures.COLOUR_TEXTURES)
+TEXTURES = ("brick", "grass", "gravel", "ihc")  # ihc: the colour texture (anomaly.data.textures.COLOUR_TEXTURES)
 ELPV = ("elpv_mono", "elpv_poly")
 ELPV_TYPES = "elpv_types"  # both cell types as the categories of one folder
 
@@ -87,11 +87,11 @@ def prepare_dataset(name: str, cache: Path, image_size: int, seed: int = 0, crop
             raise ValueError(f"--crop-size applies to the textures only; {name} images are whole solar cells")
         if texture_test != 40:
             raise ValueError(f"--texture-test applies to the textures only; {name} tests on its own held-out cells")
-        from data.elpv import prepare_elpv
+        from anomaly.data.elpv import prepare_elpv
 
         return prepare_elpv(cache, cell_type=name.split("_", 1)[1], seed=seed)
     if name in TEXTURES:
-        from data.textures import make_texture_dataset
+        from anomaly.data.textures import make_texture_dataset
 
         crop = int(crop_size or image_size)
         root = cache / (f"{name}_{image_size}" if crop == image_size else f"{name}_{image_size}_crop{crop}")
@@ -109,7 +109,7 @@ def _elpv_types(cache: Path, seed: int) -> Path:
     categories of one folder, hard-linked (copied where links are impossible)."""
     import shutil
 
-    from data.elpv import prepare_elpv
+    from anomaly.data.elpv import prepare_elpv
 
     root = cache / ELPV_TYPES
     sources = {t: prepare_elpv(cache, cell_type=t, seed=seed) for t in ("mono", "poly")}
@@ -136,7 +136,7 @@ def _elpv_types(cache: Path, seed: int) -> Path:
 
 def test_samples(root: Path, limit_per_class: int | None = None, seed: int = 0) -> list[Any]:
     """Test samples of an MVTec-style folder (optionally a class-balanced deterministic subset)."""
-    from data.folder import discover
+    from anomaly.data.folder import discover
 
     test = discover(root).test
     if limit_per_class:
@@ -164,7 +164,7 @@ def evaluate_bundle(bundle: Path, samples: list[Any], threads: int = 1, category
     """Score ``samples`` through the ONNX runtime; image (and pixel, when masks exist) metrics.
     ``category``: what a conditional bundle conditions on (ignored by other bundles)."""
     from anomaly.metrics import aupro, image_metrics, pixel_metrics
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     rt = Runtime(bundle, device="cpu", threads=threads, decode_workers=1, category=category)
     t0 = time.perf_counter()
@@ -225,7 +225,7 @@ def run_trial(dataset: str, root: Path, config_name: str, seed: int, epochs: int
     import torch
 
     from anomaly.reconstructors import get_preset
-    from training.run import train
+    from anomaly.training.run import train
 
     torch.set_num_threads(threads)
     preset = get_preset(config_name)
@@ -257,7 +257,7 @@ def evaluate_run(run_dir: Path, dataset: str, config_name: str, seed: int, sampl
     and each test-time augmentation in ``tta``; ``flips`` rows are named ``<scoring>+tta``) into
     ``out/bundles`` and evaluate each bundle on ``samples``. Returns the metric rows."""
     from anomaly.reconstructors import get_preset
-    from deploy.export import export_run
+    from anomaly.deploy.export import export_run
 
     cfg_scoring = json.loads((run_dir / "config.json").read_text())["scoring"]  # what `anomaly train` wrote
     # several categories (elpv_types): each scored on its own, as the dataset "<dataset>/<category>"
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--defect-sources skimage includes scikit-image's immunohistochemistry photograph, the ihc texture "
                 "itself; give a folder of other images")
     if sources == "skimage":
-        from data.textures import write_defect_sources
+        from anomaly.data.textures import write_defect_sources
 
         sources = str(write_defect_sources(cache / "defect_sources_skimage"))
     for dataset in args.datasets.split(","):

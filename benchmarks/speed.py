@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 # Before torch loads OpenMP: idle threads sleep rather than spin (fair to torch on shared cores;
-# see deploy.bench). Export OMP_WAIT_POLICY=ACTIVE to time torch's default instead.
+# see anomaly.deploy.bench). Export OMP_WAIT_POLICY=ACTIVE to time torch's default instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("benchmarks.speed")
@@ -44,7 +44,7 @@ log = logging.getLogger("benchmarks.speed")
 
 def machine() -> list[str]:
     """Lines describing this machine and the library versions."""
-    from deploy.runtime import available_devices, physical_cores
+    from anomaly.deploy.runtime import available_devices, physical_cores
 
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -75,7 +75,7 @@ def dataset(work: Path, data: str | None) -> tuple[Path, str]:
     if data:
         return Path(data), data
     try:
-        from data.elpv import prepare_elpv
+        from anomaly.data.elpv import prepare_elpv
 
         return prepare_elpv(work / "data", cell_type="mono", seed=0), "ELPV mono solar cells (300x300 gray)"
     except ModuleNotFoundError:
@@ -91,10 +91,10 @@ def dataset(work: Path, data: str | None) -> tuple[Path, str]:
 def prepare(work: Path, data: Path, size: int, minutes: float, calib: Path,
             variants: Sequence[str] = ("int8", "fp16")) -> Path:
     """Train (or reuse) the default AAE at ``size``, export it with its ``variants`` (int8, fp16)."""
-    from deploy.export import export_run
-    from deploy.quantize import convert_fp16, quantize_int8
-    from training.config import TrainConfig
-    from training.run import train
+    from anomaly.deploy.export import export_run
+    from anomaly.deploy.quantize import convert_fp16, quantize_int8
+    from anomaly.training.config import TrainConfig
+    from anomaly.training.run import train
 
     run, bundle = work / f"run_{size}", work / f"bundle_{size}"
     if not (run / "checkpoints" / "best.pt").is_file():
@@ -118,8 +118,8 @@ def accuracy(bundles: dict[str, Path], data: Path, gpus: Sequence[str] = ()) -> 
     """
     from sklearn.metrics import roc_auc_score
 
-    from data.folder import discover
-    from deploy.runtime import Runtime
+    from anomaly.data.folder import discover
+    from anomaly.deploy.runtime import Runtime
 
     test = discover(data).test
     paths = [str(s.path) for s in test]
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from deploy.bench import compare_with_torch, format_table, parse_devices, run_all
+    from anomaly.deploy.bench import compare_with_torch, format_table, parse_devices, run_all
 
     gpus = [d for d in parse_devices(args.device) if d != "cpu"]
     work = Path(args.work)
@@ -223,8 +223,8 @@ def run_data(run: Path) -> Path:
 
 def precision_variants(run: Path, dest: Path) -> dict[str, Path]:
     """Export ``run`` (default scoring) as fp32, then int8 (calibrated on its training images) and fp16."""
-    from deploy.export import export_run
-    from deploy.quantize import convert_fp16, quantize_int8
+    from anomaly.deploy.export import export_run
+    from anomaly.deploy.quantize import convert_fp16, quantize_int8
 
     out = {"fp32": dest / "fp32", "int8": dest / "int8", "fp16": dest / "fp16"}
     if not (out["fp32"] / "model.json").is_file():

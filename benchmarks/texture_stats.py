@@ -68,10 +68,10 @@ def read_gray(path: str, size: int) -> np.ndarray:
 
 def test_set(data: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Test image paths, their kinds, and their ``(N, H, W)`` masks (zeros for good images), from the
-    data set's layout (:func:`data.folder.discover`)."""
+    data set's layout (:func:`anomaly.data.folder.discover`)."""
     import cv2
 
-    from data.folder import discover
+    from anomaly.data.folder import discover
 
     test = discover(data).test
     masks = [(cv2.imread(str(s.mask), cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8) if s.mask else None for s in test]
@@ -96,7 +96,7 @@ def evaluate(maps: np.ndarray, masks: np.ndarray, kinds: np.ndarray) -> dict:
 
 
 def bundle_maps(bundle: Path, paths: list[str]) -> np.ndarray:
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     rt = Runtime(bundle, device="cpu", threads=2)
     try:

@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from anomaly.registry import create_model
-from training.generative import mmd2, train_in_memory
+from anomaly.training.generative import mmd2, train_in_memory
 
 log = logging.getLogger("zoo_behaviour")
 SIZE = 16

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.io import atomic_write
+from anomaly.data.io import atomic_write
 
 __all__ = ["elpv_root", "load_labels", "prepare_elpv", "CELL_TYPES"]
 

@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data.io import list_images
-from data.preprocess import Preprocess
+from anomaly.data.io import list_images
+from anomaly.data.preprocess import Preprocess
 
 __all__ = ["DatasetError", "Sample", "DatasetLayout", "discover", "ImageDataset"]
 
@@ -136,7 +136,7 @@ class ImageDataset:
             return np.zeros((1, s, s), np.float32)
         import cv2
 
-        from data.io import read_image
+        from anomaly.data.io import read_image
 
         m = read_image(sample.mask)
         if m.ndim == 3:

@@ -33,7 +33,7 @@ def decode_image(buffer: bytes | np.ndarray, name: str = "<bytes>", *, raw: bool
         buffer: the encoded file's bytes.
         name: the file's name, for error messages.
         raw: return the pixels in their own type (uint8, uint16, or float32 clipped to [0, 1])
-            instead of float32 in [0, 1]. :class:`data.preprocess.Preprocess` gives identical
+            instead of float32 in [0, 1]. :class:`anomaly.data.preprocess.Preprocess` gives identical
             model inputs from either; raw pixels spare the runtime a full-size float copy per
             image and the audit's overlays a conversion back to 8 bits.
 

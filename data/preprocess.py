@@ -19,7 +19,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from data.io import read_image
+from anomaly.data.io import read_image
 
 __all__ = ["Preprocess"]
 

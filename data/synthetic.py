@@ -112,8 +112,8 @@ def _to_chw(image: np.ndarray) -> np.ndarray:
 def _as_hwc_channels(texture: np.ndarray, channels: int) -> np.ndarray:
     """A texture image -> float32 ``(H, W, channels)`` in [0, 1].
 
-    Accepts ``(H, W)``, ``(H, W, 1|3|4)`` (as :func:`data.io.read_image` returns) or ``(1|3, H, W)``
-    (as :class:`data.preprocess.Preprocess` returns); uint8 / uint16 / float.
+    Accepts ``(H, W)``, ``(H, W, 1|3|4)`` (as :func:`anomaly.data.io.read_image` returns) or ``(1|3, H, W)``
+    (as :class:`anomaly.data.preprocess.Preprocess` returns); uint8 / uint16 / float.
     """
     t = np.asarray(texture)
     if t.dtype == np.uint8:
@@ -222,15 +222,15 @@ def load_defect_sources(folder: str | os.PathLike, max_images: int = 256, max_si
             synthesizer cuts 30-100 % crops and resizes them to the training size anyway.
 
     Returns:
-        ``(H, W)`` or ``(H, W, 3|4)`` uint8 arrays, as :func:`data.io.read_image` orders channels.
+        ``(H, W)`` or ``(H, W, 3|4)`` uint8 arrays, as :func:`anomaly.data.io.read_image` orders channels.
 
     Raises:
         FileNotFoundError: ``folder`` is not a folder.
-        data.folder.DatasetError: it holds no readable image.
+        anomaly.data.folder.DatasetError: it holds no readable image.
         ValueError: ``max_images`` / ``max_side`` < 1.
     """
-    from data.folder import DatasetError
-    from data.io import ImageReadError, list_images, read_image
+    from anomaly.data.folder import DatasetError
+    from anomaly.data.io import ImageReadError, list_images, read_image
 
     root = Path(folder)
     if not root.is_dir():
@@ -545,7 +545,7 @@ class EvalDefectGenerator:
     * ``"spot"``: a cluster of truncated-Gaussian brightness (gray) or colour (RGB) spots.
     * ``"discolour"`` (``COLOUR_EVAL_KINDS``, RGB images only): a blotch of overlapping ellipses,
       blurred at the edge, whose chroma is rotated and rescaled in the YCbCr plane while its luma
-      (BT.601, what :class:`data.preprocess.Preprocess` converts RGB to gray with) stays the same:
+      (BT.601, what :class:`anomaly.data.preprocess.Preprocess` converts RGB to gray with) stays the same:
       a stain, burn or wrong coating that a grayscale model cannot see.
 
     Args:
@@ -778,7 +778,7 @@ class SyntheticDefectDataset:
 
     Args:
         base: a map-style dataset whose items are dicts with ``"image"`` ``(C, S, S)`` float in
-            [0, 1] (e.g. :class:`data.folder.ImageDataset`).
+            [0, 1] (e.g. :class:`anomaly.data.folder.ImageDataset`).
         synthesizer: the corruption (default: ``DefectSynthesizer()``).
         seed: base seed.
     """

@@ -4,7 +4,7 @@ scikit-image ships three 512x512 grayscale surface photographs with the package 
 download): ``brick``, ``grass`` and ``gravel``, and one colour micrograph, ``ihc`` (its
 ``immunohistochemistry`` sample: brown-stained glands in blue-stained stroma, 512x512 RGB), the
 colour texture of :data:`COLOUR_TEXTURES`. :func:`make_texture_dataset` turns one of them into an
-MVTec-AD-style category that :func:`data.folder.discover` reads::
+MVTec-AD-style category that :func:`anomaly.data.folder.discover` reads::
 
     ROOT/train/good/000.png                  normal crops from the TOP band of the source
     ROOT/test/good/000.png                   normal crops from the BOTTOM band (never seen in training)
@@ -16,8 +16,8 @@ Training and test crops come from spatially disjoint bands of the source image (
 ``[0, train_fraction * H)`` and ``[train_fraction * H, H)``), so a model cannot score well by
 memorising the training pixels. Both bands get the same augmentation (small rotation, flips), so
 normal train and test images share one distribution. Defects come from
-:class:`data.synthetic.EvalDefectGenerator` — never from the training synthesizer (see
-:mod:`data.synthetic`); its foreign-object patches are cut from the *other* grayscale textures. The
+:class:`anomaly.data.synthetic.EvalDefectGenerator` — never from the training synthesizer (see
+:mod:`anomaly.data.synthetic`); its foreign-object patches are cut from the *other* grayscale textures. The
 colour texture also gets ``discolour`` defects (hue and saturation changed at the same luma), which
 only a model that reads colour can find.
 
@@ -44,8 +44,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from data.io import atomic_write, write_image
-from data.synthetic import COLOUR_EVAL_KINDS, EVAL_KINDS, EvalDefectGenerator
+from anomaly.data.io import atomic_write, write_image
+from anomaly.data.synthetic import COLOUR_EVAL_KINDS, EVAL_KINDS, EvalDefectGenerator
 
 __all__ = ["TEXTURES", "COLOUR_TEXTURES", "SOURCE_PHOTOS", "load_texture", "make_texture_dataset",
            "write_defect_sources"]
@@ -183,8 +183,8 @@ def make_texture_dataset(root: str | os.PathLike, texture: str, image_size: int 
         max_rotation: crops are rotated by a uniform angle in ``[-max_rotation, max_rotation]``
             degrees (0 disables).
         flips: random horizontal and vertical flips.
-        defect_kinds: one ``test/<kind>`` folder each. Default: :data:`data.synthetic.EVAL_KINDS`, plus
-            :data:`data.synthetic.COLOUR_EVAL_KINDS` for a colour texture (they need colour).
+        defect_kinds: one ``test/<kind>`` folder each. Default: :data:`anomaly.data.synthetic.EVAL_KINDS`, plus
+            :data:`anomaly.data.synthetic.COLOUR_EVAL_KINDS` for a colour texture (they need colour).
         overwrite: replace an existing category previously written by this function with
             different parameters. Folders not written by it are never replaced.
 

@@ -89,8 +89,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 
-from data.io import IMAGE_EXTENSIONS, ImageReadError, atomic_write, list_images, read_image, shrink, write_image
-from deploy.runtime import ImageResult, Runtime
+from anomaly.data.io import IMAGE_EXTENSIONS, ImageReadError, atomic_write, list_images, read_image, shrink, write_image
+from anomaly.deploy.runtime import ImageResult, Runtime
 
 __all__ = ["run_audit", "expand_inputs", "output_id", "load_journal", "iter_journal", "heatmap_overlay", "AuditError", "BROWSER_IMAGES",
            "AuditProgress", "format_duration", "RESULT_FIELDS", "AUDIT_SCHEMA", "OUTPUT_DIRS", "HEATMAP_MODES",
@@ -342,7 +342,7 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float, alp
 
     Args:
         image: ``(H, W)`` or ``(H, W, C)``, uint8, uint16 or float in [0, 1] (as
-            ``data.io.read_image`` returns it, raw or not).
+            ``anomaly.data.io.read_image`` returns it, raw or not).
         anomaly_map: ``(S, S)`` float map at model resolution.
         vmax: map value drawn as full red (e.g. twice the pixel threshold).
         bgr: return OpenCV's BGR order (what the audit hands to the JPEG encoder).
@@ -350,7 +350,7 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float, alp
     Returns:
         uint8 ``(H, W, 3)`` RGB (BGR with ``bgr=True``).
     """
-    from deploy.regions import overlay_heatmap
+    from anomaly.deploy.regions import overlay_heatmap
 
     img = _rgb8(image)
     if bgr and img.ndim == 3:
@@ -418,7 +418,7 @@ def _finish(r: ImageResult, o: _Options) -> dict[str, Any]:
     The files are written first and plainly (not via rename): the record reaches the journal only
     after they are complete, so a crash can tear only files of images that a resume redoes.
     """
-    from deploy.regions import find_regions
+    from anomaly.deploy.regions import find_regions
 
     oid = output_id(r.path)
     image = getattr(r, "image", None)
@@ -624,11 +624,11 @@ def run_audit(
         resume: skip inputs already in ``out/results.jsonl``; if False and there are results, refuse.
         force: delete previous outputs of this module in ``out`` and start over.
         workers: threads that write image files (default ``min(4, cpu count)``).
-        decode_workers: the runtime's decoding threads (default: :class:`deploy.runtime.Runtime`'s,
+        decode_workers: the runtime's decoding threads (default: :class:`anomaly.deploy.runtime.Runtime`'s,
             which depends on the pipeline and the machine).
         threads: onnxruntime intra-op threads (default: the runtime's: the physical cores on the
             CPU provider, 1 with a GPU provider).
-        tf32: let CUDA run float32 in TF32 (see :class:`deploy.runtime.Runtime`; off by default).
+        tf32: let CUDA run float32 in TF32 (see :class:`anomaly.deploy.runtime.Runtime`; off by default).
         csv_every: flush ``results.csv`` after this many new images (and at the end).
         min_area: smallest region kept, in original pixels.
         progress: called with an :class:`AuditProgress` after each image.
@@ -638,7 +638,7 @@ def run_audit(
         ``seconds``, ``images_per_second``, ``results`` (CSV path), ``heatmaps`` (folder or None), ...).
 
     Raises:
-        deploy.bundle.BundleError: the bundle is missing or inconsistent.
+        anomaly.deploy.bundle.BundleError: the bundle is missing or inconsistent.
         FileNotFoundError: an input path does not exist (or a glob matches nothing).
         AuditError: no images in the inputs, ``out`` belongs to another bundle / calibration, or a bad
             option (batch size, heatmap mode).

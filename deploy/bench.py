@@ -3,7 +3,7 @@
 For batch 1 and batch N it times the exported graph on the same preprocessed inputs with
 
 * **torch eager** — the run's model rebuilt from the run folder recorded in the sidecar
-  (:func:`deploy.export.load_run`, the same :class:`anomaly.scoring.Scorer` settings); only when
+  (:func:`anomaly.deploy.export.load_run`, the same :class:`anomaly.scoring.Scorer` settings); only when
   torch is installed and that folder is still there; on the CPU, and on CUDA (float32 and float16
   autocast, each call copying the batch in and every output back, as onnxruntime's does) when the
   devices include a GPU that torch sees;
@@ -18,7 +18,7 @@ default AAE at 256² ran 5,300 images/s at batch 16 and 6,300 at 256 in float32,
 A row that cannot run (no such device, out of memory) says why in its note and the table goes on.
 
 and reports images/s and per-call latency p50/p99. Then it runs the whole audit
-(:func:`deploy.audit.run_audit`: decode -> score -> results.csv + heatmap JPEGs) on a folder of
+(:func:`anomaly.deploy.audit.run_audit`: decode -> score -> results.csv + heatmap JPEGs) on a folder of
 images and gives its rate as a fraction of the float32 graph's images/s at batch N. A second audit
 row writes heatmaps only for the flagged images (``anomaly audit --heatmaps flagged``; its note says
 how many were flagged, which sets what it spares), a third writes no image files (journal and CSV
@@ -198,7 +198,7 @@ def compare_with_torch(bundle: str | os.PathLike, *, batch_size: int = 16, image
                        threads: int | None = None, pairs: int = 5, seconds: float = 1.5) -> PairedRatio | None:
     """onnxruntime float32 (CPU) over torch eager at ``batch_size``, by :func:`paired_ratio`;
     ``None`` when the torch graph cannot be rebuilt (no torch, or the run folder is gone)."""
-    from deploy.runtime import Runtime, physical_cores
+    from anomaly.deploy.runtime import Runtime, physical_cores
 
     threads = threads or physical_cores()
     rt = Runtime(bundle, device="cpu", threads=threads)
@@ -212,7 +212,7 @@ def compare_with_torch(bundle: str | os.PathLike, *, batch_size: int = 16, image
 def _inputs(pre: Any, n: int, images: str | os.PathLike | None, seed: int = 0) -> np.ndarray:
     """``(n, C, S, S)`` float32: preprocessed files from ``images`` (cycled), or seeded noise."""
     if images is not None:
-        from data.io import paths_from
+        from anomaly.data.io import paths_from
 
         paths = paths_from([images])[: max(n, 1)]
         if paths:
@@ -239,7 +239,7 @@ def _torch_graph(meta: dict[str, Any], threads: int, device: str = "cpu", half: 
     """
     # Idle OpenMP threads sleep instead of spinning (set before torch loads its OpenMP runtime):
     # on a few shared cores spinning made torch 2-5x slower and erratic, which would flatter
-    # onnxruntime (whose threads do not spin there either, see deploy.runtime).
+    # onnxruntime (whose threads do not spin there either, see anomaly.deploy.runtime).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
@@ -249,7 +249,7 @@ def _torch_graph(meta: dict[str, Any], threads: int, device: str = "cpu", half: 
     if not run or not (Path(run) / "checkpoints").is_dir():
         return None, f"run folder {run!r} not found"
     from anomaly.scoring import Scorer, scoring_graph
-    from deploy.export import load_run
+    from anomaly.deploy.export import load_run
 
     model, _ckpt, cfg = load_run(run, meta["model"].get("checkpoint", "best"))
     sc = meta["scoring"]
@@ -298,7 +298,7 @@ def _torch_graph(meta: dict[str, Any], threads: int, device: str = "cpu", half: 
 
 def parse_devices(device: str) -> list[str]:
     """``auto`` (every installed onnxruntime provider), one device, or a comma list (``cpu,cuda``)."""
-    from deploy.runtime import available_devices
+    from anomaly.deploy.runtime import available_devices
 
     if device == "auto":
         return available_devices()
@@ -345,7 +345,7 @@ def bench_bundle(bundle: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
     Returns:
         one :class:`BenchRow` per engine/precision/device/batch.
     """
-    from deploy.runtime import Runtime, physical_cores
+    from anomaly.deploy.runtime import Runtime, physical_cores
 
     asked_threads, threads = threads, threads or physical_cores()  # GPU sessions keep the runtime's default
     devices = parse_devices(device)
@@ -375,7 +375,7 @@ def bench_bundle(bundle: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
                     rows.append(_timed_row("torch eager", precision, "cuda", b, lambda: gfn(xs[b]), iterations, warmup,
                                            note="float16 autocast" if half else ""))
     bundles = [Path(bundle)] + [Path(v) for v in (find_variants(bundle) if variants is None else variants)]
-    from deploy.bundle import load_sidecar
+    from anomaly.deploy.bundle import load_sidecar
 
     for dev in devices:
         for bpath in bundles:
@@ -434,10 +434,10 @@ def file_write_ms(folder: str | os.PathLike, n: int = 64, size: int = 12_000) ->
 
 
 def audit_in_flight(bundle: str | os.PathLike, device: str, batch_size: int, decode_workers: int | None = None) -> int:
-    """Most images :func:`deploy.audit.run_audit` holds between reading and committing: the
+    """Most images :func:`anomaly.deploy.audit.run_audit` holds between reading and committing: the
     runtime's pipeline bound (``Runtime.score_paths``) plus the ``2 * batch_size`` finished images
     waiting for their files."""
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     rt = Runtime(bundle, device=device, decode_workers=decode_workers)
     chunks = rt.decode_workers + rt.prefetch if rt.pipeline == "batch" else rt.prefetch + 1
@@ -458,20 +458,20 @@ def bench_audit(bundle: str | os.PathLike, *, batch_size: int = 16, device: str 
             the model's input size.
         repeats: audits run; the fastest (in steady state) counts (the first also warms the file cache).
             Three, as the reference graph gets a best of several windows (:func:`run_all`).
-        heatmaps, thumbnail: as :func:`deploy.audit.run_audit` (``heatmaps="none", thumbnail=0``:
+        heatmaps, thumbnail: as :func:`anomaly.deploy.audit.run_audit` (``heatmaps="none", thumbnail=0``:
             no image files, only the journal and CSV).
         out_dir: where the audit writes (a temporary folder inside it; default the system's).
         before_repeat: called before each repeat, outside its timing (:func:`run_all` times the
             reference graph there).
         workers, decode_workers, threads: the audit's file writers, the runtime's decoders and
-            onnxruntime's intra-op threads (``None``: their defaults; see :func:`deploy.audit.run_audit`).
+            onnxruntime's intra-op threads (``None``: their defaults; see :func:`anomaly.deploy.audit.run_audit`).
 
     Returns:
         The :class:`AuditRate` of the fastest repeat.
     """
-    from data.io import paths_from
-    from deploy.audit import run_audit
-    from deploy.bundle import load_sidecar
+    from anomaly.data.io import paths_from
+    from anomaly.deploy.audit import run_audit
+    from anomaly.deploy.bundle import load_sidecar
 
     meta = load_sidecar(bundle)
     with tempfile.TemporaryDirectory(prefix="anomaly-bench-", dir=out_dir) as tmp:
@@ -552,7 +552,7 @@ def run_all(bundle: str | os.PathLike, *, batch_size: int = 16, iterations: int 
                         images=images, variants=variants, threads=threads, torch_eager=torch_eager,
                         gpu_batch_sizes=gpu_batch_sizes, tf32=tf32)
     if audit:
-        from deploy.runtime import Runtime
+        from anomaly.deploy.runtime import Runtime
 
         # The audit runs on CUDA when it is among the devices and its float32 row ran, else on the
         # CPU (or the one device asked for).
@@ -635,7 +635,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from deploy.runtime import physical_cores
+    from anomaly.deploy.runtime import physical_cores
 
     if args.batch_size < 1 or args.iterations < 1 or args.warmup < 0 or args.reference_seconds < 0 or args.pairs < 0:
         print("anomaly bench: error: --batch-size and --iterations must be >= 1, --warmup, --reference-seconds and "

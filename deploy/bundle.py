@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from data.io import atomic_write
+from anomaly.data.io import atomic_write
 
 __all__ = ["SCHEMA_VERSION", "MODEL_FILE", "SIDECAR_FILE", "BundleError", "sha256_file", "load_sidecar",
            "write_sidecar", "update_calibration"]

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from anomaly.calibration import PixelThresholdCalibrator, ThresholdCalibrator
-from data.io import list_images, read_image
-from deploy.bundle import load_sidecar, update_calibration
-from deploy.runtime import Runtime, resolve_category
+from anomaly.data.io import list_images, read_image
+from anomaly.deploy.bundle import load_sidecar, update_calibration
+from anomaly.deploy.runtime import Runtime, resolve_category
 
 __all__ = ["calibrate_bundle", "CalibrationError"]
 
@@ -79,7 +79,7 @@ def _mask_for(path: Path, masks: Path | None, size: int) -> np.ndarray:
 
 def _load_reviews(path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Any]:
     """Read and check a decisions file -> ``{"file", "scores", "labels"}`` (defect 1, false alarm 0)."""
-    from deploy.review import validate_decisions
+    from anomaly.deploy.review import validate_decisions
 
     p = Path(path)
     if not p.is_file():

@@ -116,7 +116,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from deploy.export import export_run
+    from anomaly.deploy.export import export_run
 
     scoring = {k: v for k, v in {"residual": args.residual, "smoothing_sigma": args.smoothing_sigma,
                                   "aggregate": args.aggregate, "colour": args.colour}.items() if v is not None}
@@ -151,7 +151,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"default threshold {meta['calibration']['image']['threshold']:.6g} (1% FPR on validation images); "
               "run `anomaly calibrate` on held-out normal images to replace it")
     if args.int8 or args.fp16:
-        from deploy.quantize import convert_fp16, quantize_int8
+        from anomaly.deploy.quantize import convert_fp16, quantize_int8
 
         if args.int8:
             q = quantize_int8(out, out.parent / f"{out.name}_int8", args.int8)
@@ -166,7 +166,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from deploy.calibrate import CalibrationError, calibrate_bundle
+    from anomaly.deploy.calibrate import CalibrationError, calibrate_bundle
 
     if args.normal is None and args.reviews is None:
         raise CalibrationError("calibrate needs --normal (a folder of held-out normal images) and/or --reviews "
@@ -203,7 +203,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     import time
 
-    from deploy.audit import AuditError, AuditProgress, format_duration, run_audit
+    from anomaly.deploy.audit import AuditError, AuditProgress, format_duration, run_audit
 
     last = [0.0]
 
@@ -242,7 +242,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _review(args: argparse.Namespace) -> int:
-    from deploy.review import ReviewError, build_report, serve_report
+    from anomaly.deploy.review import ReviewError, build_report, serve_report
 
     try:
         report = build_report(args.out, max_rows=args.max_rows)

@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 
 from anomaly.metrics import aupro, confusion_counts, image_metrics, pixel_metrics
-from data.folder import discover
-from data.io import atomic_write, read_image
-from deploy.runtime import Runtime
+from anomaly.data.folder import discover
+from anomaly.data.io import atomic_write, read_image
+from anomaly.deploy.runtime import Runtime
 
 __all__ = ["evaluate_bundle", "EvaluationError", "add_parsers"]
 

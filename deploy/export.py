@@ -5,7 +5,7 @@ The graph is :class:`anomaly.scoring.ReconstructionScorer`: reconstruct -> resid
 averaged over flipped views (``tta="flips"``, :class:`anomaly.scoring.FlipAveraged`). With a
 latent score (``latent="knn"``, the default for AAEs) the image score also measures how far the
 image's code lies from the codes of the normal training images, which the graph carries. Input
-``image`` ``(N, C, S, S)`` float32 in [0, 1] — exactly what :class:`data.preprocess.Preprocess`
+``image`` ``(N, C, S, S)`` float32 in [0, 1] — exactly what :class:`anomaly.data.preprocess.Preprocess`
 produces — plus ``label`` ``(N,)`` int64 for conditional models; the batch axis is dynamic.
 
 Export then scores the run's held-out validation images with onnxruntime to record normal score
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from anomaly.scoring import LATENT_SCORES, TTA_MODES, ScoreOutput, Scorer, encode_decode, scoring_graph
-from data.preprocess import Preprocess
-from deploy.bundle import MODEL_FILE, SCHEMA_VERSION, sha256_file, write_sidecar
-from training.config import TrainConfig
-from training.run import load_run
+from anomaly.data.preprocess import Preprocess
+from anomaly.deploy.bundle import MODEL_FILE, SCHEMA_VERSION, sha256_file, write_sidecar
+from anomaly.training.config import TrainConfig
+from anomaly.training.run import load_run
 
 __all__ = ["export_run", "export_onnx", "build_scoring_graph", "ScoringGraph", "load_run", "OPSET"]
 
@@ -216,8 +216,8 @@ class ScoringGraph:
             ``eval()``; ``graph(x, cond)`` on ``(N, C, S, S)`` float32 in [0, 1] gives a
             :class:`anomaly.scoring.ScoreOutput`.
         scorer: its :class:`anomaly.scoring.Scorer`, with the statistics fitted on the validation images.
-        preprocess: the run's :class:`data.preprocess.Preprocess`.
-        ckpt, config: the checkpoint dict and the run's :class:`training.config.TrainConfig`.
+        preprocess: the run's :class:`anomaly.data.preprocess.Preprocess`.
+        ckpt, config: the checkpoint dict and the run's :class:`anomaly.training.config.TrainConfig`.
         val: ``(V, C, S, S)`` the run's normal validation images, preprocessed (``V`` may be 0).
         val_labels: ``(V,)`` int64 classes of those images for conditional models, else ``None``.
         conditional: whether the model takes a class label.
@@ -312,7 +312,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
             without validation images; a latent score for a model without an encoder and decoder.
     """
     from anomaly.calibration import PixelThresholdCalibrator, ThresholdCalibrator
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     built = build_scoring_graph(run_dir, checkpoint=checkpoint, scoring=scoring, normalize=normalize, tta=tta,
                                 latent=latent)

@@ -2,7 +2,7 @@
 
 Both read a bundle written by ``anomaly export`` and write a complete new bundle (``model.onnx``
 + ``model.json`` with the new file's sha256 and ``"precision": "int8" | "fp16"``). The graph's
-inputs and outputs stay float32, so :class:`deploy.runtime.Runtime` feeds and reads the same
+inputs and outputs stay float32, so :class:`anomaly.deploy.runtime.Runtime` feeds and reads the same
 arrays whatever the precision.
 
 Only the *reconstructor* (the nodes that produce the ``reconstruction`` output) is reduced — for
@@ -41,9 +41,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from data.io import paths_from
-from data.preprocess import Preprocess
-from deploy.bundle import MODEL_FILE, BundleError, load_sidecar, sha256_file, write_sidecar
+from anomaly.data.io import paths_from
+from anomaly.data.preprocess import Preprocess
+from anomaly.deploy.bundle import MODEL_FILE, BundleError, load_sidecar, sha256_file, write_sidecar
 
 __all__ = ["quantize_int8", "convert_fp16", "reconstructor_nodes", "QUANTIZED_OPS"]
 
@@ -119,7 +119,7 @@ def _unquantize_tail(model: Any, tail: set[str]) -> int:
 
 def _calibration_batches(pre: Preprocess, paths: Sequence[Path], batch_size: int) -> list[np.ndarray]:
     """Preprocessed ``(n, C, S, S)`` batches of the readable calibration images."""
-    from data.io import ImageReadError
+    from anomaly.data.io import ImageReadError
 
     xs: list[np.ndarray] = []
     skipped = 0
@@ -153,7 +153,7 @@ def _write_bundle(src: Path, out: Path, model_bytes_writer: Any, meta: dict[str,
 
 def _agreement(src: Path, out: Path, batches: Iterable[np.ndarray]) -> dict[str, Any]:
     """Scores of the source and the new bundle on the same images: correlation and differences."""
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     a_rt, b_rt = Runtime(src, device="cpu"), Runtime(out, device="cpu")
     a, b = [], []

@@ -47,8 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from data.io import atomic_write
-from deploy.audit import BROWSER_IMAGES, iter_journal
+from anomaly.data.io import atomic_write
+from anomaly.deploy.audit import BROWSER_IMAGES, iter_journal
 
 __all__ = ["build_report", "serve_report", "validate_decisions", "ReviewError", "DECISIONS", "REPORT_FILE", "REPORT_ROWS"]
 

@@ -61,10 +61,10 @@ import numpy as np
 import onnxruntime as ort
 
 from anomaly.decision import ImageDecision
-from data.io import ImageReadError, read_image, shrink
-from data.preprocess import Preprocess
-from deploy.bundle import MODEL_FILE, BundleError, load_sidecar
-from deploy.regions import Region, find_regions
+from anomaly.data.io import ImageReadError, read_image, shrink
+from anomaly.data.preprocess import Preprocess
+from anomaly.deploy.bundle import MODEL_FILE, BundleError, load_sidecar
+from anomaly.deploy.regions import Region, find_regions
 
 __all__ = ["Runtime", "ImageResult", "available_devices", "physical_cores", "PipelineStats", "CategoryError",
            "resolve_category"]
@@ -194,11 +194,11 @@ class ImageResult:
         original_size: ``(H, W)`` of the input image.
         error: why this image could not be scored.
         image: the decoded original ``(H, W)`` or ``(H, W, C)`` RGB(A) in its own pixel type
-            (uint8, uint16, or float32 in [0, 1]), as ``data.io.read_image(path, raw=True)``
+            (uint8, uint16, or float32 in [0, 1]), as ``anomaly.data.io.read_image(path, raw=True)``
             returns it (only with ``keep_image``; for drawing overlays without decoding the file
             twice), shrunk to at most ``keep_image`` px on its longest side when that is a number.
         regions: defect regions in original-image pixels, most anomalous first
-            (:func:`deploy.regions.find_regions` with the bundle's pixel threshold and the
+            (:func:`anomaly.deploy.regions.find_regions` with the bundle's pixel threshold and the
             runtime's ``min_area``); ``[]`` when the map stays below the threshold, ``None`` when
             the bundle has no pixel threshold (``anomaly calibrate`` sets one), on error, or when
             the map holds NaN or infinite values.

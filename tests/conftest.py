@@ -74,9 +74,9 @@ def trained_bundle(tmp_path_factory) -> dict:
     """
     import torch
 
-    from deploy.export import export_run
-    from training.config import TrainConfig
-    from training.run import train
+    from anomaly.deploy.export import export_run
+    from anomaly.training.config import TrainConfig
+    from anomaly.training.run import train
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("trained")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from anomaly.cli import main
-from deploy.audit import expand_inputs, iter_journal, load_journal, output_id
+from anomaly.deploy.audit import expand_inputs, iter_journal, load_journal, output_id
 
 
 def _audit(bundle: Path, *args: str) -> int:
@@ -76,9 +76,9 @@ def test_outputs_at_original_resolution_and_summary(trained_bundle: dict, tmp_pa
 
 def test_heatmap_files_are_the_overlay_in_rgb_and_opencv_runs_single_threaded(trained_bundle: dict, tmp_path: Path,
                                                                                monkeypatch) -> None:
-    import deploy.audit as audit
-    from data.io import read_image
-    from deploy.runtime import Runtime
+    import anomaly.deploy.audit as audit
+    from anomaly.data.io import read_image
+    from anomaly.deploy.runtime import Runtime
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -139,7 +139,7 @@ def test_heatmaps_of_large_inputs_are_shrunk_and_regions_stay_in_original_pixels
     """--heatmap-size caps the heatmap's longest side (aspect kept), 0 keeps the input's size; the
     regions and sizes in the journal are the same either way, in original pixels, and without
     --masks they are the runtime's own (ImageResult.regions)."""
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     src = _test_images(trained_bundle["data"])
     inputs = tmp_path / "in"
@@ -169,7 +169,7 @@ def test_heatmaps_of_large_inputs_are_shrunk_and_regions_stay_in_original_pixels
 
 def test_the_runtime_keeps_only_the_image_size_the_outputs_need(trained_bundle: dict, tmp_path: Path,
                                                                  monkeypatch) -> None:
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     asked = []
     original = Runtime.score_paths
@@ -203,7 +203,7 @@ def test_heatmaps_only_for_flagged_images(trained_bundle: dict, tmp_path: Path, 
     assert json.loads((out / "audit.json").read_text())["options"]["heatmaps"] == "flagged"
     assert json.loads((out / "summary.json").read_text())["heatmaps"] == str(out / "heatmaps")
     # the page falls back to the original where an image has neither thumbnail nor heatmap
-    from deploy.review import build_report
+    from anomaly.deploy.review import build_report
 
     assert "r.thumb || r.heatmap || originalSrc(r)" in build_report(out).read_text()
 
@@ -213,7 +213,7 @@ def test_heatmaps_only_for_flagged_images(trained_bundle: dict, tmp_path: Path, 
     meta["calibration"].pop("image")
     (uncalibrated / "model.json").write_text(json.dumps(meta))
     out2 = tmp_path / "out2"
-    with caplog.at_level("WARNING", logger="deploy.audit"):
+    with caplog.at_level("WARNING", logger="anomaly.deploy.audit"):
         assert _audit(uncalibrated, str(test), "--out", str(out2), "--heatmaps", "flagged") == 0
     assert "every image gets a heatmap" in caplog.text
     assert all(r["label"] == -1 and r["heatmap"] for r in _journal(out2))
@@ -225,7 +225,7 @@ def test_heatmaps_only_for_flagged_images(trained_bundle: dict, tmp_path: Path, 
     with pytest.raises(SystemExit) as exc:
         _audit(bundle, str(test), "--out", str(tmp_path / "out4"), "--heatmaps", "some")
     assert exc.value.code == 2 and not (tmp_path / "out4").exists()
-    from deploy.audit import AuditError, run_audit
+    from anomaly.deploy.audit import AuditError, run_audit
 
     with pytest.raises(AuditError, match="heatmaps must be one of all, flagged, none, got 'some'"):
         run_audit(bundle, [str(test)], tmp_path / "out5", heatmaps="some")
@@ -313,7 +313,7 @@ def test_force_no_resume_and_other_bundle(trained_bundle: dict, tmp_path: Path, 
 def test_a_wrong_bundle_is_reported_before_the_inputs_are_read(tmp_path: Path, capsys, monkeypatch) -> None:
     """A mistyped bundle path is the error, even when the inputs are missing too, and the inputs
     (a million-line list on a real line) are not expanded first."""
-    import deploy.audit as audit
+    import anomaly.deploy.audit as audit
 
     expanded = []
     monkeypatch.setattr(audit, "_expand", lambda inputs: expanded.append(inputs) or [])
@@ -389,8 +389,8 @@ def test_thread_options_reach_the_runtime_and_bad_counts_exit_2(trained_bundle: 
     """``--decode-workers`` and ``--threads`` set the runtime's decoders and onnxruntime's intra-op
     threads (sequential decoding with 0 decoders gives the same results); negative or zero counts
     are usage errors."""
-    import deploy.audit
-    from deploy.runtime import Runtime
+    import anomaly.deploy.audit
+    from anomaly.deploy.runtime import Runtime
 
     seen: list[tuple[int, int]] = []
 
@@ -399,7 +399,7 @@ def test_thread_options_reach_the_runtime_and_bad_counts_exit_2(trained_bundle: 
             super().__init__(*args, **kwargs)
             seen.append((self.decode_workers, self.session_options.intra_op_num_threads))
 
-    monkeypatch.setattr(deploy.audit, "Runtime", Spy)
+    monkeypatch.setattr(anomaly.deploy.audit, "Runtime", Spy)
     images = str(trained_bundle["data"] / "test")
     assert _audit(trained_bundle["bundle"], images, "--out", str(tmp_path / "a"), "--decode-workers", "0",
                   "--threads", "1") == 0

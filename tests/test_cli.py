@@ -178,8 +178,8 @@ def test_conditional_model_end_to_end(tmp_path: Path, capsys) -> None:
     """Several categories -> cond_aae (label = category) -> bundle with a `label` input -> audit per category."""
     from conftest import make_mvtec
 
-    from deploy.bundle import load_sidecar
-    from deploy.runtime import Runtime
+    from anomaly.deploy.bundle import load_sidecar
+    from anomaly.deploy.runtime import Runtime
 
     root = tmp_path / "products"
     make_mvtec(root / "tiles_a", n_train=8, seed=1)

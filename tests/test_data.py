@@ -7,9 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
-from data.folder import DatasetError, ImageDataset, discover
-from data.io import ImageReadError, read_image, write_image
-from data.preprocess import Preprocess
+from anomaly.data.folder import DatasetError, ImageDataset, discover
+from anomaly.data.io import ImageReadError, read_image, write_image
+from anomaly.data.preprocess import Preprocess
 
 
 def test_read_image_modes(tmp_path: Path) -> None:

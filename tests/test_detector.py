@@ -24,8 +24,8 @@ def _files(folder: Path) -> list[str]:
 def test_detector_and_runtime_agree_on_the_same_image_files(trained_bundle: dict, tmp_path: Path) -> None:
     """The issue's end-to-end check: image files through the torch detector and through the
     exported bundle's onnxruntime give the same scores (fp32 tolerance), maps and labels."""
-    from deploy.bundle import load_sidecar
-    from deploy.runtime import Runtime
+    from anomaly.deploy.bundle import load_sidecar
+    from anomaly.deploy.runtime import Runtime
 
     det = AnomalyDetector.from_run(trained_bundle["run"], latent="none")
     assert det.get_params()["image_size"] == 32 and det.calibration_source_ == {"kind": "validation", "images": 4}
@@ -100,7 +100,7 @@ def test_calibrate_with_labelled_defects_gives_f1_threshold_and_probabilities(tr
     """Labelled held-out images: F1-max threshold and a probability model, as `anomaly calibrate
     --defects --probability` fits them, carried into the saved bundle."""
     from anomaly.calibration import ThresholdCalibrator
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     det = AnomalyDetector.from_run(trained_bundle["run"], latent="none")
     files = _files(trained_bundle["data"] / "test")

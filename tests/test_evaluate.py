@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from anomaly.cli import main
-from deploy.evaluate import EvaluationError, evaluate_bundle
+from anomaly.deploy.evaluate import EvaluationError, evaluate_bundle
 
 
 def test_evaluate_reports_standard_metrics(trained_bundle: dict, tmp_path: Path, capsys) -> None:
@@ -28,7 +28,7 @@ def test_evaluate_reports_standard_metrics(trained_bundle: dict, tmp_path: Path,
 
 
 def test_evaluate_refuses_calibration_images(trained_bundle: dict, tmp_path: Path) -> None:
-    from deploy.calibrate import calibrate_bundle
+    from anomaly.deploy.calibrate import calibrate_bundle
 
     bundle = tmp_path / "b"
     shutil.copytree(trained_bundle["bundle"], bundle)

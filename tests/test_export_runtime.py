@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.bundle import BundleError, load_sidecar
+from anomaly.deploy.bundle import BundleError, load_sidecar
 
 # fp32 graph, same preprocessed batch: observed max differences are ~1e-6 (see the sidecar's
 # "parity" entry); 1e-4 leaves room for other CPUs while catching any real divergence.
@@ -26,8 +26,8 @@ def reference_scorer(run: Path, meta: dict):
     import torch
 
     from anomaly.scoring import Scorer
-    from data.preprocess import Preprocess
-    from deploy.export import load_run
+    from anomaly.data.preprocess import Preprocess
+    from anomaly.deploy.export import load_run
 
     model, _, cfg = load_run(run)
     sc = meta["scoring"]
@@ -50,10 +50,10 @@ def test_export_matches_torch(trained_bundle: dict, tmp_path: Path, latent: str)
     import torch
 
     from anomaly.scoring import ReconstructionScorer
-    from data.folder import discover
-    from data.preprocess import Preprocess
-    from deploy.export import export_run
-    from deploy.runtime import Runtime
+    from anomaly.data.folder import discover
+    from anomaly.data.preprocess import Preprocess
+    from anomaly.deploy.export import export_run
+    from anomaly.deploy.runtime import Runtime
 
     bundle = trained_bundle["bundle"] if latent == "none" else export_run(trained_bundle["run"], tmp_path / "default")
     meta = load_sidecar(bundle)
@@ -97,7 +97,7 @@ def test_provisional_threshold_records_the_rate_it_can_keep(trained_bundle: dict
     their largest score, and the sidecar records its rate (1 / n) instead of 1 %, with no warning."""
     import logging
 
-    from deploy.export import export_run
+    from anomaly.deploy.export import export_run
 
     with caplog.at_level(logging.INFO):
         export_run(trained_bundle["run"], tmp_path / "b", latent="none")
@@ -135,7 +135,7 @@ def test_other_schema_version_is_refused(trained_bundle: dict, tmp_path: Path) -
 
 
 def test_runtime_keeps_order_and_reports_bad_files(trained_bundle: dict, tmp_path: Path) -> None:
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     good = sorted((trained_bundle["data"] / "test" / "good").glob("*.png"))
     bad = tmp_path / "zero.png"
@@ -152,7 +152,7 @@ def test_score_images_is_score_paths_for_arrays(trained_bundle: dict) -> None:
     becomes an error result naming its index, and the others are scored."""
     import cv2
 
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     rt = Runtime(trained_bundle["bundle"], device="cpu")
     files = sorted(str(p) for p in (trained_bundle["data"] / "test").rglob("*.png"))
@@ -179,9 +179,9 @@ def test_score_images_is_score_paths_for_arrays(trained_bundle: dict) -> None:
 def test_results_carry_regions(trained_bundle: dict, tmp_path: Path) -> None:
     """Every result carries its defect regions: those of find_regions with the bundle's pixel
     threshold at the original size; None without a pixel threshold or for an unreadable file."""
-    from data.io import read_image
-    from deploy.regions import find_regions
-    from deploy.runtime import Runtime
+    from anomaly.data.io import read_image
+    from anomaly.deploy.regions import find_regions
+    from anomaly.deploy.runtime import Runtime
 
     paths = sorted((trained_bundle["data"] / "test").rglob("*.png"))
     rt = Runtime(trained_bundle["bundle"], device="cpu")
@@ -222,8 +222,8 @@ def test_keep_image_whole_or_shrunk(trained_bundle: dict, tmp_path: Path) -> Non
     (aspect and pixel type kept) with the same scores; anything else is refused."""
     import cv2
 
-    from data.io import read_image
-    from deploy.runtime import Runtime
+    from anomaly.data.io import read_image
+    from anomaly.deploy.runtime import Runtime
 
     src = sorted((trained_bundle["data"] / "test").rglob("*.png"))[0]
     big = tmp_path / "big.png"
@@ -244,7 +244,7 @@ def test_keep_image_whole_or_shrunk(trained_bundle: dict, tmp_path: Path) -> Non
 
 
 def test_runtime_rejects_unknown_device(trained_bundle: dict) -> None:
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     with pytest.raises(ValueError, match="unknown device"):
         Runtime(trained_bundle["bundle"], device="tpu")
@@ -258,7 +258,7 @@ def test_runtime_is_torch_free(trained_bundle: dict, tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from anomaly.cli import main\n"
-        "import deploy.runtime, deploy.audit, deploy.calibrate, anomaly.calibration, anomaly.metrics\n"
+        "import anomaly.deploy.runtime, anomaly.deploy.audit, anomaly.deploy.calibrate, anomaly.calibration, anomaly.metrics\n"
         f"rc = main(['audit', {str(trained_bundle['bundle'])!r}, {str(trained_bundle['data'] / 'test')!r}, '--out', {str(tmp_path / 'o')!r}])\n"
         "assert rc == 0, rc\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
@@ -274,7 +274,7 @@ def test_runtime_loads_a_calibrated_bundle_without_scikit_learn(trained_bundle: 
     took longer than the model load), and the labels are the training-side calibrator's."""
     code = (
         "import sys, numpy as np\n"
-        "from deploy.runtime import Runtime\n"
+        "from anomaly.deploy.runtime import Runtime\n"
         f"rt = Runtime({str(trained_bundle['bundle'])!r}, device='cpu')\n"
         f"rs = list(rt.score_paths(sorted(str(p) for p in __import__('pathlib').Path({str(trained_bundle['data'] / 'test')!r}).rglob('*.png'))))\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy', 'torch'))\n"
@@ -301,12 +301,12 @@ def test_segmenter_run_exports_learned_and_mixed_maps(tmp_path: Path) -> None:
 
     from conftest import make_mvtec
     from anomaly.scoring import ReconstructionScorer, Scorer
-    from data.folder import discover
-    from data.preprocess import Preprocess
-    from deploy.export import export_run, load_run
-    from deploy.runtime import Runtime
-    from training.config import TrainConfig
-    from training.run import train
+    from anomaly.data.folder import discover
+    from anomaly.data.preprocess import Preprocess
+    from anomaly.deploy.export import export_run, load_run
+    from anomaly.deploy.runtime import Runtime
+    from anomaly.training.config import TrainConfig
+    from anomaly.training.run import train
 
     data = make_mvtec(tmp_path / "tiles", n_train=16)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="cyclegan", image_size=32, epochs=1,
@@ -356,10 +356,10 @@ def test_flip_tta_bundle_averages_the_flipped_maps(trained_bundle: dict, tmp_pat
 
     from anomaly.cli import main
     from anomaly.scoring import FlipAveraged, Scorer
-    from data.folder import discover
-    from data.preprocess import Preprocess
-    from deploy.export import export_run, load_run
-    from deploy.runtime import Runtime
+    from anomaly.data.folder import discover
+    from anomaly.data.preprocess import Preprocess
+    from anomaly.deploy.export import export_run, load_run
+    from anomaly.deploy.runtime import Runtime
 
     tta = tmp_path / "tta"
     # the map's aggregate alone (--latent none), so that the score below is the averaged map's
@@ -401,10 +401,10 @@ def test_latent_knn_is_the_aae_default_and_can_be_chosen(trained_bundle: dict, t
     keeps the map's aggregate alone with the same maps; knn that cannot work is refused before any
     folder is written, and `auto` then falls back to the map alone."""
     from anomaly.cli import main
-    from data.folder import discover
-    from data.preprocess import Preprocess
-    from deploy.export import export_run
-    from deploy.runtime import Runtime
+    from anomaly.data.folder import discover
+    from anomaly.data.preprocess import Preprocess
+    from anomaly.deploy.export import export_run
+    from anomaly.deploy.runtime import Runtime
 
     run = trained_bundle["run"]
     split = json.loads((run / "split.json").read_text())
@@ -441,7 +441,7 @@ def test_latent_knn_is_the_aae_default_and_can_be_chosen(trained_bundle: dict, t
     assert load_sidecar(export_run(no_val, tmp_path / "auto"))["scoring"]["latent"] == "none"
 
     # auto stops at 64x64: a 128x128 AAE's codes measured nearly uninformative (ELPV poly 0.773 -> 0.725)
-    from deploy.export import LATENT_AUTO_MAX_SIZE, _resolve_latent, load_run
+    from anomaly.deploy.export import LATENT_AUTO_MAX_SIZE, _resolve_latent, load_run
 
     model = load_run(run)[0]
     assert LATENT_AUTO_MAX_SIZE == 64

@@ -213,7 +213,7 @@ def test_aupro_errors():
 def test_runtime_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import anomaly.calibration, anomaly.metrics, deploy.regions\n"
+        "import anomaly.calibration, anomaly.metrics, anomaly.deploy.regions\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not bad, bad\n"
     )

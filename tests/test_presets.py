@@ -11,7 +11,7 @@ import torch
 
 from anomaly.reconstructors import PRESETS, get_preset
 from anomaly.scoring import ReconstructionScorer, Scorer
-from training.run import build_model
+from anomaly.training.run import build_model
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

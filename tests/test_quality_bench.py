@@ -50,8 +50,8 @@ def test_per_kind_metrics_score_each_kind_against_the_normal_images_only() -> No
 def test_audit_split_accounts_for_the_audit_per_stage(trained_bundle: dict, tmp_path: Path) -> None:
     """``benchmarks/audit_split.py``: every image passes each stage once, the stages fit in the
     process's CPU, and the patched functions are put back."""
-    import deploy.audit as audit
-    from deploy.runtime import Runtime
+    import anomaly.deploy.audit as audit
+    from anomaly.deploy.runtime import Runtime
 
     mod = _benchmark("audit_split")
     originals = (Runtime._decode, Runtime.infer, audit._finish, audit.write_image)
@@ -108,7 +108,7 @@ def test_texture_misses_tells_found_defects_from_missed_ones() -> None:
 def test_elpv_types_holds_the_single_type_splits_as_two_categories(tmp_path: Path) -> None:
     """``--datasets elpv_types``: one folder whose categories ``mono`` and ``poly`` are the
     single-type data sets' own splits (so the rows compare), reused when asked again."""
-    from data.folder import discover
+    from anomaly.data.folder import discover
 
     q = _quality()
     root = q.prepare_dataset("elpv_types", tmp_path, 64)
@@ -166,7 +166,7 @@ def test_texture_test_set_grows_without_changing_training_or_the_first_test_imag
 def test_evaluate_run_exports_each_scoring_with_and_without_flip_tta(trained_bundle: dict, tmp_path: Path) -> None:
     """``quality.py --tta both``: each scoring of the preset is exported and scored twice; the
     flipped bundle is named ``<scoring>+tta`` and its sidecar says so."""
-    from deploy.bundle import load_sidecar
+    from anomaly.deploy.bundle import load_sidecar
 
     q = _quality()
     samples = q.test_samples(Path(trained_bundle["data"]))
@@ -177,7 +177,7 @@ def test_evaluate_run_exports_each_scoring_with_and_without_flip_tta(trained_bun
         assert r["scoring_settings"]["residual"] == "l1_ssim" and r["normalize"] is True
         meta = load_sidecar(tmp_path / "bundles" / f"tiles__aae_norm__{r['scoring']}__s0")
         assert meta["scoring"]["tta"] == r["tta"] and meta["scoring"]["normalized"]
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     paths = [str(s.path) for s in samples]
     plain, tta = (list(Runtime(tmp_path / "bundles" / f"tiles__aae_norm__{r['scoring']}__s0", device="cpu").score_paths(paths))
@@ -208,7 +208,7 @@ def test_crack_segmenter_draws_thin_dark_cracks_inside_their_masks() -> None:
 
 def test_channels_forces_the_models_colour_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """``--channels 1`` trains a grayscale model on colour data (what a colour-blind product would do)."""
-    import training.run
+    import anomaly.training.run
 
     q = _quality()
     seen: dict = {}
@@ -221,7 +221,7 @@ def test_channels_forces_the_models_colour_mode(monkeypatch: pytest.MonkeyPatch,
         seen["bundle_channels"] = channels
         return [{"scoring": "l1"}]
 
-    monkeypatch.setattr(training.run, "train", fake_train)
+    monkeypatch.setattr(anomaly.training.run, "train", fake_train)
     monkeypatch.setattr(q, "evaluate_run", fake_evaluate)
     monkeypatch.setattr(q, "test_samples", lambda *a, **k: [])
     rows = q.run_trial("ihc", tmp_path, "ae", 0, 1, 32, tmp_path, 1, None, None, channels=1)

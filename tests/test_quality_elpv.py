@@ -3,8 +3,8 @@
 This is the CI-sized version of ``benchmarks/quality.py``: the default reconstructor (``aae``,
 ``anomaly train`` defaults except the budget) is trained on a deterministic subset of the
 functional cells of ``prepare_elpv(..., "mono", seed=0)/train/good`` at 64x64, exported with
-:func:`deploy.export.export_run`, and a held-out, class-balanced subset of ``test/good`` and
-``test/defective`` is scored through :class:`deploy.runtime.Runtime` (the deployed path).
+:func:`anomaly.deploy.export.export_run`, and a held-out, class-balanced subset of ``test/good`` and
+``test/defective`` is scored through :class:`anomaly.deploy.runtime.Runtime` (the deployed path).
 
 Settings: seed 0, N_TRAIN training images, EPOCHS epochs, N_TEST images per test class.
 Measured on 2 heavily shared CPU cores, 1 torch thread, seed 0: image AUROC 0.745 (60 good vs 60
@@ -19,7 +19,7 @@ must score below the bar, which shows the bar discriminates a working model from
 Measured: image AUROC 0.665 (15 CPU s). ``TrainConfig.lr`` overrides every step's learning rate,
 and 0 is honoured (the weights keep their initialisation).
 
-The AAE's default bundle adds the latent knn distance to the score (``deploy.export``,
+The AAE's default bundle adds the latent knn distance to the score (``anomaly.deploy.export``,
 ``latent="auto"``); both bundles are exported from the same run. Measured, seed 0: trained 0.786
 with knn against 0.745 without; the test asserts the bar and that knn beats the map alone. At this
 budget knn does *not* separate trained from untrained weights (the lr=0 model reaches 0.773 with
@@ -55,12 +55,12 @@ MEASURED = {"trained": 0.745, "untrained (lr=0)": 0.665,  # seed 0, see the modu
 def _run_pipeline(tmp: Path, lr: float, model: str = MODEL, normalize: bool = NORMALIZE) -> dict[str, float]:
     """Image AUROC of the trained run's bundles, by latent score (``none``, ``knn``)."""
     from anomaly.metrics import image_metrics
-    from data.elpv import prepare_elpv
-    from data.folder import discover
-    from deploy.export import export_run
-    from deploy.runtime import Runtime
-    from training.config import TrainConfig
-    from training.run import train
+    from anomaly.data.elpv import prepare_elpv
+    from anomaly.data.folder import discover
+    from anomaly.deploy.export import export_run
+    from anomaly.deploy.runtime import Runtime
+    from anomaly.training.config import TrainConfig
+    from anomaly.training.run import train
 
     torch.set_num_threads(1)
     root = prepare_elpv(tmp / "elpv", "mono", seed=SEED)

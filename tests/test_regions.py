@@ -1,4 +1,4 @@
-"""Tests for deploy.regions: regions at original resolution, resizing, heatmap overlays."""
+"""Tests for anomaly.deploy.regions: regions at original resolution, resizing, heatmap overlays."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from deploy.regions import Region, find_regions, overlay_heatmap, resize_map
+from anomaly.deploy.regions import Region, find_regions, overlay_heatmap, resize_map
 
 
 def _two_blob_map() -> np.ndarray:

@@ -104,7 +104,7 @@ def test_calibrate_with_reviews_refits_the_threshold(audited: dict, tmp_path: Pa
 
 
 def test_server_writes_decisions_atomically(audited: dict) -> None:
-    from deploy.review import serve_report
+    from anomaly.deploy.review import serve_report
 
     server = serve_report(audited["out"], port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -132,13 +132,13 @@ def test_server_writes_decisions_atomically(audited: dict) -> None:
         server.shutdown()
         server.server_close()
     # the report picks saved decisions up again
-    from deploy.review import build_report
+    from anomaly.deploy.review import build_report
 
     assert '"decisions":{' + json.dumps(r0["path"]) + ':"defect"}' in build_report(audited["out"]).read_text()
 
 
 def test_review_is_torch_free(tmp_path: Path) -> None:
-    code = "import sys, deploy.review, deploy.audit, deploy.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, anomaly.deploy.review, anomaly.deploy.audit, anomaly.deploy.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -154,7 +154,7 @@ def test_a_large_audit_lists_the_top_images_and_counts_all(audited: dict, tmp_pa
     import numpy as np
 
     from conftest import grow_audit
-    from deploy.review import ReviewError, build_report
+    from anomaly.deploy.review import ReviewError, build_report
 
     big = tmp_path / "big"
     records = grow_audit(audited["out"], big, copies=300)
@@ -165,7 +165,7 @@ def test_a_large_audit_lists_the_top_images_and_counts_all(audited: dict, tmp_pa
     (big / "decisions.json").write_text(json.dumps({"bundle_sha256": audited["sha"], "decisions": [
         {"path": low["path"], "score": low["score"], "decision": "false_alarm"}]}))
 
-    with caplog.at_level("WARNING", logger="deploy.audit"):
+    with caplog.at_level("WARNING", logger="anomaly.deploy.audit"):
         data = _page_data(build_report(big, max_rows=10))
     assert "skipped 1 incomplete line" in caplog.text  # the torn last line
     assert data["total"] == len(records) == 311 and data["n_errors"] == len(failed) == 3
@@ -200,7 +200,7 @@ def test_a_large_audit_lists_the_top_images_and_counts_all(audited: dict, tmp_pa
 
 
 def test_server_serves_only_the_listed_originals(audited: dict) -> None:
-    from deploy.review import serve_report
+    from anomaly.deploy.review import serve_report
 
     server = serve_report(audited["out"], port=0, max_rows=2)
     threading.Thread(target=server.serve_forever, daemon=True).start()

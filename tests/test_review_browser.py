@@ -115,7 +115,7 @@ def test_slider_decisions_and_download(driver, audit_out: Path) -> None:
 def test_served_page_saves_decisions_json(driver, audit_out: Path) -> None:
     from selenium.webdriver.common.by import By
 
-    from deploy.review import serve_report
+    from anomaly.deploy.review import serve_report
 
     (audit_out / "decisions.json").unlink(missing_ok=True)
     server = serve_report(audit_out, port=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.bundle import load_sidecar, sha256_file
+from anomaly.deploy.bundle import load_sidecar, sha256_file
 
 # Measured on the fixture's 8 test images: int8 vs fp32 Spearman 1.0, max |score diff| ~2e-6
 # (scores ~0.7, spread ~0.09); fp16 ~2e-7. On a trained ELPV model (benchmarks/speed.py) int8
@@ -36,7 +36,7 @@ def _test_paths(trained_bundle: dict) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def int8_bundle(trained_bundle: dict, tmp_path_factory) -> Path:
-    from deploy.quantize import quantize_int8
+    from anomaly.deploy.quantize import quantize_int8
 
     out = tmp_path_factory.mktemp("int8") / "bundle_int8"
     return quantize_int8(trained_bundle["bundle"], out, trained_bundle["data"] / "train" / "good")
@@ -44,7 +44,7 @@ def int8_bundle(trained_bundle: dict, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("pipeline", ["batch", "overlap"])
 def test_pipeline_matches_sequential_infer_in_order(trained_bundle: dict, tmp_path: Path, pipeline: str) -> None:
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     good = _test_paths(trained_bundle)
     empty, garbage = tmp_path / "empty.png", tmp_path / "garbage.png"
@@ -65,7 +65,7 @@ def test_pipeline_matches_sequential_infer_in_order(trained_bundle: dict, tmp_pa
     np.testing.assert_allclose([r.score for r in got], ref["score"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.stack([r.anomaly_map for r in got]), ref["anomaly_map"][:, 0], rtol=1e-5, atol=1e-6)
     # keep_image hands back the decoded original: what the audit draws heatmaps on
-    from data.io import read_image
+    from anomaly.data.io import read_image
 
     # in its own pixel type (no float copy): uint8 here, equal to the float decode once scaled
     assert got[0].image.dtype == np.uint8
@@ -82,7 +82,7 @@ def test_pipeline_matches_sequential_infer_in_order(trained_bundle: dict, tmp_pa
 def test_infer_runs_a_batch_as_slices_on_the_cores(trained_bundle: dict) -> None:
     """On the CPU a batch runs as one slice per core on the single-threaded session, in threads of
     its own; the outputs are those of the whole batch in one call, in order."""
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     paths = _test_paths(trained_bundle)[:7]
     split = Runtime(trained_bundle["bundle"], device="cpu", threads=3)
@@ -116,7 +116,7 @@ def test_infer_runs_a_batch_as_slices_on_the_cores(trained_bundle: dict) -> None
 def test_pipeline_memory_is_bounded(trained_bundle: dict, pipeline: str, workers: int) -> None:
     """However many paths, at most a bound of them are taken and decoded ahead:
     (prefetch + 1) * batch_size overlapping, (workers + prefetch) * batch_size batch-parallel."""
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     good = _test_paths(trained_bundle)
     n, batch, prefetch = 60, 4, 1
@@ -158,7 +158,7 @@ def test_pipeline_memory_is_bounded(trained_bundle: dict, pipeline: str, workers
 
 
 def test_int8_bundle_is_valid_and_agrees_with_fp32(trained_bundle: dict, int8_bundle: Path) -> None:
-    from deploy.runtime import Runtime
+    from anomaly.deploy.runtime import Runtime
 
     meta = load_sidecar(int8_bundle)  # checks schema and sha256
     assert meta["precision"] == "int8"
@@ -180,7 +180,7 @@ def test_int8_graph_scores_the_unquantised_input(int8_bundle: Path) -> None:
     """Only the reconstructor is quantised: the residual must compare x_hat with the float input."""
     import onnx
 
-    from deploy.quantize import reconstructor_nodes
+    from anomaly.deploy.quantize import reconstructor_nodes
 
     g = onnx.load(str(int8_bundle / "model.onnx")).graph
     recon = reconstructor_nodes(g)
@@ -193,8 +193,8 @@ def test_int8_graph_scores_the_unquantised_input(int8_bundle: Path) -> None:
 
 
 def test_fp16_bundle_keeps_float32_io(trained_bundle: dict, tmp_path: Path) -> None:
-    from deploy.quantize import convert_fp16
-    from deploy.runtime import Runtime
+    from anomaly.deploy.quantize import convert_fp16
+    from anomaly.deploy.runtime import Runtime
 
     out = convert_fp16(trained_bundle["bundle"], tmp_path / "b16")
     meta = load_sidecar(out)
@@ -210,7 +210,7 @@ def test_fp16_bundle_keeps_float32_io(trained_bundle: dict, tmp_path: Path) -> N
 
 
 def test_missing_provider_is_a_clear_error(trained_bundle: dict) -> None:
-    from deploy.runtime import Runtime, available_devices
+    from anomaly.deploy.runtime import Runtime, available_devices
 
     for device, provider in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")):
         if device in available_devices():
@@ -252,7 +252,7 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
 def test_paired_ratio_times_both_sides_in_alternating_windows(monkeypatch) -> None:
     """Two fake engines, one twice as fast per call: the ratio is 2, and the pairs alternate which
     side goes first, so that a drift of the machine's speed favours neither."""
-    import deploy.bench as bench
+    import anomaly.deploy.bench as bench
 
     def engine(seconds: float):
         return lambda: time.sleep(seconds)
@@ -276,9 +276,9 @@ def test_bench_audit_rate_is_the_steady_state_after_the_first_image(trained_bund
     """The audit row is the audit's steady state, as the graph rows time calls after warm-up: images
     finished per second from a quarter of the run (and at least the images in flight) until that many
     are left. The start-up and the whole run's rate are kept beside it."""
-    import deploy.audit
-    from deploy.audit import AuditProgress
-    from deploy.bench import audit_in_flight, bench_audit
+    import anomaly.deploy.audit
+    from anomaly.deploy.audit import AuditProgress
+    from anomaly.deploy.bench import audit_in_flight, bench_audit
 
     n = 40
     images = trained_bundle["data"] / "test"
@@ -294,9 +294,9 @@ def test_bench_audit_rate_is_the_steady_state_after_the_first_image(trained_bund
             t += 0.1 if i + 1 < len(paths) - 5 else 0.05
         return {"images_per_second": len(paths) / t}
 
-    monkeypatch.setattr(deploy.audit, "run_audit", fake_run_audit)
-    monkeypatch.setattr("data.io.paths_from", lambda _: paths)
-    monkeypatch.setattr("deploy.bench.audit_in_flight", lambda *a: 5)
+    monkeypatch.setattr(anomaly.deploy.audit, "run_audit", fake_run_audit)
+    monkeypatch.setattr("anomaly.data.io.paths_from", lambda _: paths)
+    monkeypatch.setattr("anomaly.deploy.bench.audit_in_flight", lambda *a: 5)
     rate = bench_audit(trained_bundle["bundle"], images=images, max_images=n, repeats=1)
     assert rate.images == n and f"{n} images from" in rate.source
     assert rate.images_per_s == pytest.approx(10.0)  # images 10 to 35: neither the start-up nor the drain
@@ -308,12 +308,12 @@ def test_audit_fraction_divides_by_the_fastest_reference(trained_bundle: dict, m
     """The audit's fraction of pure inference divides by the graph at its fastest: the best of its
     row and of the windows timed before each audit repeat and after the last. A single short window
     that catches a slow moment of a shared machine must not inflate the fraction."""
-    import deploy.bench
-    from deploy.bench import AuditRate, BenchRow, run_all
+    import anomaly.deploy.bench
+    from anomaly.deploy.bench import AuditRate, BenchRow, run_all
 
-    monkeypatch.setattr(deploy.bench, "bench_bundle", lambda *a, **k: [BenchRow("onnxruntime", "fp32", "cpu", 4, 100.0)])
+    monkeypatch.setattr(anomaly.deploy.bench, "bench_bundle", lambda *a, **k: [BenchRow("onnxruntime", "fp32", "cpu", 4, 100.0)])
     windows = iter([120.0, 90.0, 200.0, 110.0, 95.0, 105.0, 99.0])
-    monkeypatch.setattr(deploy.bench, "time_window", lambda fn, batch, seconds: next(windows))
+    monkeypatch.setattr(anomaly.deploy.bench, "time_window", lambda fn, batch, seconds: next(windows))
     repeats = []
 
     def fake_bench_audit(bundle, *, before_repeat=None, **kwargs):
@@ -323,7 +323,7 @@ def test_audit_fraction_divides_by_the_fastest_reference(trained_bundle: dict, m
             repeats.append(kwargs.get("heatmaps", True))
         return AuditRate(80.0, 70.0, 0.1, 10, "10 images")
 
-    monkeypatch.setattr(deploy.bench, "bench_audit", fake_bench_audit)
+    monkeypatch.setattr(anomaly.deploy.bench, "bench_audit", fake_bench_audit)
     rows = run_all(trained_bundle["bundle"], batch_size=4, device="cpu", torch_eager=False, reference_seconds=0.01)
     audit = [r for r in rows if r.engine.startswith("audit")]
     assert len(repeats) == 6 and next(windows, None) is None  # a window before each repeat and one after the last
@@ -339,9 +339,9 @@ def test_fp16_of_a_flip_tta_bundle_loads_and_agrees(trained_bundle: dict, tmp_pa
     """In a ``--tta flips`` graph the stacked views feed both the reconstructor (float16) and the
     scoring tail (float32): the reconstructor must keep reading its float16 copy, or onnxruntime
     refuses the model (Conv bound to float and float16)."""
-    from deploy.export import export_run
-    from deploy.quantize import convert_fp16
-    from deploy.runtime import Runtime
+    from anomaly.deploy.export import export_run
+    from anomaly.deploy.quantize import convert_fp16
+    from anomaly.deploy.runtime import Runtime
 
     tta = export_run(trained_bundle["run"], tmp_path / "tta", tta="flips")
     rt = Runtime(convert_fp16(tta, tmp_path / "tta16"), device="cpu")
@@ -354,8 +354,8 @@ def test_fp16_of_a_flip_tta_bundle_loads_and_agrees(trained_bundle: dict, tmp_pa
 def test_bench_devices_and_gpu_rows_without_a_gpu(trained_bundle: dict) -> None:
     """``--device cpu,cuda`` on a machine without a GPU: the CPU rows are timed, each GPU row says
     why it is missing, the GPU-only batch sizes cost the CPU nothing, and a bad device is refused."""
-    from deploy.bench import bench_bundle, parse_devices
-    from deploy.runtime import available_devices
+    from anomaly.deploy.bench import bench_bundle, parse_devices
+    from anomaly.deploy.runtime import available_devices
 
     assert parse_devices("cpu, cuda") == ["cpu", "cuda"] and parse_devices("auto") == available_devices()
     for bad in ("gpu", "", "cpu,npu"):
@@ -385,7 +385,7 @@ def test_tensorrt_without_its_libraries_is_left_out(trained_bundle: dict, monkey
     """onnxruntime-gpu lists its TensorRT provider even where TensorRT is not installed; ``auto``
     must not pick it (onnxruntime would log an error and retry), and asking for it says what is
     missing."""
-    import deploy.runtime as runtime
+    import anomaly.deploy.runtime as runtime
 
     monkeypatch.setattr(runtime.ort, "get_available_providers",
                         lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
@@ -403,7 +403,7 @@ def test_gpu_sessions_get_full_float32_and_one_cpu_thread(trained_bundle: dict, 
     """With a CUDA provider the session asks for full float32 (no TF32) unless ``tf32=True``, and
     one intra-op thread for the nodes left on the CPU. No GPU is needed to see what is asked for:
     the provider list is recorded and the model runs on the CPU provider."""
-    import deploy.runtime as runtime
+    import anomaly.deploy.runtime as runtime
 
     real = runtime.ort.InferenceSession
     asked: list = []

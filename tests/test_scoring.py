@@ -29,7 +29,7 @@ def _onnx_vs_torch(graph: torch.nn.Module, example: torch.Tensor, batch: torch.T
     """Export ``graph`` traced on ``example``, run ``batch`` through onnxruntime and torch: (ort outputs, torch output)."""
     import onnxruntime as ort
 
-    from deploy.export import export_onnx
+    from anomaly.deploy.export import export_onnx
 
     export_onnx(graph, tmp_path / "m.onnx", example, conditional=False)
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
@@ -178,7 +178,7 @@ def test_mixed_residual_sums_standardised_parts_and_exports(tmp_path) -> None:
     import onnxruntime as ort
 
     from anomaly.registry import create_model
-    from deploy.export import export_onnx
+    from anomaly.deploy.export import export_onnx
 
     torch.manual_seed(0)
     model = create_model("cyclegan", in_channels=1, image_size=32, generator="unet", base_channels=8,
@@ -214,7 +214,7 @@ def test_flip_averaged_map_is_the_mean_of_the_flipped_views_and_exports(tmp_path
     the plain map; the score aggregates that map; the ONNX graph matches torch on another batch size."""
     import onnxruntime as ort
 
-    from deploy.export import export_onnx
+    from anomaly.deploy.export import export_onnx
 
     class Lopsided(torch.nn.Module):
         def forward(self, x, cond=None):
@@ -256,7 +256,7 @@ def test_encode_decode_is_the_eval_forward_of_every_encoder_decoder_model() -> N
     for every registered model with both methods that must be exactly its eval ``forward``."""
     from anomaly.registry import get_spec, list_models
     from anomaly.scoring import encode_decode
-    from training.run import build_model
+    from anomaly.training.run import build_model
 
     x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     checked = []
@@ -325,8 +325,8 @@ def test_latent_knn_graph_and_its_flip_tta_export_exactly(tmp_path) -> None:
     import onnxruntime as ort
 
     from anomaly.scoring import encode_decode
-    from deploy.export import export_onnx
-    from training.run import build_model
+    from anomaly.deploy.export import export_onnx
+    from anomaly.training.run import build_model
 
     torch.manual_seed(0)
     model = build_model("aae", in_channels=1, image_size=32, num_classes=1, latent_dim=8, base_channels=8).eval()

@@ -1,4 +1,4 @@
-"""Tests for data.synthetic (training / evaluation defects) and data.textures (texture data sets)."""
+"""Tests for anomaly.data.synthetic (training / evaluation defects) and anomaly.data.textures (texture data sets)."""
 from __future__ import annotations
 
 import inspect
@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 
-from data import synthetic
-from data.folder import ImageDataset, discover
-from data.preprocess import Preprocess
-from data.synthetic import (COLOUR_EVAL_KINDS, EVAL_KINDS, TRAIN_KINDS, DefectSynthesizer, EvalDefectGenerator,
+from anomaly.data import synthetic
+from anomaly.data.folder import ImageDataset, discover
+from anomaly.data.preprocess import Preprocess
+from anomaly.data.synthetic import (COLOUR_EVAL_KINDS, EVAL_KINDS, TRAIN_KINDS, DefectSynthesizer, EvalDefectGenerator,
                             SyntheticDefectDataset, perlin_noise)
-from data.textures import COLOUR_TEXTURES, TEXTURES, load_texture, make_texture_dataset
+from anomaly.data.textures import COLOUR_TEXTURES, TEXTURES, load_texture, make_texture_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,7 +227,7 @@ def test_train_and_eval_generators_are_separate():
 
 
 def test_synthetic_module_does_not_import_torch():
-    code = ("import sys; import data.synthetic, data.textures; "
+    code = ("import sys; import anomaly.data.synthetic, anomaly.data.textures; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert 'skimage' not in sys.modules, 'scikit-image imported at import time'")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
@@ -267,7 +267,7 @@ def test_synthetic_defect_dataset_wraps_image_dataset(mvtec_dir: Path):
 # ------------------------------------------------------------------------------ texture data sets
 
 def test_load_defect_sources_bounds_memory_and_feeds_the_perlin_fill(tmp_path: Path, caplog):
-    from data.synthetic import load_defect_sources
+    from anomaly.data.synthetic import load_defect_sources
 
     rng = np.random.default_rng(0)
     src = tmp_path / "sources"
@@ -301,7 +301,7 @@ def test_load_defect_sources_bounds_memory_and_feeds_the_perlin_fill(tmp_path: P
 
 
 def test_defect_source_photos_exclude_the_evaluated_textures(tmp_path: Path):
-    from data.textures import SOURCE_PHOTOS, write_defect_sources
+    from anomaly.data.textures import SOURCE_PHOTOS, write_defect_sources
 
     assert not set(SOURCE_PHOTOS) & set(TEXTURES)
     folder = write_defect_sources(tmp_path / "photos")

@@ -93,7 +93,7 @@ class _Identityish(torch.nn.Module):
 
 def test_scorer_with_statistics_exports_exactly(tmp_path) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
-    from deploy.export import export_onnx
+    from anomaly.deploy.export import export_onnx
 
     sc = Scorer(residual="l1", smoothing_sigma=2.0, aggregate="topk", image_size=(64, 64), texture="stats")
     sc.set_statistics_bank(*fit_statistics_bank([_grating(16)], centres=128))
@@ -121,7 +121,7 @@ def test_flip_tta_measures_the_statistics_once_and_exports_exactly(tmp_path) -> 
     to the flip average of the other parts before smoothing; the graph exports with fp32 parity."""
     onnxruntime = pytest.importorskip("onnxruntime")
     from anomaly.scoring import gaussian_blur
-    from deploy.export import export_onnx
+    from anomaly.deploy.export import export_onnx
 
     sc = Scorer(residual="l1", smoothing_sigma=2.0, aggregate="topk", image_size=(64, 64), texture="stats")
     sc.set_statistics_bank(*fit_statistics_bank([_grating(16)], centres=128))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from anomaly.registry import create_model
-from training.config import AUGMENTS, TrainConfig
-from training.objectives import create_objective
-from training.run import _AUGMENT_FNS, flip_rot90_augment, split_normals, train
-from training.trainer import Trainer, load_checkpoint
+from anomaly.training.config import AUGMENTS, TrainConfig
+from anomaly.training.objectives import create_objective
+from anomaly.training.run import _AUGMENT_FNS, flip_rot90_augment, split_normals, train
+from anomaly.training.trainer import Trainer, load_checkpoint
 
 
 def _batch(n: int = 8, size: int = 32) -> dict:
@@ -51,7 +51,7 @@ def test_each_step_updates_only_its_group(tmp_path: Path) -> None:
 
 
 def test_split_is_deterministic_and_disjoint(mvtec_dir: Path) -> None:
-    from data.folder import discover
+    from anomaly.data.folder import discover
 
     samples = discover(mvtec_dir).train
     a = split_normals(samples, 0.25, seed=3)
@@ -90,9 +90,9 @@ def test_time_budget_stops_cleanly_with_usable_checkpoint(mvtec_dir: Path, tmp_p
 
 def test_repair_training_with_synthetic_defects(mvtec_dir: Path, tmp_path: Path) -> None:
     """With synthetic defects the objective sees (defective image, clean target) pairs."""
-    from data.folder import ImageDataset, discover
-    from data.preprocess import Preprocess
-    from data.synthetic import DefectSynthesizer, SyntheticDefectDataset
+    from anomaly.data.folder import ImageDataset, discover
+    from anomaly.data.preprocess import Preprocess
+    from anomaly.data.synthetic import DefectSynthesizer, SyntheticDefectDataset
 
     ds = SyntheticDefectDataset(ImageDataset(discover(mvtec_dir).train, Preprocess(32)), DefectSynthesizer(p_defect=1.0))
     item = ds[0]
@@ -171,7 +171,7 @@ def test_segmenter_learns_to_localise_synthetic_defects(tmp_path: Path) -> None:
     (measured 0.50 -> 0.95; 0.87 after 150 steps)."""
     from sklearn.metrics import roc_auc_score
 
-    from training.objectives.cyclegan import corrupt
+    from anomaly.training.objectives.cyclegan import corrupt
 
     torch.manual_seed(0)
     model = create_model("cyclegan", in_channels=1, image_size=32, generator="unet", base_channels=8,
@@ -204,8 +204,8 @@ def test_segmenter_learns_to_localise_synthetic_defects(tmp_path: Path) -> None:
 def test_joint_segmenter_loss_trains_the_repair_generator() -> None:
     """``lambda_seg``: the generators' step adds ``lambda_seg * Focal(S(cat[A, G_r(A)]), M)``, and its
     gradient reaches the repair generator through the (frozen) segmenter."""
-    from training.losses import focal_loss
-    from training.objectives.cyclegan import corrupt
+    from anomaly.training.losses import focal_loss
+    from anomaly.training.objectives.cyclegan import corrupt
 
     kw = dict(in_channels=1, image_size=32, generator="unet", base_channels=8, disc_channels=8)
     with pytest.raises(ValueError, match="needs a model with a segmenter"):
@@ -276,7 +276,7 @@ def test_repair_epochs_leave_later_epochs_to_the_segmenter(tmp_path: Path) -> No
 def test_focal_loss_is_bce_at_gamma_zero_and_discounts_easy_pixels() -> None:
     from torch.nn import functional as F
 
-    from training.losses import focal_loss
+    from anomaly.training.losses import focal_loss
 
     g = torch.Generator().manual_seed(0)
     prob = torch.rand(2, 1, 8, 8, generator=g) * 0.98 + 0.01

@@ -14,7 +14,7 @@ import torch
 
 from anomaly.registry import create_model, get_spec, list_models
 from anomaly.scoring import ReconstructionScorer, Scorer
-from training.objectives import create_objective
+from anomaly.training.objectives import create_objective
 
 SIZE = 32
 BATCH = 4
@@ -237,10 +237,10 @@ def test_checkpoint_round_trip(case, tmp_path):
 
 
 def _export(graph: torch.nn.Module, path, example: torch.Tensor, conditional: bool) -> None:
-    """The deployment path (``deploy.export.export_onnx``: dynamo, dynamic batch) when present;
+    """The deployment path (``anomaly.deploy.export.export_onnx``: dynamo, dynamic batch) when present;
     otherwise the legacy exporter with a dynamic batch axis."""
     try:
-        from deploy.export import export_onnx
+        from anomaly.deploy.export import export_onnx
     except ImportError:
         export_onnx = None
     if export_onnx is not None:
@@ -283,7 +283,7 @@ def test_onnx_parity(case, tmp_path):
 
 @pytest.mark.parametrize("name", list_models())
 def test_sample_grid(name, tmp_path):
-    from training.generative import generate_samples, save_sample_grid
+    from anomaly.training.generative import generate_samples, save_sample_grid
 
     model = _build(name).train()
     images = _batch(name)["image"]

@@ -10,7 +10,7 @@ They check that the models learn what their papers say they learn, not just that
 3. InfoGAN's categorical code is informative about the digit class: NMI between the Q head's
    argmax on *real* digits and their labels is well above that of an untrained network.
 
-Training goes through :class:`training.trainer.Trainer` (``train_batch``), the same update as
+Training goes through :class:`anomaly.training.trainer.Trainer` (``train_batch``), the same update as
 ``anomaly train``. Fixed seeds, one thread; about a minute and a half on one idle core.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from anomaly.registry import create_model
-from training.generative import mmd2, train_in_memory
+from anomaly.training.generative import mmd2, train_in_memory
 
 sklearn = pytest.importorskip("sklearn")
 
@@ -53,7 +53,7 @@ def test_conditional_samples_have_the_requested_class(digits, tmp_path):
     """CVAE samples decoded for label k are classified as k (chance: 0.1; measured: 1.0)."""
     from sklearn.linear_model import LogisticRegression
 
-    from training.generative import generate_samples
+    from anomaly.training.generative import generate_samples
 
     x, y = digits
     clf = LogisticRegression(max_iter=2000).fit(x.flatten(1).numpy(), y.numpy())

@@ -1,4 +1,4 @@
-"""``anomaly train``: argument parsing and a progress display around :func:`training.run.train`."""
+"""``anomaly train``: argument parsing and a progress display around :func:`anomaly.training.run.train`."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from training.config import TrainConfig
+    from anomaly.training.config import TrainConfig
 
 __all__ = ["add_parsers"]
 
@@ -47,7 +47,7 @@ def _json_arg(text: str) -> dict:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from training.config import AUGMENTS  # plain data: no torch
+    from anomaly.training.config import AUGMENTS  # plain data: no torch
 
     p = sub.add_parser("train", help="train a model on normal images",
                        description="Train a zoo model on normal images (MVTec-style category folder or a plain folder).")
@@ -91,8 +91,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace, scoring: dict) -> TrainConfig:
-    """The run's :class:`training.config.TrainConfig` from the parsed options (``ValueError`` on a bad combination)."""
-    from training.config import TrainConfig
+    """The run's :class:`anomaly.training.config.TrainConfig` from the parsed options (``ValueError`` on a bad combination)."""
+    from anomaly.training.config import TrainConfig
 
     return TrainConfig(
         data=args.data, out=args.out, model=args.model, image_size=args.image_size, channels=args.channels,
@@ -105,8 +105,8 @@ def _config(args: argparse.Namespace, scoring: dict) -> TrainConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from training.config import DEFAULT_SCORING
-    from training.run import train
+    from anomaly.training.config import DEFAULT_SCORING
+    from anomaly.training.run import train
 
     scoring = dict(DEFAULT_SCORING)
     if args.residual:
@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
           f"(stopped by {result.stopped}); best validation error {result.best_val:.5f}")
     print(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
     if args.generative:
-        from training.run import save_samples
+        from anomaly.training.run import save_samples
 
         print(f"samples: {save_samples(cfg.out)}")
     return 0

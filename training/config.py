@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, saved resolved next to the checkpoints (``config.json``).
 
-The library sees explicit fields; option parsing stays in :mod:`training.cli`.
+The library sees explicit fields; option parsing stays in :mod:`anomaly.training.cli`.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class TrainConfig:
         lr: learning rate of every step; ``None`` keeps the objective's own default (e.g. 2e-4 for
             adversarial families, 1e-3 for AE/VAE).
         lr_decay_from: fraction of ``epochs`` after which every learning rate falls linearly
-            towards 0 (CycleGAN's schedule, :class:`training.trainer.Trainer`); ``None``: constant.
+            towards 0 (CycleGAN's schedule, :class:`anomaly.training.trainer.Trainer`); ``None``: constant.
         val_fraction: share of normal training images held out for validation (checkpoint choice,
             default threshold, score statistics); never trained on.
         seed: seeds the split, the initialisation and the data order.
@@ -44,10 +44,10 @@ class TrainConfig:
             direction; not for brick rows or busbars). On the grass benchmark ``flip_rot90`` was
             worse than ``flip`` over 3 seeds (``benchmarks/results/quality_session13.md``).
         synthetic_defects: probability that a training image carries a synthetic defect
-            (:class:`data.synthetic.DefectSynthesizer`); the batch then holds the clean image as
+            (:class:`anomaly.data.synthetic.DefectSynthesizer`); the batch then holds the clean image as
             ``target`` and the model learns to *repair* (DRAEM-style). 0 disables.
         defect_sources: folder of images that fill the synthetic Perlin-shaped defects (DRAEM's
-            DTD textures; :func:`data.synthetic.load_defect_sources`). ``None``: transformed
+            DTD textures; :func:`anomaly.data.synthetic.load_defect_sources`). ``None``: transformed
             copies of the training image itself. Must not hold the defects you evaluate on.
         model_kwargs / objective_kwargs: passed to the model factory / the objective.
         scoring: residual and map settings used by export (see :mod:`anomaly.scoring`).
@@ -98,7 +98,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: str | os.PathLike) -> None:
-        from data.io import atomic_write
+        from anomaly.data.io import atomic_write
 
         with atomic_write(path) as fh:
             json.dump(self.to_dict(), fh, indent=2)

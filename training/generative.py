@@ -15,7 +15,7 @@ multiple of K) unless ``cond`` is given.
 
 Example::
 
-    from training.generative import save_sample_grid
+    from anomaly.training.generative import save_sample_grid
     save_sample_grid(model, "runs/x/samples.png", n=64)
     save_sample_grid(cyclegan, "runs/y/repairs.png", images=batch["image"][:16])
 """
@@ -140,8 +140,8 @@ def train_in_memory(name: str, images: torch.Tensor, labels: torch.Tensor | None
     int64 for conditional models. Returns the model in ``eval()``.
     """
     from anomaly.registry import create_model, get_spec
-    from training.objectives import create_objective
-    from training.trainer import Trainer
+    from anomaly.training.objectives import create_objective
+    from anomaly.training.trainer import Trainer
 
     torch.manual_seed(seed)
     model = create_model(name, in_channels=images.shape[1], image_size=images.shape[-1], **(model_kwargs or {}))

@@ -5,8 +5,8 @@ which were held out for validation), ``losses.csv`` and ``checkpoints/{best,last
 
 Example::
 
-    from training.config import TrainConfig
-    from training.run import train
+    from anomaly.training.config import TrainConfig
+    from anomaly.training.run import train
     result = train(TrainConfig(data="data/tiles", out="runs/tiles", epochs=5))
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader
 
 from anomaly.registry import create_model, get_spec
 from anomaly.texture_stats import MIN_SIDE as TEXTURE_MIN_SIDE
-from data.folder import DatasetLayout, ImageDataset, Sample, discover
-from data.io import atomic_write, read_image
-from data.preprocess import Preprocess
-from training.config import TrainConfig
-from training.objectives import create_objective
-from training.trainer import Trainer, TrainResult, load_checkpoint
+from anomaly.data.folder import DatasetLayout, ImageDataset, Sample, discover
+from anomaly.data.io import atomic_write, read_image
+from anomaly.data.preprocess import Preprocess
+from anomaly.training.config import TrainConfig
+from anomaly.training.objectives import create_objective
+from anomaly.training.trainer import Trainer, TrainResult, load_checkpoint
 
 __all__ = ["train", "split_normals", "detect_channels", "build_model", "load_run", "save_samples"]
 
@@ -99,7 +99,7 @@ def train(config: TrainConfig, *, resume: bool = False,
     """Run training as configured; returns the :class:`TrainResult`.
 
     Raises:
-        data.folder.DatasetError: missing folder or no training images.
+        anomaly.data.folder.DatasetError: missing folder or no training images.
         anomaly.registry.UnknownModelError: unknown model name.
         FileNotFoundError, ValueError: ``defect_sources`` is not a folder of images.
     """
@@ -107,7 +107,7 @@ def train(config: TrainConfig, *, resume: bool = False,
     layout: DatasetLayout = discover(config.data)
     sources = None
     if config.synthetic_defects > 0 and config.defect_sources:  # a bad folder fails here, before the run folder
-        from data.synthetic import load_defect_sources
+        from anomaly.data.synthetic import load_defect_sources
 
         sources = load_defect_sources(config.defect_sources)
     out = Path(config.out)
@@ -147,7 +147,7 @@ def train(config: TrainConfig, *, resume: bool = False,
 
     train_ds = ImageDataset(train_s, pre, augment=_AUGMENT_FNS[config.augment], seed=config.seed, cache=True)
     if config.synthetic_defects > 0:
-        from data.synthetic import DefectSynthesizer, SyntheticDefectDataset
+        from anomaly.data.synthetic import DefectSynthesizer, SyntheticDefectDataset
 
         synth = DefectSynthesizer(p_defect=config.synthetic_defects, texture_source=sources)
         train_ds = SyntheticDefectDataset(train_ds, synth, seed=config.seed)
@@ -189,7 +189,7 @@ def save_samples(run_dir: str | Path, n: int = 64, checkpoint: str = "best") -> 
     """Write ``RUN/samples.png``: a grid of what the trained model generates (GANs: G(z); VAE/AAE:
     decoded prior samples; AE/CycleGAN: outputs for validation images), one column per class
     for conditional models."""
-    from training.generative import save_sample_grid
+    from anomaly.training.generative import save_sample_grid
 
     model, ckpt, cfg = load_run(run_dir, checkpoint)
     split = json.loads((Path(run_dir) / "split.json").read_text())

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from training.objectives.base import Objective, Step
+from anomaly.training.objectives.base import Objective, Step
 
 __all__ = ["Trainer", "TrainResult", "save_checkpoint", "load_checkpoint"]
 

@@ -9,7 +9,7 @@ several product categories.
 
 Inference is ``x_hat = decoder(encoder(x))`` (deterministic in ``eval()``). The latent and the
 optional image discriminator (PatchGAN, for sharper reconstructions) are touched only by
-:mod:`training.objectives.aae`.
+:mod:`anomaly.training.objectives.aae`.
 
 Example::
 

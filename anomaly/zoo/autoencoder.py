@@ -11,7 +11,7 @@
   Generative Models", NeurIPS 2015. Encoder q(z|x, y) sees the image with one-hot label planes
   concatenated as extra channels; decoder p(x|z, y) sees ``[z, one_hot(y)]``.
 
-The losses live in :mod:`training.objectives.autoencoder`.
+The losses live in :mod:`anomaly.training.objectives.autoencoder`.
 
 Example::
 
@@ -127,7 +127,7 @@ class AutoEncoder(nn.Module):
         """
         if not self.variational:
             raise ValueError("a plain autoencoder has no prior to sample; use a vae/cvae "
-                             "(training.generative.save_sample_grid fits a Gaussian to AE codes instead)")
+                             "(anomaly.training.generative.save_sample_grid fits a Gaussian to AE codes instead)")
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, device=device)
         return self.decode(z, sample_labels(cond, n, self.num_classes, device))

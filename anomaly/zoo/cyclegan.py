@@ -12,7 +12,7 @@ Generators (``generator=`` kwarg):
                ``n_blocks`` residual blocks, two upsamplings, c7s1-C.
     ``unet``   pix2pix's U-Net (Isola et al., 2017) down to a 2x2 bottleneck with skip connections.
 Instance norm and reflection padding as in the reference code; the output is a sigmoid because
-inputs are in [0, 1]. The losses live in :mod:`training.objectives.cyclegan`.
+inputs are in [0, 1]. The losses live in :mod:`anomaly.training.objectives.cyclegan`.
 
 Optional ``segmenter`` (DRAEM's discriminative sub-network, Zavrtanik et al., ICCV 2021): a U-Net
 that reads the input and its repair side by side, ``cat([x, G_r(x)])`` ``(N, 2C, S, S)``, and

@@ -18,7 +18,7 @@ has an ``encoder`` trained to invert the (frozen) generator as in f-AnoGAN's *iz
 networks", Medical Image Analysis 2019): ``x_hat = G(E(x))`` with the loss
 ``||x - G(E(x))||^2 + kappa * ||f_D(x) - f_D(G(E(x)))||^2`` (f_D: discriminator features). So
 ``forward(x, cond=None) = G(E(x))`` is a reconstruction like any other family's. The losses live
-in :mod:`training.objectives.gan`.
+in :mod:`anomaly.training.objectives.gan`.
 
 Example::
 

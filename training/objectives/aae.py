@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from training.losses import GANLoss, reconstruction_loss
-from training.objectives.base import Batch, Objective, Step, register_objective
+from anomaly.training.losses import GANLoss, reconstruction_loss
+from anomaly.training.objectives.base import Batch, Objective, Step, register_objective
 
 
 @register_objective("aae")

@@ -20,7 +20,7 @@ is that of the target: the model learns to repair, not to copy.
 
 Example::
 
-    from training.objectives import create_objective
+    from anomaly.training.objectives import create_objective
     objective = create_objective("vae", model, beta=1.0, recon_loss="bce")
     loss, logs = objective.loss("elbo", {"image": x})
 """
@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from training.losses import reconstruction_loss
-from training.objectives.base import Batch, Objective, Step, register_objective
+from anomaly.training.losses import reconstruction_loss
+from anomaly.training.objectives.base import Batch, Objective, Step, register_objective
 
 __all__ = ["AEObjective", "VAEObjective", "CVAEObjective"]
 

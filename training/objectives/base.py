@@ -93,7 +93,7 @@ class Objective:
 
 
 _OBJECTIVES: dict[str, Callable[..., Objective]] = {}
-_OBJECTIVE_MODULES = ("training.objectives.aae", "training.objectives.autoencoder", "training.objectives.gan", "training.objectives.cyclegan")
+_OBJECTIVE_MODULES = ("anomaly.training.objectives.aae", "anomaly.training.objectives.autoencoder", "anomaly.training.objectives.gan", "anomaly.training.objectives.cyclegan")
 
 
 def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:

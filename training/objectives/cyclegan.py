@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import torch
 
-from training.losses import GANLoss, focal_loss
-from training.objectives.base import Batch, Objective, Step, register_objective
+from anomaly.training.losses import GANLoss, focal_loss
+from anomaly.training.objectives.base import Batch, Objective, Step, register_objective
 
 __all__ = ["CycleGANObjective", "corrupt"]
 

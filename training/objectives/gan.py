@@ -44,8 +44,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.losses import GANLoss, gradient_penalty
-from training.objectives.base import Batch, Objective, Step, register_objective
+from anomaly.training.losses import GANLoss, gradient_penalty
+from anomaly.training.objectives.base import Batch, Objective, Step, register_objective
 
 if TYPE_CHECKING:
     from anomaly.zoo.gan import LatentCode
