@@ -217,6 +217,7 @@ def test_runtime_modules_do_not_import_torch():
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not bad, bad\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    # the installed package (editable here, the wheel in the torch-free venv), not the source folder
+    res = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr

@@ -139,7 +139,7 @@ def test_server_writes_decisions_atomically(audited: dict) -> None:
 
 def test_review_is_torch_free(tmp_path: Path) -> None:
     code = "import sys, anomaly.deploy.review, anomaly.deploy.audit, anomaly.deploy.cli; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-P", "-c", code], check=True, cwd=tmp_path)
 
 
 def _page_data(page: Path) -> dict:
