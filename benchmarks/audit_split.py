@@ -9,7 +9,7 @@ image:
 =============  ==============================================================================
 ``decode``     reading the file and preprocessing it (``Runtime._decode``, worker threads)
 ``infer``      the onnxruntime graph (``Runtime.infer``, one intra-op thread per worker)
-``finish``     everything per image after inference (``anomaly.deploy.audit._finish``, writer threads),
+``finish``     everything per image after inference (``anomaly.deploy.render.finish_record``, writer threads),
                of which ``overlay`` (heatmap colouring) and ``write`` (encoding + creating the
                file)
 ``regions``    defect regions: ``Runtime.regions`` in the worker threads after inference (a
@@ -53,7 +53,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)):  # package, sibling modules
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 STAGES = ("decode", "infer", "finish", "overlay", "write", "regions")
 
@@ -66,6 +68,7 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
     decodes and infers in the calling thread with one onnxruntime thread, and one thread writes.
     ``cleanup``: delete the audit's output at the end (else it stays in ``out_dir``)."""
     import anomaly.deploy.audit as audit
+    import anomaly.deploy.render as render
     import anomaly.deploy.regions as regions
     from anomaly.deploy.runtime import Runtime
 
@@ -94,8 +97,8 @@ def measure(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
         patched.append((owner, name, original))
         setattr(owner, name, timed)
 
-    for owner, name, stage in ((Runtime, "_decode", "decode"), (Runtime, "infer", "infer"), (audit, "_finish", "finish"),
-                               (audit, "heatmap_overlay", "overlay"), (audit, "write_image", "write"),
+    for owner, name, stage in ((Runtime, "_decode", "decode"), (Runtime, "infer", "infer"), (render, "finish_record", "finish"),
+                               (render, "heatmap_overlay", "overlay"), (render, "write_image", "write"),
                                (regions, "find_regions", "regions"), (Runtime, "regions", "regions")):
         wrap(owner, name, stage)
     if out_dir:
@@ -151,8 +154,8 @@ def ceiling(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
     (from the lowest CPU per image) by the fastest reference window; ``split``: :func:`measure`'s
     result for that repeat.
     """
-    from anomaly.deploy.bench import _inputs, time_window
     from anomaly.deploy.runtime import Runtime, physical_cores
+    from harness import graph_windows
 
     # the outputs are deleted only at the end: for about a minute after thousands of files are
     # deleted, ext4 makes each new one cost several times more (see `anomaly bench`'s audit rows)
@@ -167,8 +170,7 @@ def ceiling(bundle: str, inputs: list[str], out_dir: str | None = None, batch_si
     cpu_ms = [r["ms_per_image"]["process_steady"] for r in runs]
     cores = physical_cores()
     rt = Runtime(bundle, device="cpu")  # the reference: the runtime's default threads, as `anomaly bench`
-    x = _inputs(rt.preprocess, batch_size, inputs[0] if Path(inputs[0]).is_dir() else None)
-    ref = [time_window(lambda: rt.infer(x), batch_size, seconds) for _ in range(max(1, windows))]
+    ref = graph_windows(rt, batch_size, inputs[0], seconds, windows)
     lowest = min(runs, key=lambda r: r["ms_per_image"]["process_steady"])
     best = cores * 1e3 / lowest["ms_per_image"]["process_steady"]
     return {"images": lowest["images"], "cpu_ms_per_image": cpu_ms, "cores": cores, "ceiling_images_per_second": best,

@@ -50,8 +50,23 @@ mean`` in original pixels, most anomalous first), the relative paths of the file
 ``error`` (why the image could not be scored; such rows have no score).
 
 Resume: rerunning with the same ``OUT`` skips every path already in the journal (errors included), so a
-killed audit loses nothing and duplicates nothing. A different model or calibration is refused
-(:class:`AuditError`) unless ``force=True``, which deletes this module's outputs and starts over.
+killed audit loses nothing and duplicates nothing. A different model, calibration or output option
+(heatmaps, heatmap size, masks, maps, reconstructions, thumbnail size, smallest region) is refused
+(:class:`AuditError`, naming what differs) unless ``force=True``, which deletes this module's
+outputs and starts over — and only in a folder that is an audit folder (it holds this tool's
+``audit.json``) or is empty, so ``--force --out .`` cannot wipe a project's own ``masks/``.
+
+Durability: the journal is fsynced once per batch of records, and every image file is fsynced before
+its record is journaled, so after a power cut a journal line never names a file that is not on the
+disk; ``audit.json``, ``results.csv`` and ``summary.json`` are written to a temporary file, fsynced
+and renamed (:func:`anomaly.data.io.atomic_write`).
+
+One audit at a time per folder: a run holds an exclusive lock (``fcntl.flock``) on ``OUT/.audit.lock``
+while it runs and a second run on the same folder is refused, naming the folder and the first run's
+pid. The operating system releases the lock when the process ends, however it ends.
+
+Input entries that look like images and are not (a dangling link, a folder named ``x.png``, a file
+that vanished or cannot be read) are error rows, never skipped silently.
 
 Each image is decoded once: ``Runtime.score_paths(keep_image=N)`` decodes ahead of inference in its
 worker threads and hands back a copy of the original shrunk to what the heatmap and thumbnail need
@@ -60,6 +75,12 @@ in flight take 3 MB each at most rather than 36 MB for a 12-MP frame (a runtime 
 ``keep_image`` costs one more read). Image files are encoded in a thread pool and journal lines are
 appended in input order.
 
+The parts, one job each, reusable by other engines (the Ray engine scores with actors and commits
+through the same journal): :mod:`anomaly.deploy.inputs` (input expansion, output ids),
+:mod:`anomaly.deploy.render` (per-image files and records), :mod:`anomaly.deploy.journal` (the
+journal and its tables) and this module (the folder: manifest, lock, resume checks; the pipeline;
+the summary).
+
 Example::
 
     summary = run_audit("bundle/", ["line3/*.png", "todo.txt"], "audit_out/", masks=True)
@@ -67,60 +88,60 @@ Example::
 """
 from __future__ import annotations
 
-import csv
-import glob
-import hashlib
+import errno
 import inspect
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import time
 from array import array
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import cv2
 import numpy as np
 
-from anomaly.data.io import IMAGE_EXTENSIONS, ImageReadError, atomic_write, list_images, read_image, shrink, write_image
-from anomaly.deploy.runtime import ImageResult, Runtime
+from anomaly.data.io import IMAGE_EXTENSIONS
+from anomaly.deploy import render
+from anomaly.deploy.inputs import LIST_SUFFIXES, AuditError, expand_inputs, iter_inputs, output_id
+from anomaly.deploy.journal import RESULT_FIELDS, JournalWriter, iter_journal, load_journal, repair_journal, write_csv, write_json
+from anomaly.deploy.drift import drift_status
+from anomaly.deploy.render import (BROWSER_IMAGES, HEATMAP_JPEG_QUALITY, HEATMAP_MODES, HEATMAP_SIZE, RenderOptions,
+                                   error_record, finish_record, heatmap_overlay)
+from anomaly.deploy.runtime import Runtime
 
-__all__ = ["run_audit", "expand_inputs", "output_id", "load_journal", "iter_journal", "heatmap_overlay", "AuditError", "BROWSER_IMAGES",
-           "AuditProgress", "format_duration", "RESULT_FIELDS", "AUDIT_SCHEMA", "OUTPUT_DIRS", "HEATMAP_MODES",
-           "HEATMAP_SIZE"]
+try:  # POSIX; elsewhere audits of one folder are not locked against each other
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["run_audit", "expand_inputs", "iter_inputs", "output_id", "load_journal", "iter_journal", "heatmap_overlay",
+           "AuditError", "BROWSER_IMAGES", "AuditProgress", "format_duration", "RESULT_FIELDS", "AUDIT_SCHEMA",
+           "OUTPUT_DIRS", "HEATMAP_MODES", "HEATMAP_SIZE", "HEATMAP_JPEG_QUALITY", "LIST_SUFFIXES", "LOCK_FILE",
+           "RenderOptions", "finish_record", "error_record", "audit_lock", "is_audit_folder"]
 
 log = logging.getLogger(__name__)
 
 AUDIT_SCHEMA = "anomaly.audit/1"
-#: Columns of ``results.csv`` (``regions`` holds the JSON list of regions).
-RESULT_FIELDS = ("path", "id", "score", "probability", "label", "threshold", "n_regions", "regions", "width",
-                 "height", "thumbnail", "heatmap", "mask", "map", "reconstruction", "error")
+#: Where the scoring runs: this process, or a pool of Ray Data actors (:mod:`anomaly.deploy.ray_engine`).
+ENGINES = ("local", "ray")
 #: Sub-folders of ``OUT`` this module writes (removed by ``force=True``).
 OUTPUT_DIRS = ("thumbs", "heatmaps", "masks", "maps", "reconstructions")
 OUTPUT_FILES = ("results.jsonl", "results.csv", "summary.json", "audit.json", "report.html")
-LIST_SUFFIXES = (".txt", ".lst")
-#: Input formats a web browser shows itself (the review page links such originals directly).
-BROWSER_IMAGES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
-#: JPEG quality of ``heatmaps/<id>.jpg``. The overlays are for a person to look at: 85 against
-#: OpenCV's 95 halves the files (ELPV 300 px cells: 8.6 kB against 16.5 kB on average, 8 GB less
-#: per million images) and encodes faster, with 0.4 grey levels mean error (0.2 at 95): not visible.
-HEATMAP_JPEG_QUALITY = 85
-#: Which images get ``heatmaps/<id>.jpg``: every one, only the flagged ones, or none.
-HEATMAP_MODES = ("all", "flagged", "none")
-#: Default longest side of ``heatmaps/<id>.jpg`` (larger inputs are shrunk first; 0 = never).
-HEATMAP_SIZE = 1024
-_GLOB_CHARS = set("*?[")
-
-
-class AuditError(ValueError):
-    """A usage problem with an audit folder or its inputs (e.g. resuming with another bundle)."""
+#: The lock file a running audit holds in ``OUT`` (never deleted: deleting a held lock's file would
+#: let a second run lock a new one).
+LOCK_FILE = ".audit.lock"
+#: The options of the manifest a resume must match, with how a user sets each (for the messages).
+_OPTION_FLAGS = {"heatmaps": "--heatmaps", "heatmap_size": "--heatmap-size", "masks": "--masks",
+                 "save_maps": "--save-maps", "reconstructions": "--reconstructions",
+                 "thumbnail": "--thumbnail-size", "min_area": "min_area"}
 
 
 @dataclass(frozen=True)
@@ -144,339 +165,7 @@ class AuditProgress:
         return (self.total - self.done) / self.rate if self.rate > 0 else None
 
 
-# -- inputs ------------------------------------------------------------------------------------
-def _read_list(path: Path) -> list[str]:
-    """The paths listed in ``path``, as strings: a million-line list took 11.4 s and 721 MB (peak,
-    traced) to expand into Path objects, against 1.2 s and 210 MB as strings."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AuditError(f"{path}: cannot read the list file ({exc}); expected one image path per line") from exc
-    base = os.fspath(path.parent)
-    out = []
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        p = os.path.expanduser(line)
-        out.append(p if os.path.isabs(p) else os.path.join(base, p))
-    return out
-
-
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand audit inputs into a de-duplicated list of absolute paths, in the order given.
-
-    Args:
-        inputs: image files; folders (searched recursively for image extensions); globs (anything
-            containing ``* ? [``, expanded with :func:`glob.glob`, ``**`` recursive); list files
-            (``.txt``/``.lst``: one path per line, blank and ``#`` lines ignored, relative paths
-            relative to the list file). A listed path that does not exist is kept: it becomes an
-            error row, like any unreadable file.
-
-    Returns:
-        Absolute paths (not symlink-resolved); folder contents and glob matches sorted.
-
-    Raises:
-        FileNotFoundError: an input that is neither an existing path nor a glob with matches.
-    """
-    return [Path(a) for a in _expand(inputs)]
-
-
-def _expand(inputs: Sequence[str | os.PathLike]) -> list[str]:
-    """:func:`expand_inputs` as strings (what the audit keeps for a million inputs)."""
-    found: list[str | Path] = []
-    missing: list[str] = []
-    for item in inputs:
-        s = os.fspath(item)
-        p = Path(s).expanduser()
-        if p.is_dir():
-            found.extend(list_images(p))
-        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
-            found.extend(_read_list(p))
-        elif p.exists():
-            found.append(p)
-        elif _GLOB_CHARS & set(s):
-            matches = sorted(glob.glob(os.path.expanduser(s), recursive=True))
-            files = [Path(m) for m in matches if Path(m).is_file()]
-            dirs = [Path(m) for m in matches if Path(m).is_dir()]
-            if not files and not dirs:
-                missing.append(f"{s} (glob matched nothing)")
-            found.extend(files)
-            for d in dirs:
-                found.extend(list_images(d))
-        else:
-            missing.append(s)
-    if missing:
-        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
-    seen: set[str] = set()
-    out = []
-    for p in found:
-        a = os.path.abspath(p)
-        if a not in seen:
-            seen.add(a)
-            out.append(a)
-    return out
-
-
-def output_id(path: str | os.PathLike) -> str:
-    """File-name stem of the outputs of ``path``: ``<stem>-<sha1 of the absolute path, 10 hex>``.
-
-    Stable across runs and unique per input even when inputs share a file name.
-    """
-    a = os.path.abspath(path)
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(a).stem)[:48] or "image"
-    return f"{stem}-{hashlib.sha1(a.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
-
-
-# -- journal -----------------------------------------------------------------------------------
-def iter_journal(path: str | os.PathLike, bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
-    """The records of ``results.jsonl``, in journal order, read line by line.
-
-    A million-image journal is some 370 MB: a resume that held every record took 3.3 GB, so
-    callers that need one pass (a resume, the review page) stream it. A truncated or unparsable
-    line (a killed run) is skipped with a warning.
-
-    Args:
-        bad: if given, the 1-based numbers of the skipped lines are appended to it.
-    """
-    p = Path(path)
-    if not p.is_file():
-        return
-    skipped: list[int] = [] if bad is None else bad
-    first = len(skipped)
-    with open(p, "rb") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.endswith(b"\n"):  # a last line without its newline was being written when the run stopped
-                if line.strip():
-                    skipped.append(number)
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                skipped.append(number)
-                continue
-            if isinstance(rec, dict) and "path" in rec:
-                yield rec
-            else:
-                skipped.append(number)
-    if len(skipped) > first:
-        log.warning("%s: skipped %d incomplete line(s) left by an interrupted run", p, len(skipped) - first)
-
-
-def _repair_journal(path: Path, bad: Sequence[int]) -> None:
-    """Rewrite ``path`` (atomically, streaming) without the lines ``bad`` and without a torn last
-    line, so that appending continues from a clean line boundary."""
-    drop = set(bad)
-    with open(path, "rb") as src, atomic_write(path, "wb") as dst:
-        for number, line in enumerate(src, 1):
-            if line.endswith(b"\n") and number not in drop:
-                dst.write(line)
-
-
-def load_journal(path: str | os.PathLike, repair: bool = False) -> list[dict[str, Any]]:
-    """Read ``results.jsonl`` into a list (:func:`iter_journal` streams it); a truncated or
-    unparsable line (a killed run) is dropped.
-
-    Args:
-        repair: rewrite the file (atomically) without the dropped lines, so appending continues
-            from a clean line boundary.
-
-    Returns:
-        The records, in journal order.
-    """
-    bad: list[int] = []
-    records = list(iter_journal(path, bad))
-    if repair and bad:
-        _repair_journal(Path(path), bad)
-    return records
-
-
-def _csv_row(rec: dict[str, Any]) -> list[Any]:
-    """The CSV row of one record, in :data:`RESULT_FIELDS` order."""
-    def num(v: Any) -> str:
-        return "" if v is None else f"{v:.6g}"
-
-    regions = rec.get("regions") or []
-    label = rec.get("label")
-    row = {"score": num(rec.get("score")), "probability": num(rec.get("probability")),
-           "threshold": num(rec.get("threshold")), "label": "" if label is None else label,
-           "n_regions": len(regions) if rec.get("error") is None else "",
-           "regions": json.dumps(regions, separators=(",", ":")) if regions else "", "error": rec.get("error") or ""}
-    return [row[k] if k in row else ("" if rec.get(k) is None else rec[k]) for k in RESULT_FIELDS]
-
-
-def _write_csv(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    with atomic_write(path, newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(RESULT_FIELDS)
-        writer.writerows(_csv_row(rec) for rec in records)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_write(path, encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-
-
-# -- images ------------------------------------------------------------------------------------
-def _rgb8(image: np.ndarray) -> np.ndarray:
-    """``(H, W[, 1|3|4])`` uint8, uint16 or float in [0, 1] -> uint8 ``(H, W)`` grey or ``(H, W, 3)``
-    RGB (alpha dropped). Grey stays one channel: a grey JPEG encodes in about half the time."""
-    img = image
-    if img.ndim == 3 and img.shape[2] == 4:
-        img = img[:, :, :3]
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.dtype == np.uint8:
-        return np.ascontiguousarray(img)
-    if img.dtype == np.uint16:
-        return np.ascontiguousarray(img >> 8).astype(np.uint8)
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmax: float, alpha: float = 0.5, *,
-                    bgr: bool = False) -> np.ndarray:
-    """Colour the map (0 -> blue, ``vmax`` -> red) over the image at the image's resolution.
-
-    Args:
-        image: ``(H, W)`` or ``(H, W, C)``, uint8, uint16 or float in [0, 1] (as
-            ``anomaly.data.io.read_image`` returns it, raw or not).
-        anomaly_map: ``(S, S)`` float map at model resolution.
-        vmax: map value drawn as full red (e.g. twice the pixel threshold).
-        bgr: return OpenCV's BGR order (what the audit hands to the JPEG encoder).
-
-    Returns:
-        uint8 ``(H, W, 3)`` RGB (BGR with ``bgr=True``).
-    """
-    from anomaly.deploy.regions import overlay_heatmap
-
-    img = _rgb8(image)
-    if bgr and img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    return overlay_heatmap(img, anomaly_map, 0.0, vmax, alpha=alpha, bgr=bgr)
-
-
-def _thumbnail(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 grey or RGB image whose longest side is at most ``size`` (shrunk before converting)."""
-    if max(image.shape[:2]) > size:
-        image = shrink(image[:, :, :3] if image.ndim == 3 and image.shape[2] == 4 else image, size)
-    return _rgb8(image)
-
-
-def _wants_thumbnail(path: str | os.PathLike, h: int, w: int, o: "_Options") -> bool:
-    """Whether ``thumbs/<id>.jpg`` is worth a file (see the module docstring)."""
-    if o.thumbnail <= 0:
-        return False
-    return o.heatmaps == "none" or max(h, w) > 2 * o.thumbnail or Path(path).suffix.lower() not in BROWSER_IMAGES
-
-
-@contextmanager
-def _opencv_threads(n: int) -> Iterator[None]:
-    """Set OpenCV's own thread count for the block (process-wide), then restore it.
-
-    The audit runs with 1: its decode/inference workers and file writers already keep every core
-    busy, and OpenCV splitting each small resize or blend over the cores as well doubled the
-    CPU time of the heatmap overlay (300 px ELPV cell: 1.03 ms against 0.46 ms single-threaded).
-    """
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(n)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(previous)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    # not atomic, like the images: the journal line comes after the files (see _finish)
-    with open(path, "wb") as fh:
-        np.save(fh, np.asarray(array, dtype=np.float32))
-
-
-@dataclass(frozen=True)
-class _Options:
-    out: Path
-    heatmaps: str  # one of HEATMAP_MODES
-    heatmap_size: int  # longest side of a heatmap; 0 = the input's
-    masks: bool
-    save_maps: bool
-    reconstructions: bool
-    thumbnail: int
-    pixel_threshold: float | None
-    vmax: float
-    min_area: int
-
-    @property
-    def needs_image(self) -> bool:
-        return self.thumbnail > 0 or self.heatmaps != "none"
-
-
-def _finish(r: ImageResult, o: _Options) -> dict[str, Any]:
-    """Regions and image files of one scored image -> its journal record.
-
-    The files are written first and plainly (not via rename): the record reaches the journal only
-    after they are complete, so a crash can tear only files of images that a resume redoes.
-    """
-    from anomaly.deploy.regions import find_regions
-
-    oid = output_id(r.path)
-    image = getattr(r, "image", None)
-    try:
-        if image is None and o.needs_image:  # a runtime without ``keep_image``: read the file again
-            image = read_image(r.path)
-    except ImageReadError as exc:
-        return _error_record(str(r.path), f"scored, then could not be read again for its outputs: {exc}")
-    amap, recon = r.anomaly_map, r.reconstruction
-    h, w = r.original_size if r.original_size else image.shape[:2]
-    rec: dict[str, Any] = {"id": oid, "path": str(r.path), "score": r.score, "probability": r.probability,
-                           "label": r.label, "threshold": r.threshold, "width": int(w), "height": int(h), "regions": []}
-    files: dict[str, str | None] = dict.fromkeys(("thumbnail", "heatmap", "mask", "map", "reconstruction"))
-    try:
-        mask = None
-        # bilinear resizing never exceeds the map's maximum: a map below the pixel threshold has no
-        # regions, which spares the full-resolution work for most (normal) images
-        if o.pixel_threshold is not None and float(amap.max()) > o.pixel_threshold:
-            regions = getattr(r, "regions", None)  # the runtime's workers found them (same threshold, min_area)
-            if o.masks or regions is None:
-                mask, regions = find_regions(amap, o.pixel_threshold, original_size=(h, w), min_area=o.min_area)
-            rec["regions"] = [{"x": g.x, "y": g.y, "w": g.w, "h": g.h, "area": g.area, "peak": round(g.peak, 6),
-                               "mean": round(g.mean, 6)} for g in regions]
-        heatmap = o.heatmaps == "all" or (o.heatmaps == "flagged" and r.label != 0)  # label -1: uncalibrated
-        # a large input is shrunk once, for the heatmap, and the thumbnail comes from that
-        base = _thumbnail(image, o.heatmap_size) if heatmap and o.heatmap_size > 0 else image
-        if _wants_thumbnail(r.path, h, w, o):
-            files["thumbnail"] = f"thumbs/{oid}.jpg"
-            write_image(o.out / files["thumbnail"], _thumbnail(base, o.thumbnail), atomic=False)
-        if heatmap:
-            files["heatmap"] = f"heatmaps/{oid}.jpg"
-            write_image(o.out / files["heatmap"], heatmap_overlay(base, amap, o.vmax, bgr=True), atomic=False, bgr=True,
-                        quality=HEATMAP_JPEG_QUALITY)
-        if o.masks:
-            files["mask"] = f"masks/{oid}.png"
-            write_image(o.out / files["mask"], mask if mask is not None else np.zeros((h, w), np.uint8), atomic=False,
-                        bilevel=True)
-        if o.save_maps:
-            files["map"] = f"maps/{oid}.npy"
-            _save_npy(o.out / files["map"], amap)
-        if o.reconstructions and recon is not None:
-            files["reconstruction"] = f"reconstructions/{oid}.png"
-            x = np.asarray(recon, dtype=np.float32)  # (C, S, S) in [0, 1]
-            write_image(o.out / files["reconstruction"], _rgb8(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)), atomic=False)
-    except (ValueError, cv2.error) as exc:  # image-specific; disk errors (OSError) stop the run
-        rec["error"] = f"{r.path}: scored, but its outputs could not be made: {exc}"
-    rec.update(files)
-    rec.setdefault("error", None)
-    return rec
-
-
-def _error_record(path: str, error: str) -> dict[str, Any]:
-    return {"id": output_id(path), "path": path, "score": None, "probability": None, "label": None,
-            "threshold": None, "width": None, "height": None, "regions": [], "thumbnail": None, "heatmap": None,
-            "mask": None, "map": None, "reconstruction": None, "error": error}
-
-
-# -- folder state ------------------------------------------------------------------------------
+# -- the folder: manifest, lock, force, resume -------------------------------------------------
 def _calibration_snapshot(rt: Runtime) -> dict[str, Any]:
     cal = rt.calibration  # a conditional model's own category's, when calibrated on its own
     image = cal.get("image") or {}
@@ -487,8 +176,87 @@ def _calibration_snapshot(rt: Runtime) -> dict[str, Any]:
 
 
 def _calibration_sha256(rt: Runtime) -> str:
+    import hashlib
+
     blob = json.dumps(rt.calibration, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    """``out/audit.json`` when it is this tool's manifest, else ``None`` (absent, torn, foreign)."""
+    try:
+        old = json.loads((out / "audit.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(old, dict) and str(old.get("schema", "")).startswith("anomaly.audit/"):
+        return old
+    return None
+
+
+def is_audit_folder(out: str | os.PathLike) -> bool:
+    """Whether ``out`` holds an ``audit.json`` written by this module (what ``force`` requires
+    of a folder that is not empty)."""
+    return _read_manifest(Path(out)) is not None
+
+
+def _check_force(out: Path) -> None:
+    """Refuse ``force`` on a folder that is neither empty nor an audit folder: it would delete the
+    folders ``masks/``, ``maps/``, ... that a user's project may hold under those names."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise AuditError(f"--out {out} is a file, expected a folder (new, empty, or of an earlier audit)")
+    entries = sorted(e for e in os.listdir(out) if e != LOCK_FILE)
+    if not entries or is_audit_folder(out):
+        return
+    doomed = [e for e in entries if e in OUTPUT_DIRS or e in OUTPUT_FILES]
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise AuditError(f"--force would delete {', '.join(doomed) if doomed else 'the audit outputs'} in {out}, but {out} is "
+                     f"not an audit folder: it holds no audit.json of `anomaly audit` and is not empty ({len(entries)} "
+                     f"entries: {shown}). Use a new or empty folder as --out, or the folder of an earlier audit")
+
+
+@contextmanager
+def audit_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock on the audit folder ``out`` for the block.
+
+    ``fcntl.flock`` on ``out/.audit.lock`` (created; it records the holder's pid, host and start
+    time for the message a second run gets). The lock belongs to the open file: the operating
+    system drops it when the process ends, killed or not, so a crash never leaves a folder locked.
+
+    Raises:
+        AuditError: another process holds the lock (the message names the folder and its pid).
+    """
+    out = Path(out)
+    if fcntl is None:  # pragma: no cover - no flock on this platform
+        yield
+        return
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except (OSError, ValueError):
+                holder = {}
+            who = f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}" \
+                if isinstance(holder, dict) and holder.get("pid") else "pid unknown"
+            raise AuditError(f"{out} is being audited by another run ({who}); two audits on one folder would mix "
+                             "their journals. Wait for it to finish, or use another --out") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _clear(out: Path) -> None:
@@ -499,25 +267,46 @@ def _clear(out: Path) -> None:
             shutil.rmtree(out / name)
 
 
-def _prepare(out: Path, rt: Runtime, manifest: dict[str, Any], resume: bool, force: bool) -> bool:
-    """Check / reset ``out``; returns whether its journal holds results to resume from."""
+def _flag(key: str, value: Any) -> str:
+    """How a user asks for option ``key`` = ``value`` (``--masks``, ``--heatmap-size 160``, ...)."""
+    flag = _OPTION_FLAGS.get(key, key)
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    if key == "min_area":
+        return f"min_area={value}"
+    return f"{flag} {value}"
+
+
+def _check_options(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse to resume with output options other than the folder's (some images would have masks,
+    maps, heatmaps of one size... and others not)."""
+    if not isinstance(old, dict):
+        log.warning("%s: its audit.json records no output options; resuming with these", out)
+        return
+    differ = [k for k in new if k in old and old[k] != new[k]]
+    if not differ:
+        return
+    what = "; ".join(f"{_OPTION_FLAGS.get(k, k)} was {old[k]!r}, now {new[k]!r}" for k in differ)
+    same = ", ".join(_flag(k, old[k]) for k in differ)
+    raise AuditError(f"{out} was audited with other output options ({what}); resuming would mix images written "
+                     f"two ways. Rerun with the folder's options ({same}) to resume it, use another --out, "
+                     "or --force to start over")
+
+
+def _prepare(out: Path, manifest: dict[str, Any], resume: bool, force: bool) -> bool:
+    """Check / reset ``out`` (locked); returns whether its journal holds results to resume from."""
     journal = out / "results.jsonl"
     if force:
+        _check_force(out)  # again, under the lock
         _clear(out)
         return False
-    old_manifest_path = out / "audit.json"
     has_results = journal.is_file() and journal.stat().st_size > 0
     if not has_results:
         return False
     if not resume:
         raise AuditError(f"{out} already holds an audit ({journal.name}); pass --resume to continue it "
                          "or --force to start over")
-    old: dict[str, Any] = {}
-    if old_manifest_path.is_file():
-        try:
-            old = json.loads(old_manifest_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
+    old = _read_manifest(out) or {}
     if old.get("bundle_sha256") != manifest["bundle_sha256"]:
         raise AuditError(f"{out} was audited with another model (bundle sha256 {str(old.get('bundle_sha256'))[:12]}…, "
                          f"this bundle {manifest['bundle_sha256'][:12]}…, {manifest['bundle']}); resuming would mix "
@@ -530,9 +319,13 @@ def _prepare(out: Path, rt: Runtime, manifest: dict[str, Any], resume: bool, for
         raise AuditError(f"{out} was audited with a different calibration of this bundle (the threshold changed "
                          f"since: {old.get('calibration', {}).get('threshold')} -> {manifest['calibration']['threshold']}); "
                          "resuming would mix labels of two thresholds. Use another --out, or --force to start over")
+    _check_options(out, old.get("options"), manifest["options"])
+    if old.get("created"):
+        manifest["created"] = old["created"]
     return True
 
 
+# -- the summary -------------------------------------------------------------------------------
 def _histogram(values: Sequence[float] | np.ndarray, bins: int = 30) -> dict[str, list] | None:
     if not len(values):
         return None
@@ -559,7 +352,7 @@ class _Tally:
 
 
 def _summary(tally: _Tally, manifest: dict[str, Any], new: int, skipped: int, seconds: float,
-             out: Path, opts: _Options) -> dict[str, Any]:
+             out: Path, opts: RenderOptions) -> dict[str, Any]:
     scores = np.frombuffer(tally.scores, dtype=np.float64) if len(tally.scores) else np.zeros(0)
     flagged, passed = tally.flagged, tally.passed
     return {
@@ -580,6 +373,38 @@ def _summary(tally: _Tally, manifest: dict[str, Any], new: int, skipped: int, se
         "maps": str(out / "maps") if opts.save_maps else None,
         "reconstructions": str(out / "reconstructions") if opts.reconstructions else None,
     }
+
+
+# -- the records -------------------------------------------------------------------------------
+def local_records(rt: Runtime, paths: Sequence[str], opts: RenderOptions, *, batch_size: int = 16,
+                  workers: int = 1) -> Iterator[dict[str, Any]]:
+    """The in-process record source: ``rt`` scores ``paths`` (decoding ahead in its threads) and
+    ``workers`` threads write each image's files (:func:`~anomaly.deploy.render.finish_record`);
+    yields one journal record per path, in input order.
+
+    At most ``2 * batch_size`` scored images wait for their files, which bounds the decoded
+    images held in memory.
+    """
+    # the runtime decodes each image once and hands it back (keep_image) for the overlays, shrunk
+    # to what they need: holding the originals in flight took the audit of 12-MP JPEGs to 2.7 GB
+    # (0.76 GB shrunk)
+    keep = {"keep_image": opts.keep_image} if "keep_image" in inspect.signature(rt.score_paths).parameters else {}
+    with ThreadPoolExecutor(workers, thread_name_prefix="audit-write") as write_pool:
+        pending: deque[Future] = deque()
+
+        def ready(limit: int) -> Iterator[dict[str, Any]]:
+            while len(pending) > limit or (pending and pending[0].done()):
+                yield pending.popleft().result()
+
+        for r in rt.score_paths(paths, batch_size=batch_size, keep_reconstruction=opts.reconstructions, **keep):
+            if r.error is not None:
+                f: Future = Future()
+                f.set_result(error_record(str(r.path), r.error))
+                pending.append(f)
+            else:
+                pending.append(write_pool.submit(render.finish_record, r, opts))
+            yield from ready(limit=2 * batch_size)
+        yield from ready(limit=0)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -605,6 +430,10 @@ def run_audit(
     tf32: bool = False,
     csv_every: int = 256,
     min_area: int = 16,
+    fsync: bool = True,
+    engine: str = "local",
+    ray_address: str | None = None,
+    actors: int | None = None,
     progress: Callable[[AuditProgress], None] | None = None,
 ) -> dict[str, Any]:
     """Audit ``inputs`` with ``bundle`` into ``out`` (see the module docstring); returns the summary.
@@ -613,7 +442,7 @@ def run_audit(
         bundle: bundle folder (``model.onnx`` + ``model.json``).
         inputs: files, folders, globs and ``.txt``/``.lst`` list files (see :func:`expand_inputs`).
         out: output folder (created).
-        batch_size: images per inference call.
+        batch_size: images per inference call (and per journal commit).
         heatmaps: which images get a heatmap overlay: ``"all"`` (or ``True``), ``"flagged"`` (label 1;
             every image when the bundle is uncalibrated) or ``"none"`` (or ``False``).
         heatmap_size: longest side of the heatmap files; larger inputs are shrunk for them (region
@@ -622,7 +451,8 @@ def run_audit(
         thumbnail: longest side of ``thumbs/<id>.jpg`` for the review page (written only for inputs
             larger than twice this, inputs a browser cannot show, or with ``heatmaps="none"``); 0 = none.
         resume: skip inputs already in ``out/results.jsonl``; if False and there are results, refuse.
-        force: delete previous outputs of this module in ``out`` and start over.
+        force: delete previous outputs of this module in ``out`` and start over (only in an audit
+            folder or an empty one).
         workers: threads that write image files (default ``min(4, cpu count)``).
         decode_workers: the runtime's decoding threads (default: :class:`anomaly.deploy.runtime.Runtime`'s,
             which depends on the pipeline and the machine).
@@ -631,6 +461,15 @@ def run_audit(
         tf32: let CUDA run float32 in TF32 (see :class:`anomaly.deploy.runtime.Runtime`; off by default).
         csv_every: flush ``results.csv`` after this many new images (and at the end).
         min_area: smallest region kept, in original pixels.
+        fsync: make every batch durable (image files and journal lines fsynced before the next
+            batch; see the module docstring). ``False`` only for throwaway folders (benchmarks).
+        engine: ``"local"`` (this process: the runtime's decode threads, ``workers`` writer threads)
+            or ``"ray"``: the scoring and rendering run in a pool of Ray Data actors, each holding a
+            runtime (:mod:`anomaly.deploy.ray_engine`); everything else, the journal included, is
+            the same. ``bundle``, the inputs and ``out`` must then be paths every Ray node sees.
+        ray_address: the Ray cluster (``"auto"``, ``"HOST:PORT"``); ``None``: a local Ray started
+            for this audit (or the one this process already runs).
+        actors: size of the Ray actor pool (default: one per CPU of the cluster).
         progress: called with an :class:`AuditProgress` after each image.
 
     Returns:
@@ -640,8 +479,9 @@ def run_audit(
     Raises:
         anomaly.deploy.bundle.BundleError: the bundle is missing or inconsistent.
         FileNotFoundError: an input path does not exist (or a glob matches nothing).
-        AuditError: no images in the inputs, ``out`` belongs to another bundle / calibration, or a bad
-            option (batch size, heatmap mode).
+        AuditError: no images in the inputs, ``out`` belongs to another bundle / calibration / set
+            of output options, another audit is running on ``out``, ``force`` on a folder that is
+            not an audit folder, or a bad option (batch size, heatmap mode).
     """
     if batch_size < 1:
         raise AuditError(f"batch size must be >= 1, got {batch_size}")
@@ -658,14 +498,26 @@ def run_audit(
         raise AuditError(f"workers must be >= 1, got {workers}")
     if threads is not None and threads < 1:
         raise AuditError(f"threads must be >= 1, got {threads}")
+    if engine not in ENGINES:
+        raise AuditError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if actors is not None and actors < 1:
+        raise AuditError(f"actors must be >= 1, got {actors}")
+    if engine != "ray" and (ray_address is not None or actors is not None):
+        raise AuditError("--address and --actors are options of --engine ray")
     # the bundle before the inputs: a wrong bundle path should not wait for a million-line list
     rt = Runtime(bundle, device=device, category=category, min_area=min_area, decode_workers=decode_workers,
                  threads=threads, tf32=tf32)
-    paths = _expand(inputs)
+    # the whole list before the folder is touched: a list file that fails half-way must not
+    # follow a --force that has already cleared the folder
+    paths = list(iter_inputs(inputs))
     if not paths:
         raise AuditError(f"no images found in {', '.join(map(str, inputs))} "
                          f"(looked for {', '.join(IMAGE_EXTENSIONS)} in folders)")
     out = Path(out)
+    if force:
+        _check_force(out)  # before the lock file is made in someone's folder
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"--out {out} is a file, expected a folder")
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
         "schema": AUDIT_SCHEMA, "bundle": str(Path(bundle).resolve()),
@@ -677,90 +529,74 @@ def run_audit(
                     "reconstructions": reconstructions,
                     "thumbnail": thumbnail, "min_area": min_area},
     }
-    resuming = _prepare(out, rt, manifest, resume, force)
-    if (out / "audit.json").is_file() and resuming:
-        manifest["created"] = json.loads((out / "audit.json").read_text()).get("created", manifest["created"])
-    _write_json(out / "audit.json", manifest)
+    with audit_lock(out):
+        _prepare(out, manifest, resume, force)
+        write_json(out / "audit.json", manifest)
 
-    # one streaming pass over the journal: what is done, the summary's tallies, and results.csv,
-    # rebuilt once and then appended to (rewriting it every few hundred images made an audit
-    # quadratic in its size). The records themselves are not kept: a million of them took 3.3 GB.
-    done_paths: set[str] = set()
-    tally = _Tally()
-    bad: list[int] = []
+        # one streaming pass over the journal: what is done, the summary's tallies, and results.csv,
+        # rebuilt once and then appended to (rewriting it every few hundred images made an audit
+        # quadratic in its size). The records themselves are not kept: a million of them took 3.3 GB.
+        done_paths: set[str] = set()
+        tally = _Tally()
+        bad: list[int] = []
 
-    def replay() -> Iterator[dict[str, Any]]:
-        for rec in iter_journal(out / "results.jsonl", bad):
-            done_paths.add(rec["path"])
-            tally.add(rec)
-            yield rec
+        def replay() -> Iterator[dict[str, Any]]:
+            for rec in iter_journal(out / "results.jsonl", bad):
+                done_paths.add(rec["path"])
+                tally.add(rec)
+                yield rec
 
-    _write_csv(out / "results.csv", replay())
-    if bad:
-        _repair_journal(out / "results.jsonl", bad)
-    todo = [p for p in paths if p not in done_paths]
-    skipped = len(paths) - len(todo)
-    if skipped:
-        log.info("resuming %s: %d of %d images already audited", out, skipped, len(paths))
-    if rt.pixel_threshold is None:
-        log.warning("the bundle has no pixel threshold: no regions or masks (run `anomaly calibrate`)")
-    if heatmap_mode == "flagged" and rt.threshold is None:
-        log.warning("the bundle has no image threshold, so nothing is flagged: every image gets a heatmap "
-                    "(run `anomaly calibrate`)")
-    opts = _Options(out=out, heatmaps=heatmap_mode, heatmap_size=int(heatmap_size), masks=masks, save_maps=save_maps,
-                    reconstructions=reconstructions,
-                    thumbnail=int(thumbnail), pixel_threshold=rt.pixel_threshold,
-                    vmax=2.0 * (rt.pixel_threshold or 1.0), min_area=min_area)
-    for name, wanted in (("thumbs", opts.thumbnail > 0), ("heatmaps", heatmap_mode != "none"), ("masks", masks), ("maps", save_maps),
-                         ("reconstructions", reconstructions)):
-        if wanted:
-            (out / name).mkdir(exist_ok=True)
-    nworkers = workers or max(1, min(4, os.cpu_count() or 1))
-    t0 = time.monotonic()
-    new = 0
-    journal_path = out / "results.jsonl"
+        write_csv(out / "results.csv", replay())
+        if bad:
+            repair_journal(out / "results.jsonl", bad)
+        todo = [p for p in paths if p not in done_paths]
+        skipped = len(paths) - len(todo)
+        del paths, done_paths
+        if skipped:
+            log.info("resuming %s: %d of %d images already audited", out, skipped, skipped + len(todo))
+        if rt.pixel_threshold is None:
+            log.warning("the bundle has no pixel threshold: no regions or masks (run `anomaly calibrate`)")
+        if heatmap_mode == "flagged" and rt.threshold is None:
+            log.warning("the bundle has no image threshold, so nothing is flagged: every image gets a heatmap "
+                        "(run `anomaly calibrate`)")
+        opts = RenderOptions(out=out, heatmaps=heatmap_mode, heatmap_size=int(heatmap_size), masks=masks,
+                             save_maps=save_maps, reconstructions=reconstructions, thumbnail=int(thumbnail),
+                             pixel_threshold=rt.pixel_threshold, vmax=2.0 * (rt.pixel_threshold or 1.0),
+                             min_area=min_area, fsync=fsync)
+        for name, wanted in (("thumbs", opts.thumbnail > 0), ("heatmaps", heatmap_mode != "none"), ("masks", masks),
+                             ("maps", save_maps), ("reconstructions", reconstructions)):
+            if wanted:
+                (out / name).mkdir(exist_ok=True)
+        nworkers = workers or max(1, min(4, os.cpu_count() or 1))
+        t0 = time.monotonic()
+        new = 0
+        with render.opencv_threads(1), JournalWriter(out / "results.jsonl", out / "results.csv", csv_every=csv_every,
+                                                     fsync=fsync) as journal:
+            if engine == "ray":
+                from anomaly.deploy.ray_engine import score_with_ray
 
-    # the runtime decodes each image once and hands it back (keep_image) for the overlays, shrunk
-    # to what they need: holding the originals in flight took the audit of 12-MP JPEGs to 2.7 GB
-    # (0.76 GB shrunk)
-    sizes = ([opts.heatmap_size] if heatmap_mode != "none" else []) + ([opts.thumbnail] if opts.thumbnail > 0 else [])
-    keep_image: bool | int = (False if not sizes else True if 0 in sizes else max(sizes))
-    keep = {"keep_image": keep_image} if "keep_image" in inspect.signature(rt.score_paths).parameters else {}
-    with _opencv_threads(1), open(journal_path, "a", encoding="utf-8") as journal, \
-            open(out / "results.csv", "a", newline="", encoding="utf-8") as csv_file, \
-            ThreadPoolExecutor(nworkers, thread_name_prefix="audit-write") as write_pool:
-        pending: deque[Future] = deque()
-        csv_writer = csv.writer(csv_file)
-
-        def commit(rec: dict[str, Any]) -> None:
-            nonlocal new
-            journal.write(json.dumps(rec, allow_nan=False) + "\n")
-            journal.flush()
-            csv_writer.writerow(_csv_row(rec))
-            tally.add(rec)
-            new += 1
-            if csv_every > 0 and new % csv_every == 0:
-                csv_file.flush()
-            if progress:
-                progress(AuditProgress(new, len(todo), skipped, time.monotonic() - t0))
-
-        def drain(limit: int) -> None:
-            while len(pending) > limit or (pending and pending[0].done()):
-                commit(pending.popleft().result())
-
-        for r in rt.score_paths(todo, batch_size=batch_size, keep_reconstruction=reconstructions, **keep):
-            if r.error is not None:
-                f: Future = Future()
-                f.set_result(_error_record(str(r.path), r.error))
-                pending.append(f)
+                runtime_kwargs = {"device": device, "category": category, "min_area": min_area,
+                                  "decode_workers": decode_workers, "threads": threads, "tf32": tf32}
+                records = score_with_ray(Path(bundle).resolve(), todo, opts.to_dict(), runtime_kwargs=runtime_kwargs,
+                                         keep_image=opts.keep_image, keep_reconstruction=reconstructions,
+                                         batch_size=batch_size, actors=actors, address=ray_address)
             else:
-                pending.append(write_pool.submit(_finish, r, opts))
-            drain(limit=2 * batch_size)  # bounds the decoded images held for writing
-        drain(limit=0)
+                records = local_records(rt, todo, opts, batch_size=batch_size, workers=nworkers)
+            for rec in records:
+                journal.append(rec)
+                tally.add(rec)
+                new += 1
+                if journal.pending >= batch_size:
+                    journal.commit()  # one fsync per batch: an fsync per line cost as much as a small image
+                if progress:
+                    progress(AuditProgress(new, len(todo), skipped, time.monotonic() - t0))
 
-    seconds = time.monotonic() - t0
-    summary = _summary(tally, manifest, new, skipped, seconds, out, opts)
-    _write_json(out / "summary.json", summary)
+        seconds = time.monotonic() - t0
+        summary = _summary(tally, manifest, new, skipped, seconds, out, opts)
+        # the drift alarm of the service, over every score of this audit against the calibration's
+        summary["drift"] = drift_status(rt.calibration.get("reference_scores"),
+                                        np.asarray(tally.scores, dtype=np.float64)).to_dict()
+        write_json(out / "summary.json", summary)
     log.info("audited %d new images (%d skipped) in %.1fs: %d flagged, %d failed of %d", new, skipped, seconds,
              summary["flagged"], summary["failed"], summary["images"])
     return summary

@@ -77,6 +77,7 @@ def test_outputs_at_original_resolution_and_summary(trained_bundle: dict, tmp_pa
 def test_heatmap_files_are_the_overlay_in_rgb_and_opencv_runs_single_threaded(trained_bundle: dict, tmp_path: Path,
                                                                                monkeypatch) -> None:
     import anomaly.deploy.audit as audit
+    import anomaly.deploy.render as render
     from anomaly.data.io import read_image
     from anomaly.deploy.runtime import Runtime
 
@@ -87,13 +88,13 @@ def test_heatmap_files_are_the_overlay_in_rgb_and_opencv_runs_single_threaded(tr
     colour[:, 40:, 1] = 90
     cv2.imwrite(str(inputs / "colour.png"), colour)
     seen: list[int] = []
-    real_write = audit.write_image
+    real_write = render.write_image
 
     def spy(*args, **kwargs):  # OpenCV's thread count while the audit's files are made
         seen.append(cv2.getNumThreads())
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(audit, "write_image", spy)
+    monkeypatch.setattr(render, "write_image", spy)
     before = max(2, cv2.getNumThreads())
     cv2.setNumThreads(before)
     try:
@@ -316,7 +317,7 @@ def test_a_wrong_bundle_is_reported_before_the_inputs_are_read(tmp_path: Path, c
     import anomaly.deploy.audit as audit
 
     expanded = []
-    monkeypatch.setattr(audit, "_expand", lambda inputs: expanded.append(inputs) or [])
+    monkeypatch.setattr(audit, "iter_inputs", lambda inputs: expanded.append(inputs) or iter(()))
     assert main(["audit", str(tmp_path / "no_bundle"), str(tmp_path / "no_images"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "no_bundle" in err and "no_images" not in err

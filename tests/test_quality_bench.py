@@ -50,11 +50,11 @@ def test_per_kind_metrics_score_each_kind_against_the_normal_images_only() -> No
 def test_audit_split_accounts_for_the_audit_per_stage(trained_bundle: dict, tmp_path: Path) -> None:
     """``benchmarks/audit_split.py``: every image passes each stage once, the stages fit in the
     process's CPU, and the patched functions are put back."""
-    import anomaly.deploy.audit as audit
+    import anomaly.deploy.render as render
     from anomaly.deploy.runtime import Runtime
 
     mod = _benchmark("audit_split")
-    originals = (Runtime._decode, Runtime.infer, audit._finish, audit.write_image)
+    originals = (Runtime._decode, Runtime.infer, render.finish_record, render.write_image)
     images = sorted((trained_bundle["data"] / "test").rglob("*.png"))
     r = mod.measure(str(trained_bundle["bundle"]), [str(p) for p in images], str(tmp_path), batch_size=4)
     n = len(images)
@@ -65,7 +65,7 @@ def test_audit_split_accounts_for_the_audit_per_stage(trained_bundle: dict, tmp_
     assert ms["overlay"] + ms["write"] <= ms["finish"]  # parts of the per-image finish
     assert ms["decode"] + ms["infer"] + ms["finish"] + ms["main"] <= 1.05 * ms["process"] + 0.05
     assert 0 < r["heatmap_kb"] < 100
-    assert (Runtime._decode, Runtime.infer, audit._finish, audit.write_image) == originals
+    assert (Runtime._decode, Runtime.infer, render.finish_record, render.write_image) == originals
     assert list(tmp_path.iterdir()) == []  # its audit folder is removed
 
 
