@@ -21,7 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)):  # package, sibling modules
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from anomaly.deploy.bench import _inputs, bench_audit, time_window
+    from anomaly.deploy.bench import bench_audit
     from anomaly.deploy.runtime import Runtime
+    from harness import graph_windows
 
     rt = Runtime(args.bundle, device=args.device)
     print(f"bundle {args.bundle} on {rt.session.get_providers()[0]}; {os.cpu_count()} CPUs; images {args.images}; "
@@ -50,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     reference = {}
     for b in args.batch_sizes:
-        x = _inputs(rt.preprocess, b, args.images)
-        reference[b] = time_window(lambda: rt.infer(x), b, args.reference_seconds)
+        reference[b] = graph_windows(rt, b, args.images, args.reference_seconds)[0]
     head = f"{'batch':>5} {'threads':>7} {'decoders':>8} {'writers':>7} {'audit img/s':>11} {'whole run':>9} {'graph img/s':>11} {'share':>6}"
     print(head)
     print("-" * len(head))

@@ -1,4 +1,4 @@
-"""Synthetic defects: one generator to *train* repair models, another, separate one to *evaluate*.
+"""Synthetic training defects: corrupted normal images that repair models learn to undo.
 
 Reconstruction models trained on normal images only can be taught to *repair* anomalies by
 showing them corrupted normals and asking for the clean original back (DRAEM, Zavrtanik et al.,
@@ -18,29 +18,15 @@ Localization", CVPR 2021). This module holds:
   - ``"cutpaste"``: a rectangle of the image cut and pasted elsewhere, optionally rotated and
     colour-jittered (CutPaste and its "scar" variant).
 
-* :class:`EvalDefectGenerator` — the **evaluation** defects: shaded elliptical holes and dents,
-  branching random-walk cracks, foreign-object patches of another texture with blurred edges,
-  clusters of colour / brightness spots, and (colour images only) discoloured blotches whose
-  luma is unchanged.
 * :class:`SyntheticDefectDataset` — wraps a map-style dataset of normal images and yields
   ``{"image": defective, "target": clean, "mask": (1, S, S), ...}`` for the trainer.
 
-Why two generators that share no code path
-------------------------------------------
-A model trained to undo :class:`DefectSynthesizer`'s corruptions becomes very good at exactly
-those shapes and blending statistics. If the benchmark's defects were drawn by the same code (or
-by the same primitives with other parameters), the benchmark would reward memorising our own
-augmentation rather than detecting anomalies, and would overstate what to expect on a real line.
-So :class:`EvalDefectGenerator` is written independently: different shape primitives (ellipses
-with a surface-normal shading model, random walks, polygons; never Perlin thresholds, polylines,
-Bezier curves or cut-and-paste of the image itself), different appearance models (shading,
-darkening, alpha-composited foreign texture, truncated Gaussians) and its own private helpers.
-Only trivial layout helpers (shape checks, ``(C, H, W)`` <-> ``(H, W, C)``) are shared. A test
-checks that the evaluation code calls none of the training helpers. Real defect images, when
-available, remain the better benchmark.
+The benchmarks' evaluation defects are drawn by a separate generator that shares no code with
+this one and lives with the benchmarks (``benchmarks/eval_defects.py``): a benchmark drawn with
+training's own shapes would reward memorising them rather than detecting anomalies.
 
 All randomness comes from the ``numpy.random.Generator`` passed in, so outputs are reproducible.
-Torch-free (numpy + OpenCV), like the rest of :mod:`data`.
+Torch-free (numpy + OpenCV), like the rest of :mod:`anomaly.data`.
 
 Example::
 
@@ -48,7 +34,6 @@ Example::
     synth = DefectSynthesizer(p_defect=0.5)
     defective, mask = synth(image, rng)          # image (C, H, W) float32 in [0, 1]
     train_ds = SyntheticDefectDataset(ImageDataset(layout.train, pre), synth, seed=0)
-    bad, gt = EvalDefectGenerator()(image, rng, kind="crack")
 
     # DRAEM's way: fill the Perlin regions with other textures (a folder such as DTD)
     synth = DefectSynthesizer(texture_source=load_defect_sources("textures/"))
@@ -67,26 +52,18 @@ import numpy as np
 __all__ = [
     "perlin_noise",
     "DefectSynthesizer",
-    "EvalDefectGenerator",
     "SyntheticDefectDataset",
     "load_defect_sources",
     "TRAIN_KINDS",
-    "EVAL_KINDS",
-    "COLOUR_EVAL_KINDS",
 ]
 
 log = logging.getLogger(__name__)
 
 TRAIN_KINDS = ("perlin", "scratch", "stain", "cutpaste")
-EVAL_KINDS = ("hole", "crack", "foreign", "spot")
-#: Evaluation defects that exist only in colour: ``"discolour"`` changes hue and saturation at an
-#: unchanged luma, so a grayscale model cannot see it by construction. Kept out of
-#: :data:`EVAL_KINDS` so that the grayscale benchmarks' files never change.
-COLOUR_EVAL_KINDS = ("discolour",)
 
 
 # --------------------------------------------------------------------------------------------
-# Trivial shared helpers (layout only: no randomness, no appearance model)
+# Layout helpers (no randomness, no appearance model)
 # --------------------------------------------------------------------------------------------
 
 def _check_chw(image: np.ndarray, who: str) -> None:
@@ -212,7 +189,7 @@ def load_defect_sources(folder: str | os.PathLike, max_images: int = 256, max_si
     copies of the product itself that the default fill makes. Any folder of images serves
     (textures, photographs); it must not hold the defects that will be evaluated. Measured on this
     project's texture benchmark (scikit-image photographs as sources): no change either way
-    (``benchmarks/results/quality_session5.md``).
+    (``benchmarks/results/2026-11-21-quality-foreign-texture-blobs.md``).
 
     Args:
         folder: searched recursively for image files.
@@ -494,270 +471,6 @@ class DefectSynthesizer:
             return img * (1 - m) + m * moved, mask
         log.debug("cutpaste: no placement found for a %dx%d image, using a stain instead", h, w)
         return self._stain(img, rng)
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation defects (independent of everything above except the layout helpers)
-# --------------------------------------------------------------------------------------------
-
-def _eval_procedural_texture(h: int, w: int, c: int, rng: np.random.Generator) -> np.ndarray:
-    """A texture unlike natural surfaces: oriented gratings, checkers or dots, ``(H, W, C)``."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    theta = rng.uniform(0, np.pi)
-    period = rng.uniform(3.0, 9.0)
-    r = xx * np.cos(theta) + yy * np.sin(theta)
-    style = int(rng.integers(3))
-    if style == 0:
-        tex = 0.5 + 0.5 * np.sin(2 * np.pi * r / period)
-    elif style == 1:
-        q = -xx * np.sin(theta) + yy * np.cos(theta)
-        tex = ((np.floor(r / period) + np.floor(q / period)) % 2).astype(np.float32)
-    else:
-        q = -xx * np.sin(theta) + yy * np.cos(theta)
-        tex = (np.sin(2 * np.pi * r / period) * np.sin(2 * np.pi * q / period) > 0.3).astype(np.float32)
-    tex = tex * rng.uniform(0.3, 0.8) + rng.uniform(0.0, 0.3)
-    out = np.repeat(tex[:, :, None], c, axis=2)
-    if c == 3:
-        out = out * rng.uniform(0.3, 1.0, size=(1, 1, 3))
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
-
-
-def _eval_random_walk(start: np.ndarray, heading: float, n_steps: int, step: float, wiggle: float,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Points ``(n_steps + 1, 2)`` of a correlated random walk and the heading at each point."""
-    turns = rng.normal(0.0, wiggle, size=n_steps)
-    headings = heading + np.cumsum(turns)
-    steps = step * np.stack([np.cos(headings), np.sin(headings)], axis=1)
-    pts = np.vstack([start, start + np.cumsum(steps, axis=0)])
-    return pts, np.concatenate([[heading], headings])
-
-
-class EvalDefectGenerator:
-    """Evaluation defects, independent of :class:`DefectSynthesizer` (see module docstring).
-
-    Kinds (``EVAL_KINDS``):
-
-    * ``"hole"``: an elliptical dent shaded by a directional light from its surface normals, or
-      (sometimes) a through-hole with a dark floor and a shaded inner wall.
-    * ``"crack"``: a dark, thin, correlated random walk with random branches.
-    * ``"foreign"``: a polygonal or elliptical patch of another texture (``foreign_textures``, or
-      procedural gratings / checkers / dots) composited with blurred edges.
-    * ``"spot"``: a cluster of truncated-Gaussian brightness (gray) or colour (RGB) spots.
-    * ``"discolour"`` (``COLOUR_EVAL_KINDS``, RGB images only): a blotch of overlapping ellipses,
-      blurred at the edge, whose chroma is rotated and rescaled in the YCbCr plane while its luma
-      (BT.601, what :class:`anomaly.data.preprocess.Preprocess` converts RGB to gray with) stays the same:
-      a stain, burn or wrong coating that a grayscale model cannot see.
-
-    Args:
-        kinds: subset of ``EVAL_KINDS + COLOUR_EVAL_KINDS`` drawn from uniformly when ``kind`` is
-            not given.
-        foreign_textures: images for ``"foreign"`` patches (same formats as
-            ``DefectSynthesizer.texture_source``).
-        size_range: defect extent as a fraction of the image side, ``(low, high)``.
-
-    Call: ``gen(image (C, H, W) float32 in [0, 1], rng, kind=None) -> (defective (C, H, W)
-    float32 in [0, 1], mask (1, H, W) float32 in {0, 1})``. The mask is never empty.
-    """
-
-    def __init__(self, kinds: Sequence[str] = EVAL_KINDS, foreign_textures: Sequence[np.ndarray] | None = None,
-                 size_range: tuple[float, float] = (0.1, 0.3)) -> None:
-        kinds = tuple(kinds)
-        unknown = [k for k in kinds if k not in EVAL_KINDS + COLOUR_EVAL_KINDS]
-        if not kinds or unknown:
-            raise ValueError(f"EvalDefectGenerator: unknown kinds {unknown or '(none given)'}; "
-                             f"expected a subset of {EVAL_KINDS + COLOUR_EVAL_KINDS}")
-        if not 0.0 < size_range[0] <= size_range[1] <= 1.0:
-            raise ValueError(f"EvalDefectGenerator: size_range must satisfy 0 < low <= high <= 1, got {size_range}")
-        self.kinds = kinds
-        self.foreign_textures = list(foreign_textures) if foreign_textures is not None else None
-        self.size_range = (float(size_range[0]), float(size_range[1]))
-
-    def __repr__(self) -> str:
-        n = 0 if self.foreign_textures is None else len(self.foreign_textures)
-        return f"EvalDefectGenerator(kinds={self.kinds}, foreign_textures={n}, size_range={self.size_range})"
-
-    def __call__(self, image: np.ndarray, rng: np.random.Generator, kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        _check_chw(image, "EvalDefectGenerator")
-        if kind is None:
-            kind = self.kinds[int(rng.integers(len(self.kinds)))]
-        elif kind not in EVAL_KINDS + COLOUR_EVAL_KINDS:
-            raise ValueError(f"EvalDefectGenerator: unknown kind {kind!r}; expected one of {EVAL_KINDS + COLOUR_EVAL_KINDS}")
-        if kind in COLOUR_EVAL_KINDS and image.shape[0] != 3:
-            raise ValueError(f"EvalDefectGenerator: {kind!r} changes colour at constant luma and needs an RGB "
-                             f"(3, H, W) image, got {image.shape[0]} channel(s)")
-        img = _to_hwc(np.clip(image, 0.0, 1.0))
-        out, mask = getattr(self, f"_make_{kind}")(img, rng)
-        if not mask.any():  # cannot happen for sane sizes; keep the contract anyway
-            raise RuntimeError(f"EvalDefectGenerator: empty {kind} mask for image {image.shape}")
-        return _to_chw(np.clip(out, 0.0, 1.0)), mask[None].astype(np.float32)
-
-    def _extent(self, size: int, rng: np.random.Generator) -> float:
-        return rng.uniform(*self.size_range) * size
-
-    def _make_hole(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        h, w, c = img.shape
-        size = min(h, w)
-        a = max(2.5, self._extent(size, rng) / 2)
-        b = max(2.0, a * rng.uniform(0.5, 1.0))
-        cy, cx = rng.uniform(a + 1, h - a - 1), rng.uniform(a + 1, w - a - 1)
-        phi = rng.uniform(0, np.pi)
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        dx, dy = xx - cx, yy - cy
-        u = (dx * np.cos(phi) + dy * np.sin(phi)) / a
-        v = (-dx * np.sin(phi) + dy * np.cos(phi)) / b
-        r2 = u * u + v * v
-        mask = (r2 <= 1.0).astype(np.float32)
-        if not mask.any():
-            mask[int(round(cy)), int(round(cx))] = 1.0
-        # Paraboloid dent z = -depth * (1 - r^2); normals from its gradient, Lambertian shading
-        # relative to the flat surface (ratio = 1 outside the dent).
-        depth = rng.uniform(0.25, 0.6)  # depth at the centre relative to the half-axes
-        dzdx = 2 * depth * (u * np.cos(phi) - v * np.sin(phi) * a / b)
-        dzdy = 2 * depth * (u * np.sin(phi) + v * np.cos(phi) * a / b)
-        light_az, light_el = rng.uniform(0, 2 * np.pi), rng.uniform(np.radians(35), np.radians(60))
-        lx, ly, lz = np.cos(light_az) * np.cos(light_el), np.sin(light_az) * np.cos(light_el), np.sin(light_el)
-        norm = np.sqrt(dzdx ** 2 + dzdy ** 2 + 1.0)
-        shade = np.clip((-dzdx * lx - dzdy * ly + lz) / (norm * lz), 0.15, 1.8)
-        # The dented material is pressed smooth: soften the texture inside.
-        k = max(3, (int(size * 0.03) | 1))
-        smooth = cv2.GaussianBlur(img, (k, k), 0)
-        if smooth.ndim == 2:
-            smooth = smooth[:, :, None]
-        base = 0.5 * img + 0.5 * smooth
-        out_in = base * shade[:, :, None]
-        if rng.random() < 0.4:  # through-hole: dark floor inside an inner ellipse
-            floor = r2 <= rng.uniform(0.3, 0.6)
-            out_in = np.where(floor[:, :, None], img * rng.uniform(0.05, 0.25) + 0.02, out_in)
-        m = mask[:, :, None]
-        return img * (1 - m) + out_in * m, mask
-
-    def _make_crack(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        h, w, c = img.shape
-        size = min(h, w)
-        mask8 = np.zeros((h, w), np.uint8)
-        length = rng.uniform(1.5, 3.5) * self._extent(size, rng)
-        step = max(1.0, size / 96)
-        start = rng.uniform(0.2, 0.8, size=2) * [w - 1, h - 1]
-        pending = [(start, rng.uniform(0, 2 * np.pi), int(length / step), 0)]
-        width = 1 if size < 160 else 2
-        while pending:
-            p0, heading, n, depth = pending.pop()
-            if n < 2:
-                continue
-            pts, headings = _eval_random_walk(np.asarray(p0, np.float64), heading, n, step, 0.22, rng)
-            cv2.polylines(mask8, [np.round(pts).astype(np.int32).reshape(-1, 1, 2)], False, 1,
-                          max(1, width - depth), cv2.LINE_8)
-            if depth < 2:
-                for i in np.flatnonzero(rng.random(n) < 0.035):
-                    turn = rng.uniform(0.35, 1.1) * (1 if rng.random() < 0.5 else -1)
-                    pending.append((pts[i], headings[i] + turn, int((n - i) * rng.uniform(0.2, 0.5)), depth + 1))
-        mask = mask8.astype(np.float32)
-        if not mask.any():
-            mask[int(start[1]), int(start[0])] = 1.0
-        darkness = rng.uniform(0.1, 0.4)
-        m = mask[:, :, None]
-        return img * (1 - m) + m * (img * darkness), mask
-
-    def _make_foreign(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        h, w, c = img.shape
-        size = min(h, w)
-        radius = max(3.0, self._extent(size, rng) / 2)
-        cy, cx = rng.uniform(radius, h - radius), rng.uniform(radius, w - radius)
-        shape8 = np.zeros((h, w), np.uint8)
-        if rng.random() < 0.6:  # irregular convex polygon
-            n = int(rng.integers(5, 10))
-            ang = np.sort(rng.uniform(0, 2 * np.pi, n))
-            rad = radius * rng.uniform(0.6, 1.0, n)
-            poly = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], axis=1)
-            cv2.fillPoly(shape8, [np.round(poly).astype(np.int32)], 1)
-        else:
-            axes = (int(round(radius)), int(round(radius * rng.uniform(0.4, 1.0))))
-            cv2.ellipse(shape8, (int(round(cx)), int(round(cy))), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        sigma = rng.uniform(0.8, 2.5)
-        alpha = cv2.GaussianBlur(shape8.astype(np.float32), (0, 0), sigma)
-        mask = (alpha > 0.5).astype(np.float32)
-        if not mask.any():
-            mask = shape8.astype(np.float32)
-            alpha = mask.copy()
-        if self.foreign_textures:
-            tex = _as_hwc_channels(self.foreign_textures[int(rng.integers(len(self.foreign_textures)))], c)
-            th, tw = tex.shape[:2]
-            y0, x0 = int(rng.integers(0, max(1, th - h) + 1)), int(rng.integers(0, max(1, tw - w) + 1))
-            patch = cv2.resize(tex[y0:y0 + h, x0:x0 + w], (w, h), interpolation=cv2.INTER_AREA)
-            if patch.ndim == 2:
-                patch = patch[:, :, None]
-        else:
-            patch = _eval_procedural_texture(h, w, c, rng)
-        # Make the object stand out from its surroundings: move its mean away from the local mean.
-        sel = mask > 0
-        local, own = img[sel].mean(axis=0), patch[sel].mean(axis=0)
-        gap = rng.uniform(0.12, 0.3)
-        target = np.where(local > 0.5, local - gap, local + gap)
-        patch = np.clip(patch + (target - own)[None, None, :] * (np.abs(own - local) < gap), 0.0, 1.0)
-        a = alpha[:, :, None]
-        return img * (1 - a) + patch * a, mask
-
-    def _make_spot(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        h, w, c = img.shape
-        size = min(h, w)
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        extent = self._extent(size, rng)
-        cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
-        profile = np.zeros((h, w), np.float32)
-        for _ in range(int(rng.integers(1, 4))):
-            sy, sx = cy + rng.normal(0, extent / 3), cx + rng.normal(0, extent / 3)
-            sigma = max(1.5, extent / 4 * rng.uniform(0.5, 1.0))
-            profile = np.maximum(profile, np.exp(-((yy - sy) ** 2 + (xx - sx) ** 2) / (2 * sigma ** 2)))
-        cut = 0.2
-        # Truncated (no tails), then flattened: a visible spot with a soft but definite edge.
-        profile = np.where(profile > cut, np.sqrt(profile), 0.0).astype(np.float32)
-        mask = (profile > 0).astype(np.float32)
-        if c == 1:
-            amp = rng.uniform(0.3, 0.5)
-            local = float(img[mask > 0].mean()) if mask.any() else 0.5
-            tint = np.array([amp if local < 0.5 else -amp], np.float32)
-        else:
-            tint = rng.uniform(-0.5, 0.5, size=3).astype(np.float32)
-            tint *= rng.uniform(0.3, 0.5) / (np.abs(tint).max() + 1e-6)
-        return img + profile[:, :, None] * tint[None, None, :], mask
-
-    def _make_discolour(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        h, w, _ = img.shape
-        size = min(h, w)
-        extent = self._extent(size, rng)
-        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
-        shape8 = np.zeros((h, w), np.uint8)
-        for _ in range(int(rng.integers(2, 5))):  # a blotch: overlapping ellipses around one centre
-            ey, ex = cy + rng.normal(0, extent / 5), cx + rng.normal(0, extent / 5)
-            axes = (max(2, int(round(extent / 2 * rng.uniform(0.5, 1.0)))), max(2, int(round(extent / 2 * rng.uniform(0.3, 0.8)))))
-            cv2.ellipse(shape8, (int(round(ex)), int(round(ey))), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        alpha = cv2.GaussianBlur(shape8.astype(np.float32), (0, 0), rng.uniform(1.0, 3.0))
-        alpha[alpha < 0.1] = 0.0  # the mask holds every pixel the blotch visibly changes
-        mask = (alpha > 0).astype(np.float32)
-        if not mask.any():
-            mask, alpha = shape8.astype(np.float32), shape8.astype(np.float32)
-        # BT.601 luma and chroma (the Y of cv2's RGB2GRAY / RGB2YCrCb, without its 0.5 offsets).
-        r, g, b = img[:, :, 0], img[:, :, 1], img[:, :, 2]
-        y = 0.299 * r + 0.587 * g + 0.114 * b
-        cb, cr = 0.564 * (b - y), 0.713 * (r - y)
-        # New chroma: rotated by 60-180 degrees, rescaled, plus a small cast so that gray areas change too.
-        theta = rng.uniform(np.pi / 3, np.pi) * (1 if rng.random() < 0.5 else -1)
-        scale = rng.uniform(0.8, 1.5)
-        cast_dir = rng.uniform(0, 2 * np.pi)
-        cast = rng.uniform(0.04, 0.08)
-        ncb = scale * (np.cos(theta) * cb - np.sin(theta) * cr) + cast * np.cos(cast_dir)
-        ncr = scale * (np.sin(theta) * cb + np.cos(theta) * cr) + cast * np.sin(cast_dir)
-        a = alpha.astype(np.float32)
-        ncb, ncr = cb + a * (ncb - cb), cr + a * (ncr - cr)
-        dr, db = 1.403 * ncr, 1.773 * ncb
-        chroma = np.stack([dr, -(0.299 * dr + 0.114 * db) / 0.587, db], axis=2)  # RGB minus luma: zero luma exactly
-        # Pull the chroma toward gray where it would leave [0, 1]: the luma stays exactly the same.
-        yy = y[:, :, None]
-        room = np.where(chroma > 0, (1.0 - yy) / np.maximum(chroma, 1e-12), np.where(chroma < 0, yy / np.maximum(-chroma, 1e-12), np.inf))
-        t = np.minimum(1.0, room.min(axis=2, keepdims=True))
-        out = yy + t * chroma
-        out[mask == 0] = img[mask == 0]  # bit-identical where the blotch does not reach
-        return out.astype(np.float32), mask
 
 
 # --------------------------------------------------------------------------------------------

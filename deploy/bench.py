@@ -35,7 +35,7 @@ The fraction's reference is the float32 graph at batch N at its fastest: the bes
 and of short windows (``reference_seconds`` each) timed before every audit repeat and after the
 last, so both sides of the fraction are a best of several, timed in the same minutes. On a shared
 VM a single 20-call window (under a second) can catch a slow moment: on 2026-11-22 two runs a minute
-apart timed the graph row at 409 and 322 images/s, against 498 in an earlier session, and the audit
+apart timed the graph row at 409 and 322 images/s, against 498 in an earlier run, and the audit
 read 86 % and 101 % of it.
 
 After the table, when the torch row is there, the CLI prints onnxruntime float32 over torch eager
@@ -57,7 +57,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -65,7 +65,7 @@ import numpy as np
 
 __all__ = ["add_parsers", "AuditRate", "BenchRow", "PairedRatio", "audit_in_flight", "time_calls", "time_window",
            "paired_ratio", "compare_with_torch", "bench_bundle", "parse_devices", "bench_audit", "file_write_ms", "format_table",
-           "find_variants"]
+           "find_variants", "sample_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +205,13 @@ def compare_with_torch(bundle: str | os.PathLike, *, batch_size: int = 16, image
     fn, _why = _torch_graph(rt.meta, threads)
     if fn is None:
         return None
-    x = _inputs(rt.preprocess, batch_size, images)
+    x = sample_inputs(rt.preprocess, batch_size, images)
     return paired_ratio(lambda: rt.infer(x), lambda: fn(x), batch_size, pairs=pairs, seconds=seconds)
 
 
-def _inputs(pre: Any, n: int, images: str | os.PathLike | None, seed: int = 0) -> np.ndarray:
-    """``(n, C, S, S)`` float32: preprocessed files from ``images`` (cycled), or seeded noise."""
+def sample_inputs(pre: Any, n: int, images: str | os.PathLike | None, seed: int = 0) -> np.ndarray:
+    """``(n, C, S, S)`` float32: preprocessed files from ``images`` (cycled), or seeded noise: what the
+    timed rows feed the graph (the runtime's own preprocessing ``pre``)."""
     if images is not None:
         from anomaly.data.io import paths_from
 
@@ -353,7 +354,7 @@ def bench_bundle(bundle: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)} and {list(gpu_batch_sizes)}")
     gpu_sizes = sorted({*batch_sizes, *gpu_batch_sizes})
     base = Runtime(bundle, device="cpu", threads=threads)
-    xs = {b: _inputs(base.preprocess, b, images)
+    xs = {b: sample_inputs(base.preprocess, b, images)
           for b in (gpu_sizes if any(d != "cpu" for d in devices) else batch_sizes)}
     rows: list[BenchRow] = []
     if torch_eager:
@@ -565,7 +566,7 @@ def run_all(bundle: str | os.PathLike, *, batch_size: int = 16, iterations: int 
         window: Callable[[], Any] | None = None
         if ref is not None and reference_seconds > 0:
             ref_rt = Runtime(bundle, device=audit_device, threads=threads, tf32=tf32)
-            x = _inputs(ref_rt.preprocess, batch_size, images)
+            x = sample_inputs(ref_rt.preprocess, batch_size, images)
 
             def _window() -> None:
                 windows.append(time_window(lambda: ref_rt.infer(x), batch_size, reference_seconds))
@@ -667,8 +668,3 @@ def _bench(args: argparse.Namespace) -> int:
         if paired is not None:
             print(f"onnxruntime fp32 / torch eager at batch {args.batch_size}: {paired.describe()}")
     return 0
-
-
-def rows_as_dicts(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
-    """Rows as plain dicts (for JSON)."""
-    return [asdict(r) for r in rows]

@@ -116,7 +116,8 @@ def test_server_writes_decisions_atomically(audited: dict) -> None:
         doc = {"bundle_sha256": audited["sha"], "decisions": [{"path": r0["path"], "score": r0["score"], "decision": "defect"}]}
 
         def post(body: bytes, ctype: str = "application/json") -> int:
-            req = urllib.request.Request(f"{base}/decisions", data=body, headers={"Content-Type": ctype}, method="POST")
+            req = urllib.request.Request(f"{base}/decisions", data=body, method="POST",
+                                         headers={"Content-Type": ctype, "X-Review-Token": server.token})
             try:
                 return urllib.request.urlopen(req).status
             except urllib.error.HTTPError as exc:
@@ -214,3 +215,144 @@ def test_server_serves_only_the_listed_originals(audited: dict) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- who may use the server --------------------------------------------------------------------
+def _request(port: int, method: str, path: str, host: str | None, body: bytes | None = None,
+             headers: dict | None = None) -> tuple[int, bytes]:
+    """One request over a real loopback socket with exactly the ``Host`` header given (None: none)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def served(audited: dict):
+    from anomaly.deploy.review import serve_report
+
+    server = serve_report(audited["out"], port=0)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _decisions_body(audited: dict) -> bytes:
+    r0 = audited["records"][0]
+    return json.dumps({"bundle_sha256": audited["sha"], "decisions": [
+        {"path": r0["path"], "score": r0["score"], "decision": "defect"}]}).encode()
+
+
+def test_server_answers_only_requests_that_name_it(audited: dict, served) -> None:
+    """DNS rebinding: a hostile page whose name now resolves to 127.0.0.1 still sends its own name
+    in Host; the server answers only its own names, on its own port."""
+    port = served.server_address[1]
+    oid = audited["records"][0]["id"]
+    post = {"Content-Type": "application/json", "X-Review-Token": served.token}
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}", f"[::1]:{port}"):
+        assert _request(port, "GET", "/report.html", host)[0] == 200, host
+    assert _request(port, "GET", f"/original/{oid}", f"localhost:{port}")[1] == Path(audited["records"][0]["path"]).read_bytes()
+    for host in (f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", f"localhost.:{port}", "localhost",
+                 f"127.0.0.1:{port + 1}", f"127.0.0.1:{port}@evil.example", "", None):
+        assert _request(port, "GET", "/report.html", host)[0] == 421, host
+        assert _request(port, "GET", f"/original/{oid}", host)[0] == 421, host
+        assert _request(port, "GET", "/results.jsonl", host)[0] == 421, host
+        assert _request(port, "POST", "/decisions", host, _decisions_body(audited), post)[0] == 421, host
+    assert not (audited["out"] / "decisions.json").exists()
+    assert _request(port, "POST", "/decisions", f"127.0.0.1:{port}", _decisions_body(audited), post)[0] == 200
+
+
+def test_decisions_need_the_token_of_this_run(audited: dict, served, monkeypatch) -> None:
+    import anomaly.deploy.review_server as review_server
+
+    port = served.server_address[1]
+    host = f"127.0.0.1:{port}"
+    assert served.url == f"http://127.0.0.1:{port}/?token={served.token}" and len(served.token) >= 32
+    status, page = _request(port, "GET", f"/?token={served.token}", host)  # the URL printed opens the page
+    assert status == 200 and page == (audited["out"] / "report.html").read_bytes()
+    compared = []
+    real = review_server.hmac.compare_digest
+    monkeypatch.setattr(review_server.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
+
+    wrong = served.token[:-1] + ("A" if served.token[-1] != "A" else "B")
+    for headers in ({}, {"X-Review-Token": ""}, {"X-Review-Token": wrong}, {"X-Review-Token": served.token + "x"}):
+        status, body = _request(port, "POST", "/decisions", host, _decisions_body(audited),
+                                {"Content-Type": "application/json", **headers})
+        assert status == 403 and "X-Review-Token" in json.loads(body)["error"], headers
+    assert not (audited["out"] / "decisions.json").exists()
+    status, body = _request(port, "POST", "/decisions", host, _decisions_body(audited),
+                            {"Content-Type": "application/json", "X-Review-Token": served.token})
+    assert status == 200 and json.loads(body)["n"] == 1 and (audited["out"] / "decisions.json").is_file()
+    assert len(compared) == 5  # every token check went through the constant-time comparison
+
+    from anomaly.deploy.review import serve_report
+
+    other = serve_report(audited["out"], port=0, build=False)
+    try:
+        assert other.token != served.token  # a fresh secret per run
+    finally:
+        other.server_close()
+
+
+def test_review_serve_prints_a_url_that_can_save(audited: dict) -> None:
+    """``anomaly review --serve``: the printed URL opens the page and carries the token that saving needs."""
+    import signal
+
+    code = "import sys; from anomaly.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "review", str(audited["out"]), "--serve", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        url = re.search(r"serving (http://127\.0\.0\.1:(\d+)/\?token=([\w-]+)) ", lines[1]).group(1)
+        port, token = int(re.search(r":(\d+)/", url).group(1)), url.rsplit("=", 1)[1]
+        assert urllib.request.urlopen(url, timeout=10).read() == (audited["out"] / "report.html").read_bytes()
+        status, _ = _request(port, "POST", "/decisions", f"127.0.0.1:{port}", _decisions_body(audited),
+                             {"Content-Type": "application/json", "X-Review-Token": token})
+        assert status == 200 and json.loads((audited["out"] / "decisions.json").read_text())["decisions"]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "stopped" in out, err
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_page_files_are_package_data() -> None:
+    """The page's markup, style and script are real files of the package, inlined by the builder."""
+    from importlib import resources
+
+    from anomaly.deploy.review_report import DATA_OPEN, STATIC_FILES, static_text
+
+    folder = resources.files("anomaly.deploy") / "review_static"
+    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == sorted(STATIC_FILES)
+    page = static_text("review.html")
+    assert DATA_OPEN + "__DATA__</script>" in page and "<style>__CSS__</style>" in page and "<script>__JS__</script>" in page
+    assert "X-Review-Token" in static_text("review.js") and "thr-slider" in page
+
+
+def test_a_title_that_looks_like_a_placeholder_stays_text(audited: dict) -> None:
+    from anomaly.deploy.review import build_report, page_data
+
+    report = build_report(audited["out"], title="__JS__ and __DATA__ <b>")
+    text = report.read_text()
+    assert "<title>__JS__ and __DATA__ &lt;b&gt;</title>" in text
+    assert page_data(report)["title"] == "__JS__ and __DATA__ <b>"

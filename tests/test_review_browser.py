@@ -121,7 +121,19 @@ def test_served_page_saves_decisions_json(driver, audit_out: Path) -> None:
     server = serve_report(audit_out, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
+        # opened without the run's token (not the URL the command printed): the server refuses to save
         driver.get(f"http://127.0.0.1:{server.server_address[1]}/report.html")
+        driver.execute_script("localStorage.clear(); window.anomalyReview.noDownload = true;")
+        driver.find_element(By.CSS_SELECTOR, "#rows tbody tr.row button[data-decision='defect']").click()
+        driver.find_element(By.ID, "save").click()
+        assert _wait(lambda: "server refused" in driver.find_element(By.ID, "save-status").text)
+        assert "X-Review-Token" in driver.find_element(By.ID, "save-status").text
+        assert not (audit_out / "decisions.json").exists()
+        driver.execute_script("localStorage.clear();")  # the next page starts without that decision
+
+        # the printed URL (with its token) saves
+        assert server.url.startswith(f"http://127.0.0.1:{server.server_address[1]}/?token=")
+        driver.get(server.url)
         driver.execute_script("localStorage.clear(); window.anomalyReview.noDownload = true;")
         top = driver.find_element(By.CSS_SELECTOR, "#rows tbody tr.row")
         top.find_element(By.CSS_SELECTOR, "button[data-decision='defect']").click()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import re
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -252,15 +251,31 @@ def test_bench_command_prints_the_table(trained_bundle: dict, int8_bundle: Path,
 def test_paired_ratio_times_both_sides_in_alternating_windows(monkeypatch) -> None:
     """Two fake engines, one twice as fast per call: the ratio is 2, and the pairs alternate which
     side goes first, so that a drift of the machine's speed favours neither."""
+    import types
+
     import anomaly.deploy.bench as bench
 
-    def engine(seconds: float):
-        return lambda: time.sleep(seconds)
+    # a fake clock that only the engines move: each call of ``a`` takes 0.25 s, of ``b`` 0.5 s (binary
+    # fractions, so the arithmetic is exact); the timing code reads it through ``bench.time``
+    clock = {"now": 1000.0, "calls": []}
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
 
-    # sleeps of 10 and 20 ms: a scheduler's overshoot of a few ms keeps the ratio within the bounds
-    r = bench.paired_ratio(engine(0.01), engine(0.02), batch=4, pairs=3, seconds=0.05)
-    assert r.pairs == 3 and 1.5 < r.low <= r.median <= r.high < 2.5 and 1.5 < r.best < 2.5
-    assert "median of 3 back-to-back pairs of 0.05 s windows" in r.describe()
+    def engine(name: str, seconds: float):
+        def call() -> None:
+            clock["calls"].append(name)
+            clock["now"] += seconds
+        return call
+
+    a, b = engine("a", 0.25), engine("b", 0.5)
+    assert bench.time_window(a, batch=4, seconds=1.0) == 16.0  # one untimed call, then 4 calls of 4 images in 1 s
+    assert bench.time_window(b, batch=4, seconds=0.1) == 8.0  # at least min_calls=3 calls, however short the window
+    clock["calls"].clear()
+    r = bench.paired_ratio(a, b, batch=4, pairs=3, seconds=1.0)
+    assert r.pairs == 3 and r.low == r.median == r.high == r.best == 2.0  # a's images/s over b's
+    # windows alternate which side goes first: a b | b a | a b (each: 1 untimed call, then 4 of a or 3 of b)
+    runs = [c for i, c in enumerate(clock["calls"]) if i == 0 or c != clock["calls"][i - 1]]
+    assert runs == ["a", "b", "a", "b"] and clock["calls"].count("a") == 3 * 5 and clock["calls"].count("b") == 3 * 4
+    assert "median of 3 back-to-back pairs of 1 s windows" in r.describe() and "2.00x" in r.describe()
 
     order: list[str] = []
     rates = iter([100.0, 50.0, 40.0, 120.0, 90.0, 60.0])  # window rates in the order they are timed
@@ -269,7 +284,7 @@ def test_paired_ratio_times_both_sides_in_alternating_windows(monkeypatch) -> No
     assert order == ["a", "b", "b", "a", "a", "b"]
     assert (r.low, r.median, r.high) == (1.5, 2.0, 3.0) and r.best == 120.0 / 60.0
     with pytest.raises(ValueError, match="pairs must be >= 1"):
-        bench.paired_ratio(engine(0), engine(0), batch=1, pairs=0)
+        bench.paired_ratio(a, b, batch=1, pairs=0)
 
 
 def test_bench_audit_rate_is_the_steady_state_after_the_first_image(trained_bundle: dict, monkeypatch) -> None:
@@ -421,3 +436,28 @@ def test_gpu_sessions_get_full_float32_and_one_cpu_thread(trained_bundle: dict, 
     assert asked[-1] == ([("CUDAExecutionProvider", {"use_tf32": "1"}), "CPUExecutionProvider"], 3)
     runtime.Runtime(trained_bundle["bundle"], device="cpu")
     assert asked[-1][0] == ["CPUExecutionProvider"] and asked[-1][1] == runtime.physical_cores()
+
+
+def test_benchmark_harness_times_the_graph_on_the_runtimes_inputs(monkeypatch, tmp_path: Path) -> None:
+    """``benchmarks/harness.py``'s reference windows: the runtime's own inputs, ``windows`` figures, on a fake clock."""
+    import types
+
+    import anomaly.deploy.bench as bench
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from harness import graph_windows
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    seen = []
+
+    class FakeRuntime:
+        preprocess = types.SimpleNamespace(channels=1, image_size=8, load=None)
+
+        def infer(self, x: np.ndarray) -> None:
+            seen.append(x.shape)
+            clock["now"] += 0.25
+
+    rates = graph_windows(FakeRuntime(), batch_size=2, images=None, seconds=0.5, windows=3)
+    assert rates == [8.0, 8.0, 8.0]  # 2 images per 0.25 s call, whatever the window's length (3 calls at least)
+    assert set(seen) == {(2, 1, 8, 8)} and len(seen) == 3 * (1 + 3)  # each window: 1 untimed call + 3 timed

@@ -1,6 +1,8 @@
-"""Tests for anomaly.data.synthetic (training / evaluation defects) and anomaly.data.textures (texture data sets)."""
+"""Training defects (anomaly.data.synthetic), texture material (anomaly.data.textures), and the benchmarks'
+evaluation-only defects and texture data sets (benchmarks/eval_defects.py, benchmarks/texture_data.py)."""
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import subprocess
@@ -14,11 +16,16 @@ import pytest
 from anomaly.data import synthetic
 from anomaly.data.folder import ImageDataset, discover
 from anomaly.data.preprocess import Preprocess
-from anomaly.data.synthetic import (COLOUR_EVAL_KINDS, EVAL_KINDS, TRAIN_KINDS, DefectSynthesizer, EvalDefectGenerator,
-                            SyntheticDefectDataset, perlin_noise)
-from anomaly.data.textures import COLOUR_TEXTURES, TEXTURES, load_texture, make_texture_dataset
+from anomaly.data.synthetic import TRAIN_KINDS, DefectSynthesizer, SyntheticDefectDataset, perlin_noise
+from anomaly.data.textures import COLOUR_TEXTURES, TEXTURES, load_texture
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "benchmarks") not in sys.path:  # the evaluation-only modules live with the benchmarks (not a package)
+    sys.path.append(str(REPO / "benchmarks"))
+
+import eval_defects  # noqa: E402
+from eval_defects import COLOUR_EVAL_KINDS, EVAL_KINDS, EvalDefectGenerator  # noqa: E402
+from texture_data import make_texture_dataset  # noqa: E402
 
 
 def _image(channels: int, size: int = 64, seed: int = 0) -> np.ndarray:
@@ -205,12 +212,18 @@ def test_train_and_eval_generators_are_separate():
         return out
 
     eval_functions = [f for f in vars(EvalDefectGenerator).values() if inspect.isfunction(f)]
-    eval_functions += [f for n, f in vars(synthetic).items() if n.startswith("_eval_")]
+    eval_functions += [f for n, f in vars(eval_defects).items() if n.startswith("_eval_")]
     used = set().union(*(names(f.__code__) for f in eval_functions))
     training_names = {"DefectSynthesizer", "perlin_noise", "_perlin_octave", "_fade"}
     training_names |= {n for n in vars(DefectSynthesizer) if n.startswith("_") and not n.startswith("__")}
     assert len(eval_functions) >= 6 and "_eval_random_walk" in used  # the introspection sees the code
     assert not used & training_names, f"EvalDefectGenerator uses training code: {used & training_names}"
+    # ... and its module imports nothing of the training side: not even the layout helpers.
+    tree = ast.parse(Path(eval_defects.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported and not {m for m in imported if m.startswith("anomaly")}, imported
+    assert not hasattr(synthetic, "EvalDefectGenerator") and not hasattr(synthetic, "EVAL_KINDS")
     # And their defects differ in distribution (mask area, number of pieces).
     train, evaluate = DefectSynthesizer(p_defect=1.0), EvalDefectGenerator()
     rng = np.random.default_rng(0)
