@@ -13,9 +13,11 @@ import logging
 import sys
 from typing import Sequence
 
+from anomaly import __version__
+
 __all__ = ["main", "COMMAND_MODULES"]
 
-COMMAND_MODULES = ("anomaly.training.cli", "anomaly.deploy.cli", "anomaly.deploy.bench", "anomaly.deploy.evaluate", "anomaly.demo")
+COMMAND_MODULES = ("anomaly.training.cli", "anomaly.deploy.cli", "anomaly.deploy.bench", "anomaly.deploy.evaluate", "anomaly.deploy.serve", "anomaly.demo")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +45,7 @@ def _models(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly", description="Find and localize defects in images; trained on normal images only.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"anomaly {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -60,7 +63,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UnknownModelError, DatasetError, ImageReadError, BundleError, FileNotFoundError]
     # a command's own error class can only have been raised if its module was imported; importing
     # the others here would load scikit-learn (anomaly.deploy.calibrate) just to print a bad path's message
-    for module, name in (("anomaly.deploy.runtime", "CategoryError"), ("anomaly.deploy.audit", "AuditError"), ("anomaly.deploy.calibrate", "CalibrationError"),
+    for module, name in (("anomaly.deploy.runtime", "CategoryError"), ("anomaly.deploy.inputs", "AuditError"),
+                         ("anomaly.deploy.ray_engine", "RayEngineError"), ("anomaly.deploy.calibrate", "CalibrationError"),
                          ("anomaly.deploy.evaluate", "EvaluationError"), ("anomaly.deploy.review", "ReviewError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))

@@ -67,7 +67,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "same --out resumes where a killed run stopped.")
     p.add_argument("bundle")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image files, folders (recursive), globs ('line3/**/*.png') or list files (.txt/.lst: one path a line)")
+                   help="image files, folders (recursive), globs ('line3/**/*.png'), list files (.txt/.lst: one path a "
+                        "line) or manifests (.csv/.parquet with a 'path' column)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--heatmaps", dest="heatmaps", nargs="?", const="all", default="all", choices=("all", "flagged", "none"),
@@ -98,6 +99,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="let CUDA compute float32 in TF32: faster pure inference, scores off by ~1e-4 relative")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or tensorrt")
     p.add_argument("--category", default=None, help="category for conditional models")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="where the images are scored: this process (default) or a pool of Ray Data actors, each "
+                        "holding one runtime (needs the [ray] extra; the bundle, inputs and --out must be paths "
+                        "every node sees)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster for --engine ray: auto (the one `ray start` made here) or HOST:PORT "
+                        "(default: a local Ray for this audit)")
+    p.add_argument("--actors", type=int, default=None, help="Ray actors for --engine ray (default: one per cluster CPU)")
     p.set_defaults(func=_audit)
 
     p = sub.add_parser("review", help="write (and optionally serve) OUT/report.html to review an audit",
@@ -106,8 +115,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "threshold slider, and defect / false-alarm decisions saved as JSON for "
                                    "`anomaly calibrate --reviews`.")
     p.add_argument("out", help="folder written by `anomaly audit`")
-    p.add_argument("--serve", action="store_true", help="serve the report on http://127.0.0.1:PORT; decisions are saved to OUT/decisions.json")
+    p.add_argument("--serve", action="store_true", help="serve the report on http://127.0.0.1:PORT; decisions are saved to OUT/decisions.json "
+                                                        "(the printed URL carries the token that saving needs)")
     p.add_argument("--port", type=int, default=8765, help="port for --serve (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address for --serve (default 127.0.0.1, this machine only; any other address lets whoever "
+                        "reaches it view the images and results; requests must name it in their Host header)")
     p.add_argument("--open", action="store_true", help="open the report in the default browser")
     p.add_argument("--max-rows", type=int, default=20_000, metavar="N",
                    help="list the N highest-scoring images in full (and up to N failures, and every decided image); "
@@ -224,7 +237,8 @@ def _audit(args: argparse.Namespace) -> int:
                       masks=args.masks, save_maps=args.save_maps, reconstructions=args.reconstructions,
                       thumbnail=args.thumbnail_size, resume=args.resume, force=args.force, workers=args.workers,
                       decode_workers=args.decode_workers, threads=args.threads, tf32=args.tf32,
-                      device=args.device, category=args.category, progress=progress)
+                      device=args.device, category=args.category, engine=args.engine, ray_address=args.address,
+                      actors=args.actors, progress=progress)
     except AuditError as exc:
         print(f"anomaly audit: error: {exc}", file=sys.stderr)
         return 2
@@ -257,12 +271,12 @@ def _review(args: argparse.Namespace) -> int:
             webbrowser.open(report.resolve().as_uri())
         return 0
     try:
-        server = serve_report(args.out, port=args.port, build=False)
+        server = serve_report(args.out, port=args.port, build=False, host=args.host)
     except OSError as exc:
-        print(f"anomaly review: error: cannot serve on 127.0.0.1:{args.port} ({exc}); try --port 0", file=sys.stderr)
+        print(f"anomaly review: error: cannot serve on {args.host}:{args.port} ({exc}); try --port 0", file=sys.stderr)
         return 2
-    url = f"http://127.0.0.1:{server.server_address[1]}/report.html"
-    print(f"serving {url} (decisions are saved to {args.out}/decisions.json); Ctrl-C to stop")
+    url = server.url
+    print(f"serving {url} (decisions are saved to {args.out}/decisions.json); Ctrl-C to stop", flush=True)
     if args.open:
         import webbrowser
 
