@@ -63,7 +63,7 @@ import onnxruntime as ort
 from anomaly.decision import ImageDecision
 from anomaly.data.io import ImageReadError, read_image, shrink
 from anomaly.data.preprocess import Preprocess
-from anomaly.deploy.bundle import MODEL_FILE, BundleError, load_sidecar
+from anomaly.deploy.bundle import MODEL_FILE, BundleError, check_model_inputs, load_sidecar
 from anomaly.deploy.regions import Region, find_regions
 
 __all__ = ["Runtime", "ImageResult", "available_devices", "physical_cores", "PipelineStats", "CategoryError",
@@ -320,6 +320,8 @@ class Runtime:
         self._slicer_lock = threading.Lock()
         self.session_options = self._session_options(self.threads, spin)
         self.session = self._new_session(self.session_options)
+        # the sidecar's size and channels must be what the graph takes (BundleError otherwise)
+        check_model_inputs(self.meta, [(i.name, i.shape) for i in self.session.get_inputs()], self.bundle / MODEL_FILE)
         got = self.session.get_providers()
         if device in ("cuda", "tensorrt") and self.providers[0] not in got:
             raise RuntimeError(f"{self.providers[0]} is installed but could not start (CUDA/cuDNN/TensorRT libraries "
@@ -498,6 +500,19 @@ class Runtime:
         """Score one decoded image ``(H, W)`` or ``(H, W, C)`` (uint8, uint16 or float in [0, 1])."""
         x = self.preprocess(image)[None]
         return self._results(x, [None], [tuple(image.shape[:2])], keep_reconstruction)[0]
+
+    def score_batch(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]],
+                    keep_reconstruction: bool = False) -> list[ImageResult]:
+        """Score a batch already made by :attr:`preprocess`: ``(N, C, S, S)`` float32, one input
+        per image, whose originals were ``sizes`` ``[(H, W), ...]`` (for the regions).
+
+        The service decodes and preprocesses each request in its own worker thread and runs the
+        images that arrived together as one batch; this gives each the verdict
+        :meth:`score_image` gives it alone (same graph, same calibration, same regions).
+        """
+        if len(sizes) != batch.shape[0]:
+            raise ValueError(f"expected one original size per image: {batch.shape[0]} images, {len(sizes)} sizes")
+        return self._results(batch, [None] * len(sizes), [(int(h), int(w)) for h, w in sizes], keep_reconstruction)
 
     def score_images(self, images: Iterable[np.ndarray] | np.ndarray, batch_size: int = 16,
                      keep_reconstruction: bool = False) -> Iterator[ImageResult]:
