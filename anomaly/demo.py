@@ -14,19 +14,25 @@ import sys
 import time
 from pathlib import Path
 
+from anomaly.training.config import train_defaults
+
 __all__ = ["add_parsers", "run_demo"]
+
+#: the training defaults (TrainConfig's fields); the demo's own is its 5-minute budget
+_D = train_defaults()
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    d = train_defaults()
     p = sub.add_parser("demo", help="train, export, calibrate and audit on the built-in solar-cell data",
                        description="Run the whole pipeline on real ELPV solar-cell images (needs the [demo] extra).")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--cell-type", default="mono", choices=("mono", "poly", "all"))
-    p.add_argument("--model", default="aae")
-    p.add_argument("--image-size", type=int, default=64, help="model input side (default 64, as benchmarked)")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--model", default=d["model"], help="default %(default)s")
+    p.add_argument("--image-size", type=int, default=d["image_size"], help="model input side (default %(default)s, as benchmarked)")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="default %(default)s")
     p.add_argument("--max-minutes", type=float, default=5.0, help="training budget (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d["seed"], help="default %(default)s")
     p.set_defaults(func=_run)
 
 
@@ -41,8 +47,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(out: Path, *, cell_type: str = "mono", model: str = "aae", image_size: int = 64, epochs: int = 100,
-             max_minutes: float | None = 5.0, seed: int = 0, verbose: bool = False) -> dict:
+def run_demo(out: Path, *, cell_type: str = "mono", model: str = _D["model"], image_size: int = _D["image_size"],
+             epochs: int = _D["epochs"], max_minutes: float | None = 5.0, seed: int = _D["seed"],
+             verbose: bool = False) -> dict:
     """Run the pipeline; returns ``{"auroc": ..., "table": {...}}`` (table rows as strings)."""
     import numpy as np
 

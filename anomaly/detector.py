@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
@@ -34,9 +36,13 @@ from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
+from anomaly.training.config import train_defaults
+
 __all__ = ["AnomalyDetector", "Images"]
 
 log = logging.getLogger(__name__)
+#: the training parameters' defaults: :class:`anomaly.training.config.TrainConfig`'s (one definition)
+_D = train_defaults()
 
 #: What the detector accepts as images: a folder (its images, recursively, sorted), an image file,
 #: a sequence of files, a sequence of decoded images ``(H, W[, C])`` (uint8, uint16 or float in
@@ -46,6 +52,9 @@ Images = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Sequence[np.
 
 class AnomalyDetector(BaseEstimator):
     """Reconstruction-based anomaly detector, trained on normal images only.
+
+    The training parameters' defaults are :class:`anomaly.training.config.TrainConfig`'s (those of
+    ``anomaly train``).
 
     Args:
         model: registry name (``anomaly models``; ``aae`` is the default reconstructor).
@@ -69,7 +78,10 @@ class AnomalyDetector(BaseEstimator):
             on the validation images, :meth:`calibrate` on held-out ones).
         pixel_fpr: false-positive rate on normal pixels of the pixel threshold.
         work_dir: folder for the training run (and the training images given as arrays or a file
-            list); ``None``: a new temporary folder, kept (it holds the checkpoints).
+            list), kept. ``None``: a new temporary folder per ``fit``, which :meth:`save` and
+            :meth:`calibrate` use while the detector lives; it is removed at the next ``fit``, when
+            the detector is garbage-collected, or at interpreter exit (pass a ``work_dir`` to keep
+            the run).
 
     Attributes (after ``fit``, :meth:`from_run` or :meth:`calibrate`):
         run_dir_: the training run folder.
@@ -85,9 +97,10 @@ class AnomalyDetector(BaseEstimator):
             ``"labelled images"`` with ``images``, ``n_normal`` and ``n_defects``.
     """
 
-    def __init__(self, model: str = "aae", image_size: int = 64, channels: int | None = None, epochs: int = 100,
-                 max_minutes: float | None = None, batch_size: int = 32, lr: float | None = None,
-                 val_fraction: float = 0.15, seed: int = 0, device: str = "auto", augment: str = "flip",
+    def __init__(self, model: str = _D["model"], image_size: int = _D["image_size"], channels: int | None = _D["channels"],
+                 epochs: int = _D["epochs"], max_minutes: float | None = _D["max_minutes"],
+                 batch_size: int = _D["batch_size"], lr: float | None = _D["lr"], val_fraction: float = _D["val_fraction"],
+                 seed: int = _D["seed"], device: str = _D["device"], augment: str = _D["augment"],
                  model_kwargs: dict[str, Any] | None = None, scoring: dict[str, Any] | None = None,
                  tta: str = "none", latent: str | None = None, checkpoint: str = "best", target_fpr: float = 0.01,
                  pixel_fpr: float = 0.001, work_dir: str | os.PathLike | None = None) -> None:
@@ -141,12 +154,15 @@ class AnomalyDetector(BaseEstimator):
         if y is not None and np.any(np.asarray(y) != 0):
             raise ValueError(f"fit takes normal images only, but y marks {int(np.count_nonzero(np.asarray(y)))} "
                              "as defective; leave those out (or use calibrate() for a threshold)")
-        work = Path(self.work_dir) if self.work_dir is not None else Path(tempfile.mkdtemp(prefix="anomaly-detector-"))
+        self._drop_temporary()  # a refit's new temporary folder replaces the last one
+        if self.work_dir is not None:
+            work = Path(self.work_dir)
+        else:  # ours: removed at the next fit, when the detector is collected, or at exit
+            work = Path(tempfile.mkdtemp(prefix="anomaly-detector-"))
+            self._temporary = weakref.finalize(self, shutil.rmtree, str(work), ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         data = _training_folder(X, work / "data")
         if (work / "run" / "config.json").is_file():  # refitting: a fresh run, not one resumed or appended to
-            import shutil
-
             shutil.rmtree(work / "run")
         config = TrainConfig(data=str(data), out=str(work / "run"), model=self.model, image_size=self.image_size,
                              channels=self.channels, epochs=self.epochs, max_minutes=self.max_minutes,
@@ -187,6 +203,7 @@ class AnomalyDetector(BaseEstimator):
         self.categories_ = list(built.ckpt.get("categories", [])) if built.conditional else []
         self.calibrator_ = self.pixel_calibrator_ = self.threshold_ = None
         self.calibration_source_ = None
+        self._reference_scores: Any = []
         if len(built.val):  # export_run's defaults: 1 % of normal images, 0.1 % of normal pixels (same thresholds;
             # export records the rate 1 / n it can keep under 100 images, this keeps the target asked for)
             out = self._run(built.val, built.val_labels)
@@ -194,6 +211,7 @@ class AnomalyDetector(BaseEstimator):
             self.pixel_calibrator_ = PixelThresholdCalibrator(method="fpr", target_fpr=self.pixel_fpr).fit(out["anomaly_map"])
             self.threshold_ = float(self.calibrator_.threshold_)
             self.calibration_source_ = {"kind": "validation", "images": int(len(built.val))}
+            self._reference_scores = out["score"]
         else:
             log.warning("run %s has no validation images: no threshold until calibrate()", run_dir)
         return self
@@ -240,6 +258,7 @@ class AnomalyDetector(BaseEstimator):
         self.threshold_ = float(calibrator.threshold_)
         self.calibration_source_ = {"kind": "normal images" if not truth.any() else "labelled images",
                                     "images": int(n), "n_normal": int(normal.sum()), "n_defects": int((~normal).sum())}
+        self._reference_scores = out["score"][normal]  # the drift alarm's reference (the bundle's sidecar)
         return self
 
     # -- scoring -------------------------------------------------------------------------------
@@ -300,7 +319,7 @@ class AnomalyDetector(BaseEstimator):
         Returns:
             the bundle folder.
         """
-        from anomaly.deploy.bundle import update_calibration
+        from anomaly.deploy.bundle import reference_scores, update_calibration
         from anomaly.deploy.export import OPSET, export_run
 
         self._check_fitted()
@@ -308,10 +327,24 @@ class AnomalyDetector(BaseEstimator):
                          tta=self.tta, latent=self.latent, opset=opset or OPSET)
         if self.calibrator_ is not None:
             update_calibration(out, {"image": self.calibrator_.to_dict(), "pixel": self.pixel_calibrator_.to_dict(),
-                                     "source": dict(self.calibration_source_ or {})})
+                                     "source": dict(self.calibration_source_ or {}),
+                                     "reference_scores": reference_scores(getattr(self, "_reference_scores", []))})
         return out
 
     # -- internals -----------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (pickle, deepcopy) uses the temporary folder but does not own it: the original removes it
+        state = dict(super().__getstate__())
+        state.pop("_temporary", None)
+        return state
+
+    def _drop_temporary(self) -> None:
+        """Remove the temporary work folder of the last ``fit`` (``work_dir=None``), if any."""
+        fin = getattr(self, "_temporary", None)
+        if fin is not None:
+            fin()  # a finalizer runs once: calling it removes the folder and detaches it
+            self._temporary = None
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "graph_"):
             raise NotFittedError(f"This {type(self).__name__} is not fitted yet; call fit(images) or "

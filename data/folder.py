@@ -13,6 +13,7 @@ Accepted layouts (``discover``):
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from anomaly.data.io import list_images
+from anomaly.data.io import list_images, read_image
 from anomaly.data.preprocess import Preprocess
 
-__all__ = ["DatasetError", "Sample", "DatasetLayout", "discover", "ImageDataset"]
+__all__ = ["DatasetError", "Sample", "DatasetLayout", "discover", "ImageDataset", "CACHE_BYTES"]
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -97,6 +100,28 @@ def discover(root: str | os.PathLike) -> DatasetLayout:
     return layout
 
 
+#: default size limit of :class:`ImageDataset`'s cache: 4 GiB (262,144 uint8 images of 64², 21,845 RGB of 256²)
+CACHE_BYTES = 4 << 30
+
+
+def _quantize(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A preprocessed float32 image in [0, 1] held in the source's integer type (rounded), or
+    as it is for float sources."""
+    if dtype == np.uint8:
+        return np.rint(image * 255.0).astype(np.uint8)
+    if dtype == np.uint16:
+        return np.rint(image * 65535.0).astype(np.uint16)
+    return image
+
+
+def _to_float(held: np.ndarray) -> np.ndarray:
+    if held.dtype == np.uint8:
+        return held.astype(np.float32) / 255.0
+    if held.dtype == np.uint16:
+        return held.astype(np.float32) / 65535.0
+    return held
+
+
 class ImageDataset:
     """Map-style dataset of preprocessed images.
 
@@ -111,23 +136,49 @@ class ImageDataset:
         with_masks: also load ground-truth masks (resized with nearest neighbour).
         seed: seeds the augmentation generator per index, so epochs differ but runs repeat.
         cache: keep preprocessed images in memory after the first read (training reads every
-            image once per epoch; decoding again each time wastes most of a CPU's time).
+            image once per epoch; decoding again each time wastes most of a CPU's time). They are
+            held in the source file's pixel type — an 8-bit file as uint8, a 16-bit one as uint16
+            (the preprocessed values rounded to that depth: at most half a grey level off) — a
+            quarter (half) of float32's memory, and converted to float32 per item. At most
+            ``cache_bytes`` are held; images beyond it are decoded on every read (logged once).
+        cache_bytes: the cache's size limit (default :data:`CACHE_BYTES`).
     """
 
     def __init__(self, samples: Sequence[Sample], preprocess: Preprocess,
                  augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-                 with_masks: bool = False, seed: int = 0, cache: bool = False) -> None:
+                 with_masks: bool = False, seed: int = 0, cache: bool = False, cache_bytes: int = CACHE_BYTES) -> None:
         self.samples = list(samples)
         self.preprocess = preprocess
         self.augment = augment
         self.with_masks = with_masks
         self.seed = seed
         self.cache = cache
+        self.cache_bytes = int(cache_bytes)
         self._cached: dict[int, np.ndarray] = {}
+        self._cached_bytes = 0
+        self._cache_full_logged = False
         self._calls = 0
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes the cache holds now."""
+        return self._cached_bytes
+
+    def _store(self, i: int, held: np.ndarray) -> bool:
+        """Keep ``held`` for image ``i`` unless the cache is full; whether it was kept."""
+        if self._cached_bytes + held.nbytes > self.cache_bytes:
+            if not self._cache_full_logged:
+                log.warning("image cache full at %d of %d images (%.0f MB, the limit is %.0f MB): the others are "
+                            "decoded on every read (slower epochs); raise cache_bytes if memory allows",
+                            len(self._cached), len(self.samples), self._cached_bytes / 1e6, self.cache_bytes / 1e6)
+                self._cache_full_logged = True
+            return False
+        self._cached[i] = held
+        self._cached_bytes += held.nbytes
+        return True
 
     def load_mask(self, sample: Sample) -> np.ndarray:
         """Ground-truth mask ``(1, S, S)`` in {0, 1} (zeros without a mask file)."""
@@ -135,8 +186,6 @@ class ImageDataset:
         if sample.mask is None:
             return np.zeros((1, s, s), np.float32)
         import cv2
-
-        from anomaly.data.io import read_image
 
         m = read_image(sample.mask)
         if m.ndim == 3:
@@ -147,11 +196,14 @@ class ImageDataset:
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
         if self.cache and i in self._cached:
-            image = self._cached[i]
+            image = _to_float(self._cached[i])
+        elif self.cache:
+            raw = read_image(sample.path, raw=True)
+            held = _quantize(self.preprocess(raw), raw.dtype)  # preprocess: the same input as from float pixels
+            # every epoch sees the held values, the first as well (unless the cache is full)
+            image = _to_float(held) if self._store(i, held) else self.preprocess(raw)
         else:
             image = self.preprocess.load(sample.path)
-            if self.cache:
-                self._cached[i] = image
         if self.augment is not None:
             self._calls += 1
             rng = np.random.default_rng((self.seed, i, self._calls))

@@ -4,7 +4,9 @@
 masks) with the deployed runtime — the same numbers the line will see — fits an image
 :class:`~anomaly.calibration.ThresholdCalibrator` and a pixel
 :class:`~anomaly.calibration.PixelThresholdCalibrator`, and rewrites only the sidecar's
-``calibration`` section, atomically. Images the model was trained on are refused: their scores
+``calibration`` section, atomically, with the normal images' scores as the drift alarm's
+``reference_scores`` (:mod:`anomaly.deploy.bundle`). Images the model was trained on are refused,
+recognised by content from the sidecar's training-image hashes (no run folder needed): their scores
 are optimistic and would put the threshold too low.
 
 ``reviews=decisions.json`` (from ``anomaly review``: a reviewer marked flagged images ``defect`` or
@@ -34,7 +36,7 @@ import numpy as np
 
 from anomaly.calibration import PixelThresholdCalibrator, ThresholdCalibrator
 from anomaly.data.io import list_images, read_image
-from anomaly.deploy.bundle import load_sidecar, update_calibration
+from anomaly.deploy.bundle import load_sidecar, reference_scores, trained_on, training_images_message, update_calibration
 from anomaly.deploy.runtime import Runtime, resolve_category
 
 __all__ = ["calibrate_bundle", "CalibrationError"]
@@ -54,14 +56,6 @@ def _images(folder: str | os.PathLike, what: str) -> list[Path]:
     if not paths:
         raise CalibrationError(f"{root}: no images found (expected {what} images such as .png or .jpg)")
     return paths
-
-
-def _training_images(meta: dict[str, Any]) -> set[str]:
-    run = meta.get("model", {}).get("run")
-    split = Path(run) / "split.json" if run else None
-    if split is None or not split.is_file():
-        return set()
-    return {str(Path(p).resolve()) for p in json.loads(split.read_text()).get("train", [])}
 
 
 def _mask_for(path: Path, masks: Path | None, size: int) -> np.ndarray:
@@ -234,16 +228,15 @@ def calibrate_bundle(
         return {**_refit_from_reviews(bundle, meta, rv, method, probability, name), "category": name}
     normal_paths = _images(normal, "normal")
     defect_paths = _images(defects, "defective") if defects else []
-    trained = _training_images(meta)
-    overlap = [p for p in normal_paths + defect_paths if str(p.resolve()) in trained]
+    overlap = trained_on(meta, normal_paths + defect_paths)
     if overlap:
-        raise CalibrationError(f"{len(overlap)} calibration image(s) were used to train this model "
-                               f"(e.g. {overlap[0]}); calibrate on held-out images only")
+        raise CalibrationError(training_images_message(overlap, "calibration", "calibrate on held-out images only"))
     rt = Runtime(bundle, device=device, category=name if name is not None else category)  # scores as that category
     size = rt.preprocess.image_size
 
     scores: list[float] = []
     labels: list[int] = []
+    normal_scores: list[float] = []  # the drift alarm's reference: the normal images' scores only
     maps: list[np.ndarray] = []
     mask_list: list[np.ndarray] = []
     used: dict[str, list[str]] = {"normal": [], "defects": []}
@@ -257,6 +250,8 @@ def calibrate_bundle(
             scores.append(r.score)
             labels.append(y)
             used[kind].append(str(r.path))
+            if y == 0:
+                normal_scores.append(r.score)
             if y == 0 or mask_root is not None:
                 maps.append(r.anomaly_map)
                 mask_list.append(np.zeros((size, size), np.float32) if y == 0 else _mask_for(Path(r.path), mask_root, size))
@@ -288,7 +283,8 @@ def calibrate_bundle(
               "masks": str(mask_root.resolve()) if mask_root else None, "failed": failed}
     if review is not None:
         source["reviews"] = {k: v for k, v in review.items() if k != "changed"}
-    new = {"image": cal.to_dict(), "pixel": pix.to_dict(), "source": source}
+    new = {"image": cal.to_dict(), "pixel": pix.to_dict(), "source": source,
+           "reference_scores": reference_scores(normal_scores)}
     old = meta.get("calibration") or {}
     categories = dict(old.get("categories") or {})
     if name is not None:  # this category's own; the bundle's and the other categories' stay

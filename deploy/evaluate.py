@@ -7,7 +7,8 @@ Masks are compared at model resolution (maps are not resized), the convention of
 evaluation when all images share one size.
 
 Split discipline: a test image that lies inside the folders the bundle was calibrated on, or
-that the model was trained on, is an error — a metric on such images would be optimistic.
+whose content is one of the model's training images (the sidecar's hashes; no run folder
+needed), is an error — a metric on such images would be optimistic.
 
 Torch-free.
 """
@@ -26,6 +27,7 @@ import numpy as np
 from anomaly.metrics import aupro, confusion_counts, image_metrics, pixel_metrics
 from anomaly.data.folder import discover
 from anomaly.data.io import atomic_write, read_image
+from anomaly.deploy.bundle import trained_on, training_images_message
 from anomaly.deploy.runtime import Runtime
 
 __all__ = ["evaluate_bundle", "EvaluationError", "add_parsers"]
@@ -73,13 +75,11 @@ def evaluate_bundle(bundle: str | os.PathLike, data: str | os.PathLike, *, batch
     sources = [cal.get("source") or {}] + [(c or {}).get("source") or {} for c in (cal.get("categories") or {}).values()]
     leaked = [s.path for s in test if any(_inside(s.path, src.get("normal")) or _inside(s.path, src.get("defects"))
                                           for src in sources)]
-    run = rt.meta.get("model", {}).get("run")
-    split = Path(run) / "split.json" if run else None
-    if split is not None and split.is_file():
-        trained = {str(Path(p).resolve()) for p in json.loads(split.read_text()).get("train", [])}
-        leaked += [s.path for s in test if str(s.path.resolve()) in trained]
+    trained = trained_on(rt.meta, [s.path for s in test])
+    if trained:
+        raise EvaluationError(training_images_message(trained, "test", "evaluate on held-out images only"))
     if leaked:
-        raise EvaluationError(f"{len(leaked)} test image(s) were used to train or calibrate this bundle "
+        raise EvaluationError(f"{len(leaked)} test image(s) were used to calibrate this bundle "
                               f"(e.g. {leaked[0]}); evaluate on held-out images only")
     size = rt.preprocess.image_size
     labels, scores, preds, maps, masks, failed = [], [], [], [], [], []

@@ -10,8 +10,12 @@ produces — plus ``label`` ``(N,)`` int64 for conditional models; the batch axi
 
 Export then scores the run's held-out validation images with onnxruntime to record normal score
 statistics, a default threshold (1 % false positives on those images; ``anomaly calibrate``
-replaces it with one fitted on a held-out normal folder), and the measured torch-vs-onnxruntime
-difference on that batch.
+replaces it with one fitted on a held-out normal folder), their scores as the drift alarm's
+``reference_scores``, and the measured torch-vs-onnxruntime difference on them. Every pass over
+the validation images (statistics, scoring, parity) runs :data:`EXPORT_BATCH` images at a time:
+exporting a run with 2,000 validation images of 64² peaked at 1.4 GB RSS, against 3.4 GB in one
+batch (``benchmarks/results/2026-12-07-export-memory.md``). The sidecar also records the sha256
+of every training image (``training_split``), which calibration and evaluation check against.
 
 Example::
 
@@ -35,11 +39,12 @@ import torch
 
 from anomaly.scoring import LATENT_SCORES, TTA_MODES, ScoreOutput, Scorer, encode_decode, scoring_graph
 from anomaly.data.preprocess import Preprocess
-from anomaly.deploy.bundle import MODEL_FILE, SCHEMA_VERSION, sha256_file, write_sidecar
+from anomaly.deploy.bundle import MODEL_FILE, SCHEMA_VERSION, reference_scores, sha256_file, write_sidecar
 from anomaly.training.config import TrainConfig
 from anomaly.training.run import load_run
 
-__all__ = ["export_run", "export_onnx", "build_scoring_graph", "ScoringGraph", "load_run", "OPSET"]
+__all__ = ["export_run", "export_onnx", "build_scoring_graph", "ScoringGraph", "load_run", "training_split_hashes", "OPSET",
+           "EXPORT_BATCH"]
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -48,7 +53,7 @@ MIN_NORMALIZATION_IMAGES = 16
 # models whose codes an adversary shapes to a prior: `latent="auto"` gives them the knn score
 # (ELPV poly 0.774 -> 0.831 image AUROC over 3 seeds at 64²; the plain AE's codes do not help), up to
 # LATENT_AUTO_MAX_SIZE: a 128² AAE's codes were nearly uninformative (poly, seed 0: 0.773 -> 0.725
-# with knn). See benchmarks/results/quality_session10.md.
+# with knn). See benchmarks/results/2026-11-22-quality-latent-knn.md.
 LATENT_AUTO_MODELS = ("aae", "cond_aae")
 LATENT_AUTO_MAX_SIZE = 64
 # the graph carries at most this many training codes (a deterministic subset beyond it); the
@@ -56,6 +61,9 @@ LATENT_AUTO_MAX_SIZE = 64
 MAX_LATENT_BANK = 2048
 #: at most this many training images feed the texture statistics' bank (``texture="stats"``)
 MAX_STATISTICS_IMAGES = 512
+#: validation images per forward pass in export (statistics, scoring, parity): the model's
+#: activations for 64 images of 64² are ~30 MB for the default AAE, against ~1 GB for 2,000 at once
+EXPORT_BATCH = 64
 
 
 def _versions() -> dict[str, str]:
@@ -94,13 +102,45 @@ def export_onnx(graph: torch.nn.Module, path: str | os.PathLike, example: torch.
         os.replace(tmp_file, path)
 
 
+def _batches(val: np.ndarray, labels: np.ndarray | None, batch_size: int | None = None):
+    """``(x, cond)`` torch batches of at most ``batch_size`` (default :data:`EXPORT_BATCH`)
+    validation images: every pass of the export over the validation set runs the model on one
+    such batch at a time, so its activations take the memory of a batch, not of the set."""
+    batch_size = batch_size or EXPORT_BATCH
+    for i in range(0, len(val), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(val[i:i + batch_size]))
+        yield x, None if labels is None else torch.from_numpy(labels[i:i + batch_size])
+
+
+class _Moments:
+    """Running sum and sum of squares (float64) -> mean and unbiased std, as ``torch.std``
+    computes them over all the values seen."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum: torch.Tensor | float = 0.0
+        self.sq: torch.Tensor | float = 0.0
+
+    def add(self, values: torch.Tensor, dim: int | None = None) -> None:
+        v = values.double()
+        self.n += v.numel() if dim is None else v.shape[dim]
+        self.sum = self.sum + (v.sum() if dim is None else v.sum(dim, keepdim=True))
+        self.sq = self.sq + ((v * v).sum() if dim is None else (v * v).sum(dim, keepdim=True))
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.as_tensor(self.sum) / self.n
+        var = (torch.as_tensor(self.sq) - self.n * mean * mean) / max(self.n - 1, 1)
+        return mean.float(), var.clamp_min(0).sqrt().float()
+
+
 @torch.no_grad()
 def _normalization(model: torch.nn.Module, scorer: Scorer, val: np.ndarray, labels: np.ndarray | None) -> None:
-    """Per-pixel mean/std of the raw residual on normal validation images."""
-    x = torch.from_numpy(val)
-    cond = None if labels is None else torch.from_numpy(labels)
-    r = scorer.raw_residual(x, model(x, cond), model)
-    scorer.set_normalization(r.mean(0, keepdim=True), r.std(0, keepdim=True) if len(r) > 1 else torch.ones_like(r[:1]))
+    """Per-pixel mean/std of the raw residual on normal validation images (batch by batch)."""
+    acc = _Moments()
+    for x, cond in _batches(val, labels):
+        acc.add(scorer.raw_residual(x, model(x, cond), model), dim=0)
+    mean, std = acc.mean_std()
+    scorer.set_normalization(mean, std if acc.n > 1 else torch.ones_like(mean))
 
 
 @torch.no_grad()
@@ -109,10 +149,14 @@ def _mix_statistics(model: torch.nn.Module, scorer: Scorer, val: np.ndarray, lab
     images, after per-pixel normalisation and smoothing: what standardises the parts before the sum."""
     from anomaly.scoring import gaussian_blur
 
-    x = torch.from_numpy(val)
-    cond = None if labels is None else torch.from_numpy(labels)
-    parts = [gaussian_blur(p, scorer.smoothing_sigma) for p in scorer.components(x, model(x, cond), model)]
-    scorer.set_mix_statistics(torch.stack([p.mean() for p in parts]), torch.stack([p.std() for p in parts]))
+    accs: list[_Moments] = []
+    for x, cond in _batches(val, labels):
+        parts = [gaussian_blur(p, scorer.smoothing_sigma) for p in scorer.components(x, model(x, cond), model)]
+        accs = accs or [_Moments() for _ in parts]
+        for acc, p in zip(accs, parts):
+            acc.add(p)
+    stats = [acc.mean_std() for acc in accs]
+    scorer.set_mix_statistics(torch.stack([m for m, _ in stats]), torch.stack([s for _, s in stats]))
 
 
 def _resolve_latent(latent: str, model_name: str, model: torch.nn.Module, split: dict[str, Any], conditional: bool,
@@ -199,10 +243,11 @@ def _statistics_bank(scorer: Scorer, pre: Preprocess, split: dict[str, Any], bat
 @torch.no_grad()
 def _score_mix(model: torch.nn.Module, scorer: Scorer, val: np.ndarray, labels: np.ndarray | None) -> None:
     """Mean/std of the map aggregate and of the latent distance on normal validation images."""
-    x = torch.from_numpy(val)
-    cond = None if labels is None else torch.from_numpy(labels)
-    z, x_hat = encode_decode(model, x, cond)
-    parts = torch.stack([scorer.image_score(scorer.anomaly_map(x, x_hat, model)), scorer.latent_distance(z, cond)])
+    chunks = []
+    for x, cond in _batches(val, labels):
+        z, x_hat = encode_decode(model, x, cond)
+        chunks.append(torch.stack([scorer.image_score(scorer.anomaly_map(x, x_hat, model)), scorer.latent_distance(z, cond)]))
+    parts = torch.cat(chunks, 1)
     scorer.set_score_mix(parts.mean(1), parts.std(1))
 
 
@@ -290,7 +335,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
         scoring: overrides of the run's scoring settings (residual, smoothing_sigma, aggregate…).
         normalize: per-pixel normalisation of residuals by their statistics on the validation
             images. ``None`` (default) turns it on when there are at least
-            :data:`MIN_NORMALIZATION_IMAGES` validation images: in benchmarks/results/quality.md it
+            :data:`MIN_NORMALIZATION_IMAGES` validation images: in benchmarks/results/2026-11-21-quality-first-trials.md it
             adds 0.04–0.13 image AUROC on ELPV for every trained model.
         opset: ONNX opset (>= 17).
         tta: ``none``, or ``flips``: the graph averages the maps of the image and its three flips
@@ -336,6 +381,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
         "scoring": {**scorer.config(), "tta": tta},
         "onnx": {"file": MODEL_FILE, "sha256": sha256_file(out / MODEL_FILE), "opset": opset},
         "versions": _versions(),
+        "training_split": training_split_hashes(run_dir),
         "normal_stats": None,
         "calibration": None,
         "parity": None,
@@ -344,15 +390,19 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
 
     if len(val):
         rt = Runtime(out, device="cpu", category=0 if conditional else None)  # labels are passed per image below
-        res = rt.infer(val, val_labels)
-        scores = res["score"].astype(np.float64)
-        with torch.no_grad():
-            ref = graph(torch.from_numpy(val), None if val_labels is None else torch.from_numpy(val_labels))
-        meta["parity"] = {
-            "images": int(len(val)),
-            "max_abs_diff_score": float(np.abs(ref.score.numpy() - res["score"]).max()),
-            "max_abs_diff_map": float(np.abs(ref.anomaly_map.numpy() - res["anomaly_map"]).max()),
-        }
+        score_parts, map_parts = [], []
+        diff_score = diff_map = 0.0
+        for x, cond in _batches(val, val_labels):
+            res = rt.infer(x.numpy(), None if cond is None else cond.numpy())
+            with torch.no_grad():
+                ref = graph(x, cond)
+            diff_score = max(diff_score, float(np.abs(ref.score.numpy() - res["score"]).max()))
+            diff_map = max(diff_map, float(np.abs(ref.anomaly_map.numpy() - res["anomaly_map"]).max()))
+            score_parts.append(res["score"].astype(np.float64))
+            map_parts.append(res["anomaly_map"][:, 0])
+        scores = np.concatenate(score_parts)
+        maps = np.concatenate(map_parts)  # (V, S, S) float32: what the pixel threshold is fitted on
+        meta["parity"] = {"images": int(len(val)), "max_abs_diff_score": diff_score, "max_abs_diff_map": diff_map}
         meta["normal_stats"] = _stats(scores, "validation split of the training folder (never trained on)")
         # Provisional thresholds until `anomaly calibrate`: 1 % of the validation images (0.1 % of
         # their pixels). Under 100 images 1 % cannot be resolved: the threshold is then their largest
@@ -363,8 +413,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
         cal = ThresholdCalibrator(method="fpr", target_fpr=image_fpr).fit(scores)
         meta["calibration"] = {
             "image": cal.to_dict(),
-            "pixel": PixelThresholdCalibrator(method="fpr", target_fpr=0.001).fit(res["anomaly_map"][:, 0]).to_dict(),
+            "pixel": PixelThresholdCalibrator(method="fpr", target_fpr=0.001).fit(maps).to_dict(),
             "source": {"kind": "validation", "images": int(len(val))},
+            "reference_scores": reference_scores(scores),
         }
         write_sidecar(out, meta)
         log.info("exported %s; parity on %d validation images: max |score diff| %.2e", out, len(val),
@@ -374,6 +425,24 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
     else:
         log.warning("run has no validation images: the bundle has no threshold until `anomaly calibrate`")
     return out
+
+
+def training_split_hashes(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar's ``training_split``: sha256 of every training image of the run (sorted), so
+    that calibration and evaluation can refuse them by content where the run folder is absent.
+
+    Raises:
+        FileNotFoundError: a training image listed in ``split.json`` is gone (the bundle could
+            not vouch for what it was trained on).
+    """
+    paths = json.loads((Path(run_dir) / "split.json").read_text()).get("train", [])
+    digests = set()
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{p}: a training image of {run_dir} (listed in its split.json) is missing; "
+                                    "the bundle records every training image's hash")
+        digests.add(sha256_file(p))
+    return {"algorithm": "sha256", "train": sorted(digests), "n_train": len(paths)}
 
 
 def _is_conditional(ckpt: dict[str, Any]) -> bool:

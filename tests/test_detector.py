@@ -168,3 +168,24 @@ def test_conditional_detector_needs_and_uses_labels(tmp_path: Path) -> None:
     a = det.decision_function(images, labels="tiles_a")
     assert np.array_equal(a, det.decision_function(images, labels=[0, 0, 0, 0]))
     assert not np.allclose(a, det.decision_function(images, labels=1))  # the label reaches the graph
+
+
+def test_a_temporary_work_folder_is_removed_at_refit_and_with_the_detector(trained_bundle: dict) -> None:
+    """``work_dir=None``: the run and the copies of the training images live in a temporary folder
+    that the next fit, or the detector's end, removes."""
+    import gc
+
+    files = _files(trained_bundle["data"] / "train")[:8]
+    det = AnomalyDetector(epochs=1, val_fraction=0.25, **TINY).fit(files)
+    first = det.run_dir_.parent
+    assert (first / "data").is_dir() and first.name.startswith("anomaly-detector-")
+    copy = pickle.loads(pickle.dumps(det))  # a copy does not own the folder
+    del copy
+    gc.collect()
+    assert first.is_dir()
+    det.fit(files)
+    second = det.run_dir_.parent
+    assert not first.exists() and second.is_dir()
+    del det
+    gc.collect()
+    assert not second.exists()

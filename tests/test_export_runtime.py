@@ -448,3 +448,93 @@ def test_latent_knn_is_the_aae_default_and_can_be_chosen(trained_bundle: dict, t
     assert [_resolve_latent("auto", "aae", model, split, False, 5, size) for size in (32, 64, 128)] == ["knn", "knn", "none"]
     assert _resolve_latent("knn", "aae", model, split, False, 5, 128) == "knn"  # asked for: given
     assert _resolve_latent("auto", "ae", model, split, False, 5, 64) == "none"
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("calibration", "image", "threshold"), float("nan"), r"calibration\.image\.threshold must be a finite number"),
+    (("calibration", "image", "threshold"), float("inf"), r"calibration\.image\.threshold must be a finite number"),
+    (("calibration", "image", "threshold"), -0.5, r"threshold must be >= 0 \(this bundle's scores cannot be negative\)"),
+    (("calibration", "pixel", "threshold"), "0.3", r"calibration\.pixel\.threshold must be a finite number"),
+    (("calibration", "reference_scores"), [0.1, None], r"reference_scores\[1\] must be a finite number"),
+    (("preprocess", "image_size"), 0, r"preprocess\.image_size must be in \[8, 8192\], found 0"),
+    (("preprocess", "image_size"), 1 << 20, r"preprocess\.image_size must be in \[8, 8192\]"),
+    (("preprocess", "image_size"), "32", r"preprocess\.image_size must be an integer"),
+    (("preprocess", "channels"), 2, r"preprocess\.channels must be 1 or 3, found 2"),
+    (("schema_version",), "1", r"schema version '1'"),
+    (("inputs",), "image", r"inputs must be \['image'\] or \['image', 'label'\]"),
+])
+def test_sidecar_fields_out_of_range_are_refused(trained_bundle: dict, tmp_path: Path, path: tuple, value,
+                                                 message: str) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(trained_bundle["bundle"], b)
+    meta = json.loads((b / "model.json").read_text())
+    node = meta
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    (b / "model.json").write_text(json.dumps(meta))  # NaN / Infinity as Python's json writes them
+    with pytest.raises(BundleError, match=message):
+        load_sidecar(b)
+
+
+def test_a_size_the_graph_cannot_take_is_refused(trained_bundle: dict, tmp_path: Path) -> None:
+    from anomaly.deploy.runtime import Runtime
+
+    b = tmp_path / "b"
+    shutil.copytree(trained_bundle["bundle"], b)
+    meta = json.loads((b / "model.json").read_text())
+    meta["preprocess"]["image_size"] = 64  # in range, but the graph takes 32 x 32
+    (b / "model.json").write_text(json.dumps(meta))
+    load_sidecar(b)
+    with pytest.raises(BundleError, match=r"the graph takes images of shape \[.*, 1, 32, 32\].*\(N, 1, 64, 64\)"):
+        Runtime(b, device="cpu")
+
+
+def test_sidecar_records_training_hashes_and_the_validation_scores(trained_bundle: dict) -> None:
+    from anomaly.data.preprocess import Preprocess
+    from anomaly.deploy.bundle import MAX_REFERENCE_SCORES, reference_scores, sha256_file
+    from anomaly.deploy.runtime import Runtime
+
+    meta = load_sidecar(trained_bundle["bundle"])
+    split = json.loads((trained_bundle["run"] / "split.json").read_text())
+    assert meta["training_split"]["train"] == sorted(sha256_file(p) for p in split["train"])
+    assert meta["training_split"]["n_train"] == len(split["train"]) == 20
+    ref = meta["calibration"]["reference_scores"]
+    scores = Runtime(trained_bundle["bundle"], device="cpu").infer(Preprocess(32, 1).load_batch(split["val"]))["score"]
+    assert ref == pytest.approx(scores.tolist(), rel=1e-6) and len(ref) == meta["normal_stats"]["n"]
+    many = reference_scores(np.arange(12_000.0))  # capped: a fixed subsample, the same every time
+    assert len(many) == MAX_REFERENCE_SCORES and many == reference_scores(np.arange(12_000.0))
+    assert len(set(many)) == MAX_REFERENCE_SCORES and many == sorted(many)
+
+
+def test_export_statistics_run_batch_by_batch(monkeypatch) -> None:
+    """The validation passes never feed the model more than ``EXPORT_BATCH`` images, and the
+    per-pixel normalisation and score mixing equal their one-batch values."""
+    import torch
+
+    from anomaly.deploy import export
+    from anomaly.registry import create_model
+    from anomaly.scoring import Scorer, encode_decode
+
+    torch.manual_seed(0)
+    model = create_model("aae", in_channels=1, image_size=32, latent_dim=8, base_channels=8).eval()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    model.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    val = np.random.default_rng(0).random((10, 1, 32, 32), dtype=np.float32)
+    monkeypatch.setattr(export, "EXPORT_BATCH", 3)
+    scorer = Scorer(residual="l1", image_size=(32, 32), latent="knn")
+    export._normalization(model, scorer, val, None)
+    assert seen and max(seen) == 3
+    with torch.no_grad():
+        x = torch.from_numpy(val)
+        r = scorer.raw_residual(x, model(x), model)
+        torch.testing.assert_close(scorer.pixel_std, r.std(0, keepdim=True).clamp_min(1e-3), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(scorer.pixel_mean, r.mean(0, keepdim=True), rtol=1e-4, atol=1e-6)
+        scorer.set_latent_bank(model.encode(x))
+        seen.clear()
+        export._score_mix(model, scorer, val, None)
+        assert seen and max(seen) == 3
+        z, x_hat = encode_decode(model, x, None)
+        parts = torch.stack([scorer.image_score(scorer.anomaly_map(x, x_hat, model)), scorer.latent_distance(z)])
+        torch.testing.assert_close(scorer.score_mean, parts.mean(1), rtol=1e-4, atol=1e-6)

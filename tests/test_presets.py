@@ -1,4 +1,4 @@
-"""The benchmark's presets (``anomaly.reconstructors``) must build what they name.
+"""The benchmark's presets (``anomaly.training.presets``) must build what they name.
 
 A preset is only trained inside ``benchmarks/quality.py``, tens of minutes into a run; a typo in a
 model keyword or a scoring that its model cannot produce would surface only there. These tests
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anomaly.reconstructors import PRESETS, get_preset
+from anomaly.training.presets import PRESETS, get_preset
 from anomaly.scoring import ReconstructionScorer, Scorer
 from anomaly.training.run import build_model
 

@@ -1,16 +1,17 @@
 """Training configuration: one dataclass, saved resolved next to the checkpoints (``config.json``).
 
-The library sees explicit fields; option parsing stays in :mod:`anomaly.training.cli`.
+The library sees explicit fields; option parsing stays in :mod:`anomaly.training.cli`. The field
+defaults here are the project's one definition of the training defaults (:func:`train_defaults`).
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "DEFAULT_SCORING", "AUGMENTS"]
+__all__ = ["TrainConfig", "DEFAULT_SCORING", "AUGMENTS", "train_defaults"]
 
 #: training augmentations (see ``TrainConfig.augment``)
 AUGMENTS = ("none", "flip", "flip_rot90")
@@ -42,7 +43,7 @@ class TrainConfig:
             for symmetric parts; switch off for oriented products) or ``flip_rot90`` (the flips and
             a random transposition: all 8 orientations of the square, for surfaces with no preferred
             direction; not for brick rows or busbars). On the grass benchmark ``flip_rot90`` was
-            worse than ``flip`` over 3 seeds (``benchmarks/results/quality_session13.md``).
+            worse than ``flip`` over 3 seeds (``benchmarks/results/2026-11-22-quality-grass-trials.md``).
         synthetic_defects: probability that a training image carries a synthetic defect
             (:class:`anomaly.data.synthetic.DefectSynthesizer`); the batch then holds the clean image as
             ``target`` and the model learns to *repair* (DRAEM-style). 0 disables.
@@ -106,3 +107,17 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def train_defaults() -> dict[str, Any]:
+    """Every :class:`TrainConfig` field's default, by name (fresh copies of the dict defaults;
+    ``data`` has none). The one definition of the training defaults: ``anomaly train``'s options,
+    :class:`anomaly.detector.AnomalyDetector`'s parameters, ``anomaly demo`` and the presets
+    (:mod:`anomaly.training.presets`) read them from here."""
+    out: dict[str, Any] = {}
+    for f in fields(TrainConfig):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out

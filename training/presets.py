@@ -7,7 +7,7 @@ evaluates them; ``get_preset(name).train_config(data=..., out=...)`` returns the
 
 Example::
 
-    from anomaly.reconstructors import get_preset
+    from anomaly.training.presets import get_preset
     from anomaly.training.run import train
     cfg = get_preset("aae_repair").train_config(data="cache/elpv_mono", out="runs/mono", epochs=15)
     train(cfg)
@@ -17,9 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from anomaly.training.config import TrainConfig, train_defaults
+
 __all__ = ["Preset", "PRESETS", "get_preset"]
 
 Scoring = tuple[dict[str, Any], bool]  # (scoring overrides, per-pixel normalisation at export)
+
+#: the training defaults (TrainConfig's fields), which a preset keeps unless it names its own
+_D = train_defaults()
+#: the learning rate every preset is benchmarked with (whatever the objective's own default)
+PRESET_LR = 2e-4
+#: the benchmark's epoch budget when ``train_config`` is not given one
+PRESET_EPOCHS = 15
 
 
 @dataclass(frozen=True)
@@ -32,18 +41,16 @@ class Preset:
     synthetic_defects: float = 0.0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     objective_kwargs: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 32
-    lr: float = 2e-4
-    lr_decay_from: float | None = None
-    augment: str = "flip"
+    batch_size: int = _D["batch_size"]
+    lr: float = PRESET_LR
+    lr_decay_from: float | None = _D["lr_decay_from"]
+    augment: str = _D["augment"]
     scorings: dict[str, Scoring] = field(default_factory=lambda: {"default": ({}, False)})
     fixed_epochs: int | None = None  # a reference that ignores the epoch budget (untrained control)
 
-    def train_config(self, *, data: str, out: str, epochs: int = 15, image_size: int = 64, seed: int = 0,
-                     **overrides: Any):
+    def train_config(self, *, data: str, out: str, epochs: int = PRESET_EPOCHS, image_size: int = _D["image_size"],
+                     seed: int = _D["seed"], **overrides: Any) -> TrainConfig:
         """The :class:`anomaly.training.config.TrainConfig` of this preset (``overrides`` win)."""
-        from anomaly.training.config import TrainConfig
-
         kw: dict[str, Any] = dict(data=data, out=out, model=self.model, epochs=self.fixed_epochs or epochs, image_size=image_size,
                                   seed=seed, batch_size=self.batch_size, lr=self.lr,
                                   lr_decay_from=self.lr_decay_from, augment=self.augment,
@@ -68,14 +75,15 @@ _RESIDUALS: dict[str, Scoring] = {
 # Image score plus the latent knn distance (anomaly.scoring, latent="knn"): for the encoder-decoder
 # presets only (a CycleGAN repair generator has no code to measure).
 _LATENT_SCORINGS: dict[str, Scoring] = {"l1_ssim+norm+knn": ({"residual": "l1_ssim", "latent": "knn"}, True),
-                                        # plus the texture statistics' map part (session 21)
+                                        # plus the texture statistics' map part (2026-12-04-quality-texture-stats.md)
                                         "l1_ssim+norm+knn+stats": ({"residual": "l1_ssim", "latent": "knn",
                                                                     "texture": "stats"}, True)}
 
 
 def _cyclegan(name: str, description: str, *, synthetic_defects: float = 0.5,
               scorings: dict[str, Scoring] | None = None, objective_kwargs: dict[str, Any] | None = None,
-              lr_decay_from: float | None = None, augment: str = "flip", **model_kwargs: Any) -> Preset:
+              lr_decay_from: float | None = _D["lr_decay_from"], augment: str = _D["augment"],
+              **model_kwargs: Any) -> Preset:
     """A CycleGAN repair preset: U-Net generators of base 16, discriminators of 16, batch 8, synthetic
     defects p=0.5, every residual kind exported; ``model_kwargs`` override the network settings."""
     return Preset(name, "cyclegan", description, synthetic_defects=synthetic_defects, batch_size=8,
@@ -90,7 +98,7 @@ _SEGMENTER_SCORINGS: dict[str, Scoring] = {
     "l1_learned+norm": ({"residual": "l1_learned"}, True),
     "l1_ssim_learned+norm": ({"residual": "l1_ssim_learned"}, True),
     "l1+norm": _RESIDUALS["l1+norm"], "l1_ssim+norm": _RESIDUALS["l1_ssim+norm"],
-    # plus the texture statistics' distance (anomaly.texture_stats), session 21
+    # plus the texture statistics' distance (anomaly.texture_stats), measured 2026-12-04
     "learned+stats": ({"residual": "learned", "texture": "stats"}, False),
     "l1_learned+norm+stats": ({"residual": "l1_learned", "texture": "stats"}, True)}
 
@@ -164,7 +172,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
               segmenter_input="pair_diff", lr_decay_from=0.5, scorings=_SEGMENTER_SCORINGS),
     _cyclegan("cyclegan_repair_segdiff_decay_rot", "cyclegan_repair_segdiff_decay trained on all 8 orientations "
               "(flips and 90-degree rotations, --augment flip_rot90): grass and gravel have no preferred direction, "
-              "and their 200 training crops overlap heavily (session 13: worse on grass over 3 seeds)", segmenter=True,
+              "and their 200 training crops overlap heavily (2026-11-22: worse on grass over 3 seeds)", segmenter=True,
               segmenter_input="pair_diff", lr_decay_from=0.5, augment="flip_rot90", scorings=_SEGMENTER_SCORINGS),
     _cyclegan("cyclegan_repair_segdiff32_decay", "cyclegan_repair_segdiff_decay with a segmenter twice as wide "
               "(U-Net base 32): on grass the segmenter's map carries the detection", segmenter=True,

@@ -28,9 +28,11 @@ from anomaly.data.io import atomic_write, read_image
 from anomaly.data.preprocess import Preprocess
 from anomaly.training.config import TrainConfig
 from anomaly.training.objectives import create_objective
+from anomaly.training.distributed import is_main_process
 from anomaly.training.trainer import Trainer, TrainResult, load_checkpoint
 
-__all__ = ["train", "split_normals", "detect_channels", "build_model", "load_run", "save_samples"]
+__all__ = ["train", "split_normals", "resume_split", "ResumeError", "RESUMABLE_FIELDS", "detect_channels", "build_model",
+           "load_run", "save_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +96,75 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(config: TrainConfig, *, resume: bool = False,
-          progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Run training as configured; returns the :class:`TrainResult`.
+class ResumeError(ValueError):
+    """``resume`` of a run folder whose recorded settings or split the request does not match."""
+
+
+#: settings a resumed run may change: the budget, and where it runs
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "out")
+
+
+def resume_split(out: Path, config: TrainConfig, layout: DatasetLayout) -> tuple[list[Sample], list[Sample]]:
+    """The ``(train, validation)`` samples recorded in ``out/split.json``, after checking that
+    ``config`` is the run's recorded ``config.json`` up to :data:`RESUMABLE_FIELDS`.
+
+    Resuming must continue the run that was started: a split recomputed from what the folder
+    holds now (images added or removed) would train on validation images, and other settings would
+    train another model under the same name. ``config.channels`` ``None`` takes the recorded value;
+    ``layout.categories`` becomes the recorded categories.
 
     Raises:
-        anomaly.data.folder.DatasetError: missing folder or no training images.
+        ResumeError: missing ``config.json`` / ``split.json``, or settings that differ (the message
+            lists each changed field, recorded and requested value).
+        anomaly.data.folder.DatasetError: an image of the recorded split is gone.
+    """
+    from anomaly.data.folder import DatasetError
+
+    cfg_path, split_path = out / "config.json", out / "split.json"
+    for f in (cfg_path, split_path):
+        if not f.is_file():
+            raise ResumeError(f"cannot resume {out}: {f.name} is missing (a run folder of `anomaly train` has "
+                              "config.json and split.json beside checkpoints/)")
+    recorded = TrainConfig.load(cfg_path)
+    if config.channels is None:
+        config.channels = recorded.channels
+    now, then = config.to_dict(), recorded.to_dict()
+    changed = [f"{k} {then.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_FIELDS and now[k] != then.get(k)]
+    if changed:
+        raise ResumeError(f"cannot resume {out}: its recorded settings differ from this request: {'; '.join(changed)}. "
+                          f"Only {', '.join(RESUMABLE_FIELDS[:3])} may change on resume; start a new --out for other "
+                          "settings")
+    split = json.loads(split_path.read_text())
+    train_s = [Sample(Path(p), 0, "good", None, int(c))
+               for p, c in zip(split["train"], split.get("train_categories") or [0] * len(split["train"]))]
+    val_s = [Sample(Path(p), 0, "good", None, int(c))
+             for p, c in zip(split["val"], split.get("val_categories") or [0] * len(split["val"]))]
+    missing = [str(s.path) for s in train_s + val_s if not s.path.is_file()]
+    if missing:
+        raise DatasetError(f"cannot resume {out}: {len(missing)} image(s) of its recorded split are gone "
+                           f"(e.g. {missing[0]}); restore them, or start a new run")
+    if split.get("categories"):
+        layout.categories = list(split["categories"])
+    log.info("resuming %s with its recorded split: %d training and %d validation images", out, len(train_s), len(val_s))
+    return train_s, val_s
+
+
+def train(config: TrainConfig, *, resume: bool = False,
+          progress: Callable[[dict[str, Any]], None] | None = None,
+          tensorboard: bool = True, logdir: str | Path | None = None) -> TrainResult:
+    """Run training as configured; returns the :class:`TrainResult`.
+
+    ``tensorboard``: write TensorBoard event files to ``logdir`` (default ``config.out/tensorboard``).
+    Under torchrun every rank runs this; rank 0 alone writes the run folder's files.
+
+    ``resume``: continue from ``out/checkpoints/last.pt`` when it exists, with the recorded split
+    and random states; ``config`` must match the recorded ``config.json`` except for
+    :data:`RESUMABLE_FIELDS` (:func:`resume_split`).
+
+    Raises:
+        anomaly.data.folder.DatasetError: missing folder or no training images; on resume, a
+            recorded image that is gone.
+        ResumeError: resuming with other settings than the run's recorded ones.
         anomaly.registry.UnknownModelError: unknown model name.
         FileNotFoundError, ValueError: ``defect_sources`` is not a folder of images.
     """
@@ -111,10 +176,14 @@ def train(config: TrainConfig, *, resume: bool = False,
 
         sources = load_defect_sources(config.defect_sources)
     out = Path(config.out)
+    resuming = resume and (out / "checkpoints" / "last.pt").exists()
+    if resuming:  # the recorded split and settings, before anything is written
+        train_s, val_s = resume_split(out, config, layout)
     out.mkdir(parents=True, exist_ok=True)
     _seed_everything(config.seed)
 
-    train_s, val_s = split_normals(layout.train, config.val_fraction, config.seed)
+    if not resuming:
+        train_s, val_s = split_normals(layout.train, config.val_fraction, config.seed)
     if config.channels is None:
         config.channels = detect_channels(train_s[0].path)
     if config.scoring.get("colour", "rgb") != "rgb" and config.channels != 3:
@@ -138,12 +207,14 @@ def train(config: TrainConfig, *, resume: bool = False,
              layout.root, len(train_s), len(val_s), layout.kind, num_classes, "y" if num_classes == 1 else "ies",
              config.model, sum(p.numel() for p in model.parameters()) / 1e6)
 
-    config.save(out / "config.json")
-    with atomic_write(out / "split.json") as fh:
-        json.dump({"layout": layout.kind, "root": str(layout.root), "categories": layout.categories,
-                   "train": [str(s.path) for s in train_s], "val": [str(s.path) for s in val_s],
-                   "train_categories": [s.category for s in train_s],
-                   "val_categories": [s.category for s in val_s]}, fh, indent=1)
+    if is_main_process():  # under torchrun, rank 0 alone writes the run folder
+        config.save(out / "config.json")  # on resume: the recorded settings with the new budget
+    if is_main_process() and not resuming:
+        with atomic_write(out / "split.json") as fh:
+            json.dump({"layout": layout.kind, "root": str(layout.root), "categories": layout.categories,
+                       "train": [str(s.path) for s in train_s], "val": [str(s.path) for s in val_s],
+                       "train_categories": [s.category for s in train_s],
+                       "val_categories": [s.category for s in val_s]}, fh, indent=1)
 
     train_ds = ImageDataset(train_s, pre, augment=_AUGMENT_FNS[config.augment], seed=config.seed, cache=True)
     if config.synthetic_defects > 0:
@@ -159,11 +230,13 @@ def train(config: TrainConfig, *, resume: bool = False,
 
     trainer = Trainer(
         objective, out_dir=out, epochs=config.epochs, max_minutes=config.max_minutes, lr=config.lr if config.lr is not None else 2e-4,
-        lr_decay_from=config.lr_decay_from, device=config.device, progress=progress,
+        lr_decay_from=config.lr_decay_from, device=config.device, progress=progress, seed=config.seed,
+        logdir=(Path(logdir) if logdir is not None else out / "tensorboard") if tensorboard else None,
         extra_state={"config": config.to_dict(), "model_name": config.model, "model_kwargs": model_kwargs,
                      "num_classes": num_classes, "categories": layout.categories, "preprocess": pre.to_dict()},
+        generators={"loader": g},
     )
-    if resume and (trainer.checkpoint_dir / "last.pt").exists():
+    if resuming:
         trainer.resume()
     return trainer.fit(train_loader, val_loader)
 
