@@ -27,7 +27,7 @@ Colour space of the ``l1`` / ``l2`` differences (``Scorer(colour=...)``, RGB mod
              image AUROC by 0.07-0.08, pixel AUROC by 0.03-0.05 and AUPRO by 0.04-0.06, and lowered
              cracks (pure brightness) by 0.03; with ``l1_ssim`` it lowered every figure; with the
              CycleGAN repair's ``l1_learned`` / ``l1_ssim_learned`` it raised every figure
-             (``benchmarks/results/quality_session20.md``).
+             (``benchmarks/results/2026-12-04-quality-colour.md``).
              ``ssim``, ``gms``, ``ms`` and ``learned`` are unchanged by it.
 
 Texture statistics (``Scorer(texture=...)``, one more part of the map):
@@ -38,7 +38,7 @@ Texture statistics (``Scorer(texture=...)``, one more part of the map):
               each standardised on normal validation images (:meth:`Scorer.set_mix_statistics`). It
               finds patches of a foreign texture that pass through the repair; on grass it raised the
               CycleGAN repair's ``learned`` map's pixel AUROC and AUPRO
-              (``benchmarks/results/quality_session21.md``)
+              (``benchmarks/results/2026-12-04-quality-texture-stats.md``)
 
 Latent scores (``Scorer(latent=...)``, image score only; the map is unchanged):
     ``none`` the image score is the map's aggregate
@@ -47,7 +47,7 @@ Latent scores (``Scorer(latent=...)``, image score only; the map is unchanged):
              (:meth:`Scorer.set_latent_bank`), each standardised on normal validation images
              (:meth:`Scorer.set_score_mix`). An AAE's adversary shapes its codes to a prior, so a
              code far from every normal code flags an image even where the decoder's output is
-             close to the input (measured in ``benchmarks/results/quality_session10.md``)
+             close to the input (measured in ``benchmarks/results/2026-11-22-quality-latent-knn.md``)
 
 Example::
 
@@ -535,8 +535,8 @@ class FlipAveraged(nn.Module):
             # (symmetric filters, reflect padding, 2x2 pooling: views flipped back differ by 2e-5 on a
             # map of ~3.6), so the average of the four views is the un-flipped view's: measured once
             # (a quarter of the cost) and added to the average of the other parts before smoothing,
-            # which commutes with the flips too. The texture rows of quality_session21.md came out
-            # the same to 4 digits (quality_session22.md).
+            # which commutes with the flips too. The texture rows of 2026-12-04-quality-texture-stats.md came out
+            # the same to 4 digits (2026-12-04-quality-texture-stats-tta-brick.md).
             m = scorer.unsmoothed_map(scorer.components(views, x_hat, model, texture=False))
             maps = m.reshape(4, -1, *m.shape[1:])
             r = (maps[0] + maps[1].flip(-1) + maps[2].flip(-2) + maps[3].flip(-2, -1)) / 4

@@ -18,7 +18,7 @@ blobs) still differ from every normal neighbourhood. :class:`StatisticsMap` meas
 
 :class:`anomaly.scoring.Scorer` adds it as one more standardised part of the map
 (``Scorer(texture="stats")``, ``anomaly train|export --texture-stats``). Measured in
-``benchmarks/results/quality_session21.md``.
+``benchmarks/results/2026-12-04-quality-texture-stats.md``.
 
 Everything in the forward pass is torch and traces to ONNX; fitting the bank uses scikit-learn.
 """
@@ -96,7 +96,7 @@ def texture_statistics(x: torch.Tensor) -> torch.Tensor:
 def _query_grid(x: torch.Tensor) -> torch.Tensor:
     """``(N, 9, H/4, W/4)``: the statistics 2x2-average-pooled once more, the grid the map is measured
     on (a sixteenth of the pixels: the nearest-centre search is the costly step, and on grass a
-    quarter-resolution grid measured level with a half-resolution one, session 21)."""
+    quarter-resolution grid measured level with a half-resolution one, 2026-12-04)."""
     return F.avg_pool2d(texture_statistics(x), 2)
 
 

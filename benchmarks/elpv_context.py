@@ -1,4 +1,4 @@
-"""ELPV poly trial (session 19): does a cell's *context* explain away the scores of normal cells?
+"""ELPV poly trial (2026-12-04): does a cell's *context* explain away the scores of normal cells?
 
 The AAE's poly scores vary from module to module: in some modules every normal cell scores
 below -2.5 (bright, clean cells), and their cracked cells score below the typical normal cell of

@@ -1,8 +1,8 @@
 """A crack segmenter for ELPV: a small U-Net taught thin dark cracks drawn on normal cells.
 
 The poly cells every score misses are clean, bright cells crossed by one thin crack, 1-2 px wide at
-300 px (``benchmarks/results/quality_session17.md``). At the AAE's 64² the crack is gone; at 128²
-(session 14) a segmenter taught faint scratches reached 0.781. This trains, at 256², a
+300 px (``benchmarks/results/2026-12-03-quality-elpv-poly-descriptor.md``). At the AAE's 64² the crack is gone; at 128²
+(2026-11-22) a segmenter taught faint scratches reached 0.781. This trains, at 256², a
 segmentation network on synthetic cracks only (the real defects of the test set stay unseen):
 
 * each training cell is divided by its median (brightness is not a defect), flipped / transposed,

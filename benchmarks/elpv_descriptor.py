@@ -1,7 +1,7 @@
 """A learning-free yardstick for ELPV: how far a hand-made descriptor of dark spots gets.
 
-Every learned score on ELPV poly has stopped at 0.83-0.85 image AUROC (sessions 10-16 of
-``benchmarks/results/``). This measures what no model at all gives on the same split: each cell is
+Every learned score on ELPV poly has stopped at 0.83-0.85 image AUROC (the 2026-11-22 trials
+in ``benchmarks/results/``). This measures what no model at all gives on the same split: each cell is
 cut into a ``g x g`` grid, each block described by its ``q``-th intensity percentile over the
 cell's median (dark spots against the cell's own brightness), and a test cell is scored by the mean
 distance of its standardised descriptor to its 5 nearest training cells. With ``--audit`` (the

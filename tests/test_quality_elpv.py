@@ -25,7 +25,7 @@ with knn against 0.745 without; the test asserts the bar and that knn beats the 
 budget knn does *not* separate trained from untrained weights (the lr=0 model reaches 0.773 with
 it: the distance between random convolutional codes already says something), so the negative
 control stays on the map alone. At full budget training matters: ELPV poly 0.831 trained against
-0.721-0.755 untrained (``benchmarks/results/quality_session10.md``).
+0.721-0.755 untrained (``benchmarks/results/2026-11-22-quality-latent-knn.md``).
 
 Runtime: both tests together took 40 CPU s (user + sys, 1 thread) — about 45-60 s wall on an idle
 2-core machine; 316 s wall here under a load average of ~10.
