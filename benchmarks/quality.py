@@ -13,7 +13,7 @@ test split with :class:`anomaly.deploy.runtime.Runtime` (the path a line PC runs
 Every trial is recorded, not only the winner. Output: a markdown table on stdout and
 ``OUT/results.md`` + ``OUT/results.json`` with the exact command line, machine and date.
 
-Example (what ``benchmarks/results/quality.md`` holds)::
+Example (what ``benchmarks/results/2026-11-21-quality-first-trials.md`` holds)::
 
     python benchmarks/quality.py --datasets elpv_mono,elpv_poly --configs ae,aae,aae_repair \\
         --epochs 15 --image-size 64 --out bench_out
@@ -24,7 +24,7 @@ train = functional cells of ``train/good``, test = ``test/good`` vs ``test/defec
 model for both cell types; a conditional model such as ``cond_aae`` receives the type as its label,
 others pool the cells; each type is scored on its own and reported as ``elpv_types/mono`` and
 ``elpv_types/poly``, directly comparable with the single-type rows) and
-``brick``, ``grass``, ``gravel`` and the colour ``ihc`` (:func:`anomaly.data.textures.make_texture_dataset`,
+``brick``, ``grass``, ``gravel`` and the colour ``ihc`` (``texture_data.make_texture_dataset``,
 masks from the evaluation defect generator, which differs from the training ``DefectSynthesizer``;
 ``ihc`` adds ``discolour`` defects that keep the luma, so ``--channels 1`` against ``--channels 3``
 measures what reading colour is worth). Textures are
@@ -32,7 +32,7 @@ cut at ``--image-size`` at the photograph's scale unless ``--crop-size`` says ot
 defects are drawn as a fraction of the image, so the crop size sets how large they are against the
 texture's grain, and comparing two image sizes fairly means holding the crop size fixed.
 
-Configs are the presets of :mod:`anomaly.reconstructors` (``--list-configs``); a config may carry
+Configs are the presets of :mod:`anomaly.training.presets` (``--list-configs``); a config may carry
 several *scorings* (exports of the same run), each reported as its own row ``config/scoring``.
 ``--tta flips`` exports them with flip test-time augmentation (``anomaly export --tta flips``), and
 ``--tta both`` exports each scoring both ways (rows ``<scoring>`` and ``<scoring>+tta``).
@@ -53,8 +53,9 @@ from typing import Any, Sequence
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (str(REPO), str(Path(__file__).resolve().parent)):  # the package, and sibling benchmark modules
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 TEXTURES = ("brick", "grass", "gravel", "ihc")  # ihc: the colour texture (anomaly.data.textures.COLOUR_TEXTURES)
 ELPV = ("elpv_mono", "elpv_poly")
@@ -91,7 +92,7 @@ def prepare_dataset(name: str, cache: Path, image_size: int, seed: int = 0, crop
 
         return prepare_elpv(cache, cell_type=name.split("_", 1)[1], seed=seed)
     if name in TEXTURES:
-        from anomaly.data.textures import make_texture_dataset
+        from texture_data import make_texture_dataset  # benchmarks/texture_data.py (evaluation defects)
 
         crop = int(crop_size or image_size)
         root = cache / (f"{name}_{image_size}" if crop == image_size else f"{name}_{image_size}_crop{crop}")
@@ -224,7 +225,7 @@ def run_trial(dataset: str, root: Path, config_name: str, seed: int, epochs: int
     data, as ``anomaly train`` does). Returns one row per scoring and augmentation."""
     import torch
 
-    from anomaly.reconstructors import get_preset
+    from anomaly.training.presets import get_preset
     from anomaly.training.run import train
 
     torch.set_num_threads(threads)
@@ -256,7 +257,7 @@ def evaluate_run(run_dir: Path, dataset: str, config_name: str, seed: int, sampl
     """Export a trained run with each scoring of its preset (those named in ``only``, when given;
     and each test-time augmentation in ``tta``; ``flips`` rows are named ``<scoring>+tta``) into
     ``out/bundles`` and evaluate each bundle on ``samples``. Returns the metric rows."""
-    from anomaly.reconstructors import get_preset
+    from anomaly.training.presets import get_preset
     from anomaly.deploy.export import export_run
 
     cfg_scoring = json.loads((run_dir / "config.json").read_text())["scoring"]  # what `anomaly train` wrote
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="elpv_mono,elpv_poly", help="comma list of " + ",".join(ELPV + (ELPV_TYPES,) + TEXTURES))
-    p.add_argument("--configs", default="ae,aae,aae_repair", help="comma list of anomaly.reconstructors presets")
+    p.add_argument("--configs", default="ae,aae,aae_repair", help="comma list of anomaly.training.presets presets")
     p.add_argument("--seeds", default="0", help="comma list of seeds")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--image-size", type=int, default=64)
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list-configs", action="store_true")
     args = p.parse_args(argv)
 
-    from anomaly.reconstructors import PRESETS
+    from anomaly.training.presets import PRESETS
 
     if args.list_configs:
         for name, preset in PRESETS.items():
