@@ -287,3 +287,118 @@ def test_focal_loss_is_bce_at_gamma_zero_and_discounts_easy_pixels() -> None:
     # gamma 2 scales each pixel's BCE by (1 - p_t)^2: 0.01 for the easy pixel, 0.81 for the hard one
     torch.testing.assert_close(focal_loss(easy, zero), 0.01 * F.binary_cross_entropy(easy, zero))
     torch.testing.assert_close(focal_loss(hard, zero), 0.81 * F.binary_cross_entropy(hard, zero))
+
+
+def test_resume_keeps_the_recorded_split_refuses_other_settings_and_draws_as_uninterrupted(
+        mvtec_dir: Path, tmp_path: Path) -> None:
+    """Two epochs, or one then a resume to two, give bit-identical weights (the loader's shuffling,
+    torch's, NumPy's and Python's random states come back from the checkpoint); images added in
+    between stay out of the recorded split; a changed setting is refused by name."""
+    import json
+    import shutil
+
+    from anomaly.training.run import ResumeError
+
+    kw = dict(data=str(mvtec_dir), image_size=32, batch_size=4, augment="none",
+              model_kwargs={"latent_dim": 8, "base_channels": 8})
+    train(TrainConfig(out=str(tmp_path / "full"), epochs=2, **kw))
+    cfg = TrainConfig(out=str(tmp_path / "res"), epochs=1, **kw)
+    train(cfg)
+    split = (tmp_path / "res" / "split.json").read_bytes()
+    shutil.copy(mvtec_dir / "train" / "good" / "000.png", mvtec_dir / "train" / "good" / "new.png")
+    with pytest.raises(ResumeError, match=r"batch_size 4 -> 8; lr None -> 0\.001\. Only epochs, max_minutes, device may change"):
+        train(TrainConfig(**{**cfg.to_dict(), "lr": 1e-3, "batch_size": 8}), resume=True)
+    cfg.epochs = 2  # the budget may change
+    train(cfg, resume=True)
+    assert (tmp_path / "res" / "split.json").read_bytes() == split  # not recomputed from the folder
+    assert not any("new.png" in p for p in json.loads(split)["train"] + json.loads(split)["val"])
+    assert TrainConfig.load(tmp_path / "res" / "config.json").epochs == 2
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model_state"]
+    resumed = load_checkpoint(tmp_path / "res" / "checkpoints" / "last.pt")["model_state"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_checkpoints_load_with_weights_only_and_other_pickles_are_refused(tmp_path: Path, capsys) -> None:
+    """A checkpoint holding an arbitrary object (unpickling one can run code) is refused with a
+    clear error, by the loader and by `anomaly export`; what the trainer writes loads."""
+    import argparse
+
+    from anomaly.cli import main
+    from anomaly.training.trainer import CheckpointError, rng_state, save_checkpoint
+
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"model_state": {"w": torch.zeros(2)}, "config": {"lr": None}, "rng": rng_state(
+        {"loader": torch.Generator().manual_seed(1)})})
+    assert load_checkpoint(good)["rng"]["generators"]["loader"].dtype == torch.uint8
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model_state": {}, "config": argparse.Namespace(lr=1)}, run / "checkpoints" / "best.pt")
+    with pytest.raises(CheckpointError, match=r"weights_only=True.*Namespace"):
+        load_checkpoint(run / "checkpoints" / "best.pt")
+    (run / "checkpoints" / "last.pt").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(run / "checkpoints" / "last.pt")
+    assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 2
+    assert "could run code" in capsys.readouterr().err
+
+
+def test_image_cache_holds_the_source_pixel_type_within_a_size_limit(mvtec_dir: Path, caplog) -> None:
+    """8-bit images are cached as uint8 (a quarter of float32) and served as float32 within half a
+    grey level of the uncached preprocessing; past ``cache_bytes`` images are read again, logged once."""
+    import logging
+
+    from anomaly.data.folder import ImageDataset, discover
+    from anomaly.data.preprocess import Preprocess
+
+    samples, pre = discover(mvtec_dir).train, Preprocess(32, 1)
+    plain, cached = ImageDataset(samples, pre), ImageDataset(samples, pre, cache=True)
+    for _ in range(2):  # the second pass reads from the cache
+        for i in range(len(samples)):
+            got = cached[i]["image"]
+            assert got.dtype == np.float32 and np.abs(got - plain[i]["image"]).max() <= 0.5 / 255 + 1e-7
+    assert cached.cached_bytes == len(samples) * 32 * 32  # one byte per pixel
+    assert all(a.dtype == np.uint8 for a in cached._cached.values())
+    with caplog.at_level(logging.WARNING):
+        small = ImageDataset(samples, pre, cache=True, cache_bytes=2 * 32 * 32)
+        for i in list(range(len(samples))) * 2:
+            small[i]
+    assert small.cached_bytes == 2 * 32 * 32
+    assert [r.getMessage() for r in caplog.records if "cache full" in r.getMessage()][0].startswith("image cache full at 2 of")
+    assert len([r for r in caplog.records if "cache full" in r.getMessage()]) == 1
+
+
+def test_tensorboard_events_hold_every_step_loss_the_validation_error_lr_and_a_grid(trained_bundle: dict) -> None:
+    """The shared run (AAE, 3 epochs of 2 steps, 4 validation images of 32 px) wrote TensorBoard
+    events by default: each objective step's losses at every global step, per-epoch means,
+    validation error and learning rates, and the inputs / reconstructions / residuals grid."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trained_bundle["run"] / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    steps = {"recon/recon", "D_latent/D_latent", "G_latent/G_latent"}
+    assert steps | {"epoch/recon", "val/error", "lr/recon", "lr/D_latent", "lr/G_latent"} <= scalars
+    for tag in steps:
+        assert [e.step for e in acc.Scalars(tag)] == list(range(6))
+    with open(trained_bundle["run"] / "losses.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))  # losses.csv stays, and agrees with the events
+    assert [e.value for e in acc.Scalars("val/error")] == pytest.approx([float(r["val_error"]) for r in rows], rel=1e-6)
+    assert [e.value for e in acc.Scalars("lr/recon")] == pytest.approx([2e-4] * 3)
+    images = acc.Images("val/reconstructions")
+    assert [e.step for e in images] == [1, 2, 3]
+    assert (images[-1].width, images[-1].height) == (4 * 32 + 5 * 2, 3 * 32 + 4 * 2)
+
+
+def test_reconstruction_grid_rows_are_inputs_reconstructions_and_scaled_residuals() -> None:
+    from anomaly.training.trainer import reconstruction_grid
+
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_hat = x.clone()
+    x_hat[1, 0, 2, 5] += 0.5
+    grid = reconstruction_grid(x, x_hat.clamp(0, 1), pad=2)
+    assert grid.shape == (1, 3 * 8 + 4 * 2, 3 * 8 + 4 * 2)
+    tile = lambda row, i: grid[0, 2 + row * 10: 2 + row * 10 + 8, 2 + i * 10: 2 + i * 10 + 8]  # noqa: E731
+    assert torch.equal(tile(0, 2), x[2, 0]) and torch.equal(tile(1, 1), x_hat.clamp(0, 1)[1, 0])
+    residual = tile(2, 1)
+    assert residual[2, 5] == 1.0 and residual.sum() == 1.0  # the one changed pixel, at full scale
+    assert tile(2, 0).abs().sum() == 0
