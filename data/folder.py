@@ -23,6 +23,7 @@ import numpy as np
 
 from anomaly.data.io import list_images, read_image
 from anomaly.data.preprocess import Preprocess
+from anomaly.data.tiling import random_crop
 
 __all__ = ["DatasetError", "Sample", "DatasetLayout", "discover", "ImageDataset", "CACHE_BYTES"]
 
@@ -142,12 +143,27 @@ class ImageDataset:
             quarter (half) of float32's memory, and converted to float32 per item. At most
             ``cache_bytes`` are held; images beyond it are decoded on every read (logged once).
         cache_bytes: the cache's size limit (default :data:`CACHE_BYTES`).
+        crops_per_image: with a tiled ``preprocess`` (:attr:`Preprocess.tiled`), each image gives
+            this many ``(C, S, S)`` crops per epoch (``len(ds)`` = images x crops), cut at random
+            places of the image at its tiling scale; the cache holds the whole scaled images.
+            ``None``: as many as the tiles that would cover the first image without overlap
+            (``ceil(H' W' / S^2)``), so an epoch sees about every pixel once.
+        fixed_crops: the crops of a tiled dataset are the same on every read (validation);
+            else new places on every read (training).
     """
 
     def __init__(self, samples: Sequence[Sample], preprocess: Preprocess,
                  augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-                 with_masks: bool = False, seed: int = 0, cache: bool = False, cache_bytes: int = CACHE_BYTES) -> None:
+                 with_masks: bool = False, seed: int = 0, cache: bool = False, cache_bytes: int = CACHE_BYTES,
+                 crops_per_image: int | None = None, fixed_crops: bool = False) -> None:
+        if with_masks and preprocess.tiled:
+            raise ValueError("masks of a tiled dataset are not supported: score tiled images with the runtime, "
+                             "which returns maps at the image's scale")
+        if crops_per_image is not None and crops_per_image < 1:
+            raise ValueError(f"crops_per_image must be >= 1, got {crops_per_image}")
         self.samples = list(samples)
+        self.fixed_crops = bool(fixed_crops)
+        self._crops = crops_per_image
         self.preprocess = preprocess
         self.augment = augment
         self.with_masks = with_masks
@@ -159,8 +175,24 @@ class ImageDataset:
         self._cache_full_logged = False
         self._calls = 0
 
+    @property
+    def crops_per_image(self) -> int:
+        """Crops each image gives per epoch (1 for a whole-image preprocessing)."""
+        if not self.preprocess.tiled:
+            return 1
+        if self._crops is None:
+            if not self.samples:
+                return 1
+            raw = read_image(self.samples[0].path, raw=True)
+            h, w = self.preprocess.input_size(raw.shape[0], raw.shape[1])
+            s = self.preprocess.image_size
+            self._crops = max(1, -(-h * w // (s * s)))
+            log.info("tiled training: %d crops of %d px per image of %dx%d px (at scale %g) per epoch",
+                     self._crops, s, h, w, self.preprocess.tile_scale)
+        return self._crops
+
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.samples) * self.crops_per_image
 
     @property
     def cached_bytes(self) -> int:
@@ -193,20 +225,33 @@ class ImageDataset:
         m = cv2.resize((m > 0.5).astype(np.float32), (s, s), interpolation=cv2.INTER_NEAREST)
         return m[None]
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.samples)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        i = index % n  # a tiled epoch visits every image crops_per_image times
         sample = self.samples[i]
+        tiled = self.preprocess.tiled
+        crop = None
+        if tiled:  # the crop's place: new on every read for training, fixed per index for validation
+            self._calls += not self.fixed_crops
+            crop_rng = np.random.default_rng((self.seed, index, 0 if self.fixed_crops else self._calls, 7))
+            crop = lambda a: random_crop(a, self.preprocess.image_size, crop_rng)  # noqa: E731
         if self.cache and i in self._cached:
-            image = _to_float(self._cached[i])
+            held = self._cached[i]
+            image = _to_float(crop(held) if crop else held)  # crop first: a tile, not the whole image, converted
         elif self.cache:
             raw = read_image(sample.path, raw=True)
             held = _quantize(self.preprocess(raw), raw.dtype)  # preprocess: the same input as from float pixels
             # every epoch sees the held values, the first as well (unless the cache is full)
             image = _to_float(held) if self._store(i, held) else self.preprocess(raw)
+            image = crop(image) if crop else image
         else:
             image = self.preprocess.load(sample.path)
+            image = crop(image) if crop else image
         if self.augment is not None:
             self._calls += 1
-            rng = np.random.default_rng((self.seed, i, self._calls))
+            rng = np.random.default_rng((self.seed, index, self._calls))
             image = np.ascontiguousarray(self.augment(image.copy(), rng))
         item = {"image": image, "label": np.int64(sample.category), "anomalous": np.int64(sample.label)}
         if self.with_masks:

@@ -21,6 +21,12 @@ Example::
 
     for path in track(paths, desc="calibrate", unit="img"):
         ...
+
+    show = CountProgress(desc="evaluate", unit="img")   # a library's progress(done, total) callback
+    try:
+        evaluate_bundle(bundle, data, progress=show)
+    finally:
+        show.close()
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
 
-__all__ = ["Progress", "track", "format_seconds", "is_tty", "MODES"]
+__all__ = ["Progress", "CountProgress", "track", "format_seconds", "is_tty", "MODES"]
 
 MODES = ("auto", "bar", "lines", "none")
 T = TypeVar("T")
@@ -69,6 +75,8 @@ class Progress:
             ``lines`` or ``none`` (silent; :meth:`write` still writes).
         interval: seconds between two plain lines (``lines`` mode).
         initial: units already done (a resumed run); the rate counts only the new ones.
+        elapsed: seconds the work had already run when this display opened (one opened at the
+            first report of a callback); rate, ETA and time taken count from that start.
         clock: time source (a test passes a fake one).
 
     Raises:
@@ -76,7 +84,7 @@ class Progress:
     """
 
     def __init__(self, total: int | None = None, *, desc: str = "", unit: str = "it", stream: TextIO | None = None,
-                 mode: str = "auto", interval: float = 30.0, initial: int = 0,
+                 mode: str = "auto", interval: float = 30.0, initial: int = 0, elapsed: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if mode not in MODES:
             raise ValueError(f"progress mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -88,7 +96,7 @@ class Progress:
         self.n = initial
         self._initial = initial
         self._clock = clock
-        self._start = clock()
+        self._start = clock() - max(float(elapsed), 0.0)
         self._last_line = self._start
         self._postfix: dict[str, Any] = {}
         self._closed = False
@@ -101,6 +109,9 @@ class Progress:
         if mode == "bar":
             self._bar = _tqdm()(total=total, desc=desc, unit=unit, file=self.stream, initial=initial,
                                 dynamic_ncols=True, leave=True, smoothing=0.1)
+            if elapsed > 0:  # tqdm's elapsed time and first rate from the work's start too
+                self._bar.start_t -= elapsed
+                self._bar.last_print_t -= elapsed
 
     @property
     def stream(self) -> TextIO:
@@ -189,6 +200,57 @@ class Progress:
             self._emit(f"{self.status_line()} done in {format_seconds(self._clock() - self._start)}")
 
     def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CountProgress:
+    """A library's ``progress(done, total, **postfix)`` callback shown with :class:`Progress`.
+
+    Library functions report absolute counts (``done`` of ``total`` images) and do not know how
+    they are shown; a command passes one of these and closes it when the call returns. The
+    display opens at the first report, when the total is known (later reports keep that total),
+    so nothing is shown for a call that has no work; it closes when ``done`` reaches the total,
+    so the final line's time and rate are the work's, not those of what follows. Keyword
+    arguments of a report replace the shown values (``flagged=3``).
+
+    Args:
+        desc, unit, stream, mode, interval: as for :class:`Progress` (``mode="none"``: silent).
+    """
+
+    def __init__(self, *, desc: str = "", unit: str = "it", stream: TextIO | None = None, mode: str = "auto",
+                 interval: float = 30.0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"progress mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.desc = desc
+        self.unit = unit
+        self.stream = stream
+        self.mode = mode
+        self.interval = interval
+        self.bar: Progress | None = None
+        self._finished = False
+
+    def __call__(self, done: int, total: int | None, *, seconds: float | None = None, **postfix: Any) -> None:
+        """Report ``done`` of ``total`` units; ``seconds``: how long the work has run, where the caller
+        measures it (a first report after the first unit then still gives the right rate)."""
+        if self.mode == "none" or self._finished:
+            return
+        if self.bar is None:
+            self.bar = Progress(total=total, desc=self.desc, unit=self.unit, stream=self.stream, mode=self.mode,
+                                interval=self.interval, elapsed=seconds or 0.0)
+        self.bar.update(done - self.bar.n, **postfix)
+        if self.bar.total is not None and done >= self.bar.total > 0:
+            self.close()  # the work is done: its time and rate, not those of what the caller does next
+
+    def close(self) -> None:
+        """Finish the display (``lines``: the final status line); safe to call twice or unopened."""
+        self._finished = True
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> CountProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -147,12 +147,15 @@ _OPTION_FLAGS = {"heatmaps": "--heatmaps", "heatmap_size": "--heatmap-size", "ma
 @dataclass(frozen=True)
 class AuditProgress:
     """Progress of one run: ``done`` of ``total`` new images after ``seconds``; ``skipped`` were
-    already in the journal."""
+    already in the journal. ``flagged`` and ``failed``: of the ``done`` images, those labelled
+    defective and those that could not be scored."""
 
     done: int
     total: int
     skipped: int
     seconds: float
+    flagged: int = 0
+    failed: int = 0
 
     @property
     def rate(self) -> float:
@@ -415,7 +418,7 @@ def run_audit(
     *,
     batch_size: int = 16,
     heatmaps: bool | str = True,
-    heatmap_size: int = HEATMAP_SIZE,
+    heatmap_size: int | None = None,
     masks: bool = False,
     save_maps: bool = False,
     reconstructions: bool = False,
@@ -446,7 +449,9 @@ def run_audit(
         heatmaps: which images get a heatmap overlay: ``"all"`` (or ``True``), ``"flagged"`` (label 1;
             every image when the bundle is uncalibrated) or ``"none"`` (or ``False``).
         heatmap_size: longest side of the heatmap files; larger inputs are shrunk for them (region
-            boxes stay in original pixels). 0 = the input's own size.
+            boxes stay in original pixels). 0 = the input's own size. ``None`` (default):
+            :data:`HEATMAP_SIZE` for a whole-image bundle, 0 for a tiled one, whose map resolves
+            defects a few pixels wide (the review page zooms into it).
         masks, save_maps, reconstructions: which other per-image files to write.
         thumbnail: longest side of ``thumbs/<id>.jpg`` for the review page (written only for inputs
             larger than twice this, inputs a browser cannot show, or with ``heatmaps="none"``); 0 = none.
@@ -490,7 +495,7 @@ def run_audit(
         raise AuditError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, got {heatmaps!r}")
     if min_area < 0:
         raise AuditError(f"min_area must be >= 0, got {min_area}")
-    if heatmap_size < 0:
+    if heatmap_size is not None and heatmap_size < 0:
         raise AuditError(f"heatmap size must be >= 0 (0: the input's own size), got {heatmap_size}")
     if decode_workers is not None and decode_workers < 0:
         raise AuditError(f"decode_workers must be >= 0, got {decode_workers}")
@@ -507,6 +512,8 @@ def run_audit(
     # the bundle before the inputs: a wrong bundle path should not wait for a million-line list
     rt = Runtime(bundle, device=device, category=category, min_area=min_area, decode_workers=decode_workers,
                  threads=threads, tf32=tf32)
+    if heatmap_size is None:
+        heatmap_size = 0 if rt.preprocess.tiled else HEATMAP_SIZE
     # the whole list before the folder is touched: a list file that fails half-way must not
     # follow a --force that has already cleared the folder
     paths = list(iter_inputs(inputs))
@@ -569,7 +576,7 @@ def run_audit(
                 (out / name).mkdir(exist_ok=True)
         nworkers = workers or max(1, min(4, os.cpu_count() or 1))
         t0 = time.monotonic()
-        new = 0
+        new = new_flagged = new_failed = 0
         with render.opencv_threads(1), JournalWriter(out / "results.jsonl", out / "results.csv", csv_every=csv_every,
                                                      fsync=fsync) as journal:
             if engine == "ray":
@@ -589,7 +596,9 @@ def run_audit(
                 if journal.pending >= batch_size:
                     journal.commit()  # one fsync per batch: an fsync per line cost as much as a small image
                 if progress:
-                    progress(AuditProgress(new, len(todo), skipped, time.monotonic() - t0))
+                    new_failed += rec.get("error") is not None
+                    new_flagged += rec.get("label") == 1
+                    progress(AuditProgress(new, len(todo), skipped, time.monotonic() - t0, new_flagged, new_failed))
 
         seconds = time.monotonic() - t0
         summary = _summary(tally, manifest, new, skipped, seconds, out, opts)

@@ -210,14 +210,16 @@ def compare_with_torch(bundle: str | os.PathLike, *, batch_size: int = 16, image
 
 
 def sample_inputs(pre: Any, n: int, images: str | os.PathLike | None, seed: int = 0) -> np.ndarray:
-    """``(n, C, S, S)`` float32: preprocessed files from ``images`` (cycled), or seeded noise: what the
+    """``(n, C, S, S)`` float32: preprocessed files from ``images`` (cycled; a tiled bundle's: their
+    tiles), or seeded noise: what the
     timed rows feed the graph (the runtime's own preprocessing ``pre``)."""
     if images is not None:
         from anomaly.data.io import paths_from
 
         paths = paths_from([images])[: max(n, 1)]
         if paths:
-            xs = [pre.load(p) for p in paths]
+            # a tiled bundle's graph takes tiles: the images' tiles, in grid order
+            xs = [t for p in paths for t in pre.tiles(pre.load(p))[0]] if pre.tiled else [pre.load(p) for p in paths]
             return np.stack([xs[i % len(xs)] for i in range(n)])
     rng = np.random.default_rng(seed)
     return rng.random((n, pre.channels, pre.image_size, pre.image_size), dtype=np.float32)

@@ -3,7 +3,8 @@
 The sidecar (schema version :data:`SCHEMA_VERSION`) is a JSON object with:
 
 * ``schema_version`` (int), ``created`` (ISO time), ``versions`` (package versions);
-* ``preprocess``: :meth:`anomaly.data.preprocess.Preprocess.to_dict` (``image_size`` S, ``channels``);
+* ``preprocess``: :meth:`anomaly.data.preprocess.Preprocess.to_dict` (``image_size`` S, ``channels``;
+  a tiled bundle's ``tile_scale`` in (0, 4] and ``tile_overlap`` in [0, 0.75]);
 * ``model``: ``name``, ``kwargs``, ``conditional``, ``categories``, the run it came from;
 * ``inputs`` (``["image"]`` or ``["image", "label"]``) and ``outputs`` (the graph's output names);
 * ``scoring``: the residual and map settings the graph computes (:meth:`anomaly.scoring.Scorer.config`);
@@ -184,6 +185,11 @@ def check_sidecar(meta: Any, where: Any = SIDECAR_FILE) -> None:
     _int(where, pre.get("image_size"), "preprocess.image_size", 8, MAX_IMAGE_SIZE)
     if pre.get("channels") not in (1, 3) or isinstance(pre.get("channels"), bool):
         raise _fail(where, "preprocess.channels", "1 or 3", pre.get("channels"))
+    if pre.get("tile_scale") is not None:  # a tiled bundle
+        if not 0.0 < _number(where, pre["tile_scale"], "preprocess.tile_scale") <= 4.0:
+            raise _fail(where, "preprocess.tile_scale", "a pixel scale in (0, 4] (1 = native pixels)", pre["tile_scale"])
+        if not 0.0 <= _number(where, pre.get("tile_overlap", 0.25), "preprocess.tile_overlap") <= 0.75:
+            raise _fail(where, "preprocess.tile_overlap", "a fraction in [0, 0.75]", pre.get("tile_overlap"))
     model = _dict(where, meta, "model", "model")
     if not isinstance(model.get("name"), str) or not model["name"]:
         raise _fail(where, "model.name", "a registry name (a non-empty string)", model.get("name"))

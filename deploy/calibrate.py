@@ -30,7 +30,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -58,16 +58,18 @@ def _images(folder: str | os.PathLike, what: str) -> list[Path]:
     return paths
 
 
-def _mask_for(path: Path, masks: Path | None, size: int) -> np.ndarray:
+def _mask_for(path: Path, masks: Path | None, shape: tuple[int, int]) -> np.ndarray:
+    """The mask of ``path`` at the map's ``(h, w)`` (a tiled bundle's maps are each image's size)."""
     import cv2
 
+    h, w = int(shape[0]), int(shape[1])
     if masks is None:
         raise CalibrationError("internal: no mask folder")
     for cand in (masks / f"{path.stem}_mask.png", masks / path.name, masks / f"{path.stem}.png"):
         if cand.is_file():
             m = read_image(cand)
             m = m.max(axis=2) if m.ndim == 3 else m
-            return cv2.resize((m > 0.5).astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST)
+            return cv2.resize((m > 0.5).astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
     raise CalibrationError(f"{masks}: no mask for {path.name} (expected {path.stem}_mask.png)")
 
 
@@ -197,6 +199,7 @@ def calibrate_bundle(
     device: str = "auto",
     reviews: str | os.PathLike | None = None,
     category: str | int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Calibrate ``bundle`` in place; returns a report (threshold, expected FPR, recall, images used).
 
@@ -214,6 +217,10 @@ def calibrate_bundle(
             the images (or the reviewed scores) belong to. Its thresholds go to
             ``calibration.categories[<name>]``, which the runtime uses when it runs for that
             category; the bundle's own and the other categories' stay as they were.
+        progress: called as ``progress(done, total)`` with ``(0, total)`` before the first image
+            and after each image is scored (unreadable ones too), ``total`` being the normal and
+            defective images together; a command shows it (library code does not print). Not
+            called for a calibration from ``reviews`` alone (no images are scored).
 
     Raises:
         CalibrationError: missing/empty folders, images used in training, every image unreadable,
@@ -232,7 +239,6 @@ def calibrate_bundle(
     if overlap:
         raise CalibrationError(training_images_message(overlap, "calibration", "calibrate on held-out images only"))
     rt = Runtime(bundle, device=device, category=name if name is not None else category)  # scores as that category
-    size = rt.preprocess.image_size
 
     scores: list[float] = []
     labels: list[int] = []
@@ -242,8 +248,14 @@ def calibrate_bundle(
     used: dict[str, list[str]] = {"normal": [], "defects": []}
     failed: list[dict[str, str]] = []
     mask_root = Path(masks) if masks else None
+    total, done = len(normal_paths) + len(defect_paths), 0
+    if progress is not None:
+        progress(0, total)
     for kind, paths, y in (("normal", normal_paths, 0), ("defects", defect_paths, 1)):
         for r in rt.score_paths(paths, batch_size=batch_size):
+            done += 1
+            if progress is not None:
+                progress(done, total)
             if r.error:
                 failed.append({"path": str(r.path), "error": r.error})
                 continue
@@ -254,7 +266,8 @@ def calibrate_bundle(
                 normal_scores.append(r.score)
             if y == 0 or mask_root is not None:
                 maps.append(r.anomaly_map)
-                mask_list.append(np.zeros((size, size), np.float32) if y == 0 else _mask_for(Path(r.path), mask_root, size))
+                shape = r.anomaly_map.shape
+                mask_list.append(np.zeros(shape, np.float32) if y == 0 else _mask_for(Path(r.path), mask_root, shape))
     if not used["normal"]:
         raise CalibrationError(f"{normal}: none of the {len(normal_paths)} normal images could be scored")
     review: dict[str, Any] | None = None
@@ -276,8 +289,8 @@ def calibrate_bundle(
             cal.recall_ = float(np.mean(s_all[y_all == 1] > cal.threshold_)) if (y_all == 1).any() else None
         review = _review_report(rv, before, cal.threshold_, rule)
     pix_method = "f1" if mask_root is not None and used["defects"] else "fpr"
-    pix = PixelThresholdCalibrator(method=pix_method, target_fpr=pixel_fpr).fit(
-        np.stack(maps), np.stack(mask_list) if pix_method == "f1" else None)
+    pix = PixelThresholdCalibrator(method=pix_method, target_fpr=pixel_fpr).fit(  # lists: sizes may differ (tiled)
+        maps, mask_list if pix_method == "f1" else None)
     source = {"normal": str(Path(normal).resolve()), "n_normal": len(used["normal"]),
               "defects": str(Path(defects).resolve()) if defects else None, "n_defects": len(used["defects"]),
               "masks": str(mask_root.resolve()) if mask_root else None, "failed": failed}

@@ -6,7 +6,12 @@ import argparse
 import json
 import sys
 
+from anomaly.data.progress import MODES, CountProgress  # torch-free, imports nothing heavy
+
 __all__ = ["add_parsers"]
+
+_PROGRESS_HELP = ("auto: a live bar with ETA on a terminal, a line every 30 s and at the end otherwise, as in logs "
+                  "and CI (default); bar, lines or none to choose; on stderr")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +64,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="conditional models of several categories: the category of these images; its thresholds "
                         "are stored for it alone and used when the bundle runs for it (audit --category)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--progress", default="auto", choices=MODES, help=_PROGRESS_HELP)
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("audit", help="score images with a bundle; write results (csv + jsonl), heatmaps, masks",
@@ -76,9 +82,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "the flagged ones (a line where most parts pass: no file and ~0.7 ms of CPU per passed image), "
                         "or none")
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_const", const="none", help="same as --heatmaps none")
-    p.add_argument("--heatmap-size", type=int, default=1024, metavar="PX",
-                   help="longest side of the heatmaps (default 1024): larger inputs are shrunk for them (2048 px "
-                        "images: 53 kB instead of 153 kB a file, a fifth of the overlay's CPU); 0: the input's own size")
+    p.add_argument("--heatmap-size", type=int, default=None, metavar="PX",
+                   help="longest side of the heatmaps (default 1024, and the input's own size for a tiled bundle): "
+                        "larger inputs are shrunk for them (2048 px images: 53 kB instead of 153 kB a file, a fifth "
+                        "of the overlay's CPU); 0: the input's own size")
     p.add_argument("--masks", action="store_true", help="binary region masks (PNG, original resolution) in OUT/masks")
     p.add_argument("--save-maps", action="store_true", help="raw float32 anomaly maps (.npy, model resolution) in OUT/maps")
     p.add_argument("--reconstructions", action="store_true", help="the model's reconstruction (PNG) in OUT/reconstructions")
@@ -107,6 +114,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="Ray cluster for --engine ray: auto (the one `ray start` made here) or HOST:PORT "
                         "(default: a local Ray for this audit)")
     p.add_argument("--actors", type=int, default=None, help="Ray actors for --engine ray (default: one per cluster CPU)")
+    p.add_argument("--progress", default="auto", choices=MODES,
+                   help=_PROGRESS_HELP + "; counts the images still to do, with those done before (skipped), "
+                        "flagged and failed")
     p.set_defaults(func=_audit)
 
     p = sub.add_parser("review", help="write (and optionally serve) OUT/report.html to review an audit",
@@ -158,7 +168,8 @@ def _export(args: argparse.Namespace) -> int:
         pixel = ((meta.get("calibration") or {}).get("pixel") or {}).get("threshold")
         score_rel = f" ({100 * par['max_abs_diff_score'] / spread:.2g} % of the normal scores' spread)" if spread else ""
         map_rel = f" ({100 * par['max_abs_diff_map'] / abs(pixel):.2g} % of the pixel threshold)" if pixel else ""
-        print(f"onnxruntime vs torch on {par['images']} validation images: max |score diff| {par['max_abs_diff_score']:.2e}"
+        unit = "tiles of the validation images" if par.get("unit") == "tiles" else "validation images"
+        print(f"onnxruntime vs torch on {par['images']} {unit}: max |score diff| {par['max_abs_diff_score']:.2e}"
               f"{score_rel}, max |map diff| {par['max_abs_diff_map']:.2e}{map_rel}")
     if meta.get("calibration"):
         print(f"default threshold {meta['calibration']['image']['threshold']:.6g} (1% FPR on validation images); "
@@ -184,10 +195,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.normal is None and args.reviews is None:
         raise CalibrationError("calibrate needs --normal (a folder of held-out normal images) and/or --reviews "
                                "(decisions JSON from `anomaly review`)")
-    rep = calibrate_bundle(args.bundle, args.normal, defects=args.defects, masks=args.masks, method=args.method,
-                           target_fpr=args.target_fpr, k=args.k, percentile=args.percentile,
-                           probability=args.probability, pixel_fpr=args.pixel_fpr, device=args.device,
-                           reviews=args.reviews, category=args.category)
+    with CountProgress(desc="calibrate", unit="images", mode=args.progress) as show:
+        rep = calibrate_bundle(args.bundle, args.normal, defects=args.defects, masks=args.masks, method=args.method,
+                               target_fpr=args.target_fpr, k=args.k, percentile=args.percentile,
+                               probability=args.probability, pixel_fpr=args.pixel_fpr, device=args.device,
+                               reviews=args.reviews, category=args.category, progress=show)
     if rep.get("reviews"):
         rv = rep["reviews"]
         old = "none" if rv["previous_threshold"] is None else f"{rv['previous_threshold']:.6g}"
@@ -214,31 +226,23 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    import time
+    from anomaly.deploy.audit import AuditError, AuditProgress, run_audit
 
-    from anomaly.deploy.audit import AuditError, AuditProgress, format_duration, run_audit
-
-    last = [0.0]
+    show = CountProgress(desc="audit", unit="images", mode=args.progress)
 
     def progress(p: AuditProgress) -> None:
-        now = time.monotonic()
-        if p.done == p.total or now - last[0] >= 0.5:
-            last[0] = now
-            skipped = f" ({p.skipped} done before)" if p.skipped else ""
-            sys.stderr.write(f"\r  {p.done}/{p.total} images{skipped}  {p.rate:.1f} images/s  "
-                             f"ETA {format_duration(p.eta if p.done < p.total else 0)}\033[K")
-            if p.done == p.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        extra = {"skipped": p.skipped} if p.skipped else {}
+        show(p.done, p.total, seconds=p.seconds, **extra, flagged=p.flagged, failed=p.failed)
 
     try:
-        s = run_audit(args.bundle, args.inputs, args.out, batch_size=args.batch_size, heatmaps=args.heatmaps,
-                      heatmap_size=args.heatmap_size,
-                      masks=args.masks, save_maps=args.save_maps, reconstructions=args.reconstructions,
-                      thumbnail=args.thumbnail_size, resume=args.resume, force=args.force, workers=args.workers,
-                      decode_workers=args.decode_workers, threads=args.threads, tf32=args.tf32,
-                      device=args.device, category=args.category, engine=args.engine, ray_address=args.address,
-                      actors=args.actors, progress=progress)
+        with show:
+            s = run_audit(args.bundle, args.inputs, args.out, batch_size=args.batch_size, heatmaps=args.heatmaps,
+                          heatmap_size=args.heatmap_size,
+                          masks=args.masks, save_maps=args.save_maps, reconstructions=args.reconstructions,
+                          thumbnail=args.thumbnail_size, resume=args.resume, force=args.force, workers=args.workers,
+                          decode_workers=args.decode_workers, threads=args.threads, tf32=args.tf32,
+                          device=args.device, category=args.category, engine=args.engine, ray_address=args.address,
+                          actors=args.actors, progress=progress)
     except AuditError as exc:
         print(f"anomaly audit: error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 Scores ``test/`` of an MVTec-style category with the deployed runtime and reports image AUROC,
 AP, F1-max; pixel AUROC, AP and AUPRO up to 30 % FPR (per-region overlap, Bergmann et al. 2021)
 where ground-truth masks exist; and the confusion counts at the bundle's calibrated threshold.
-Masks are compared at model resolution (maps are not resized), the convention of the MVTec
+Masks are compared at model resolution (maps are not resized; a tiled bundle's at its tiling scale), the convention of the MVTec
 evaluation when all images share one size.
 
 Split discipline: a test image that lies inside the folders the bundle was calibrated on, or
@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -27,6 +27,7 @@ import numpy as np
 from anomaly.metrics import aupro, confusion_counts, image_metrics, pixel_metrics
 from anomaly.data.folder import discover
 from anomaly.data.io import atomic_write, read_image
+from anomaly.data.progress import MODES, CountProgress
 from anomaly.deploy.bundle import trained_on, training_images_message
 from anomaly.deploy.runtime import Runtime
 
@@ -49,18 +50,24 @@ def _inside(path: Path, folder: str | None) -> bool:
         return False
 
 
-def _mask(path: Path | None, size: int) -> np.ndarray:
+def _mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
+    """The ground truth at the map's ``(h, w)`` (``(S, S)``, or a tiled bundle's scaled image size)."""
+    h, w = int(shape[0]), int(shape[1])
     if path is None:
-        return np.zeros((size, size), np.uint8)
+        return np.zeros((h, w), np.uint8)
     m = read_image(path)
     m = m.max(axis=2) if m.ndim == 3 else m
-    return cv2.resize((m > 0.5).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize((m > 0.5).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
 
 
 def evaluate_bundle(bundle: str | os.PathLike, data: str | os.PathLike, *, batch_size: int = 16,
-                    device: str = "auto", fpr_limit: float = 0.3, category: str | int | None = None) -> dict[str, Any]:
+                    device: str = "auto", fpr_limit: float = 0.3, category: str | int | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate ``bundle`` on ``data/test`` (MVTec layout); returns the metrics dict. ``category``:
     what a conditional model of several categories scores the images as (and whose thresholds).
+    ``progress``: called as ``progress(done, total)`` with ``(0, total)`` before the first test
+    image and after each one is scored (unreadable ones too); a command shows it, library code
+    does not print.
 
     Raises:
         EvaluationError: no labelled test images, a single class, or images used for
@@ -81,10 +88,13 @@ def evaluate_bundle(bundle: str | os.PathLike, data: str | os.PathLike, *, batch
     if leaked:
         raise EvaluationError(f"{len(leaked)} test image(s) were used to calibrate this bundle "
                               f"(e.g. {leaked[0]}); evaluate on held-out images only")
-    size = rt.preprocess.image_size
     labels, scores, preds, maps, masks, failed = [], [], [], [], [], []
     has_masks = any(s.mask is not None for s in test)
-    for s, r in zip(test, rt.score_paths([s.path for s in test], batch_size=batch_size)):
+    if progress is not None:
+        progress(0, len(test))
+    for done, (s, r) in enumerate(zip(test, rt.score_paths([s.path for s in test], batch_size=batch_size)), 1):
+        if progress is not None:
+            progress(done, len(test))
         if r.error:
             failed.append({"path": str(s.path), "error": r.error})
             continue
@@ -93,7 +103,7 @@ def evaluate_bundle(bundle: str | os.PathLike, data: str | os.PathLike, *, batch
         preds.append(r.label)
         if has_masks:
             maps.append(r.anomaly_map.astype(np.float32))
-            masks.append(_mask(s.mask, size))
+            masks.append(_mask(s.mask, r.anomaly_map.shape))
     y = np.asarray(labels)
     if y.min(initial=1) == y.max(initial=0):
         raise EvaluationError(f"{data}: the test set needs both normal and defective images; found only label {int(y[0]) if len(y) else 'none'}")
@@ -101,7 +111,8 @@ def evaluate_bundle(bundle: str | os.PathLike, data: str | os.PathLike, *, batch
                               "n_images": int(len(y)), "n_defective": int(y.sum()), "failed": failed}
     result["image"] = image_metrics(y, np.asarray(scores))
     if has_masks:
-        m, a = np.stack(masks), np.stack(maps)
+        # a tiled bundle's maps are each image's own size: the metrics take lists
+        m, a = (np.stack(masks), np.stack(maps)) if not rt.preprocess.tiled else (masks, maps)
         result["pixel"] = {**pixel_metrics(m, a), "aupro": aupro(m, a, fpr_limit=fpr_limit), "aupro_fpr_limit": fpr_limit}
     if rt.threshold is not None:
         result["threshold"] = rt.threshold
@@ -118,11 +129,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--category", default=None, help="conditional models of several categories: the category of the test images")
+    p.add_argument("--progress", default="auto", choices=MODES,
+                   help="auto: a live bar with ETA on a terminal, a line every 30 s and at the end otherwise, as in "
+                        "logs and CI (default); bar, lines or none to choose; on stderr")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    res = evaluate_bundle(args.bundle, args.data, batch_size=args.batch_size, device=args.device, category=args.category)
+    with CountProgress(desc="evaluate", unit="images", mode=args.progress) as show:
+        res = evaluate_bundle(args.bundle, args.data, batch_size=args.batch_size, device=args.device,
+                              category=args.category, progress=show)
     out = Path(args.out) if args.out else Path(args.bundle) / "evaluation.json"
     with atomic_write(out) as fh:
         json.dump(res, fh, indent=2)

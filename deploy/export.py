@@ -64,6 +64,11 @@ MAX_STATISTICS_IMAGES = 512
 #: validation images per forward pass in export (statistics, scoring, parity): the model's
 #: activations for 64 images of 64² are ~30 MB for the default AAE, against ~1 GB for 2,000 at once
 EXPORT_BATCH = 64
+#: a tiled run's validation statistics use at most this many tiles of each validation image (an
+#: evenly spaced subset of its grid) and at most MAX_VAL_TILES in all: the per-pixel statistics are
+#: per tile position, so a few thousand tiles pin them down, and memory stays bounded on big images
+MAX_VAL_TILES_PER_IMAGE = 64
+MAX_VAL_TILES = 4096
 
 
 def _versions() -> dict[str, str]:
@@ -217,7 +222,7 @@ def _latent_bank(model: torch.nn.Module, scorer: Scorer, pre: Preprocess, split:
     codes = []
     for i in range(0, len(keep), batch_size):
         idx = keep[i:i + batch_size]
-        x = torch.from_numpy(pre.load_batch([paths[j] for j in idx]))
+        x = torch.from_numpy(pre.load_batch([paths[j] for j in idx]))  # never tiled: see build_scoring_graph
         cond = torch.as_tensor([labels[j] for j in idx], dtype=torch.int64) if conditional else None
         codes.append(model.encode(x, cond))
     scorer.set_latent_bank(torch.cat(codes), torch.as_tensor([labels[j] for j in keep], dtype=torch.int64)
@@ -236,7 +241,11 @@ def _statistics_bank(scorer: Scorer, pre: Preprocess, split: dict[str, Any], bat
     if len(paths) > MAX_STATISTICS_IMAGES:
         keep = np.sort(np.random.default_rng(0).permutation(len(paths))[:MAX_STATISTICS_IMAGES])
         paths = [paths[j] for j in keep]
-    batches = (torch.from_numpy(pre.load_batch(paths[i:i + batch_size])) for i in range(0, len(paths), batch_size))
+    if pre.tiled:  # a few tiles of each image: the bank describes what the graph sees
+        batches = (torch.from_numpy(pre.load_tiles(paths[i:i + batch_size], max_tiles_per_image=4)[0])
+                   for i in range(0, len(paths), batch_size))
+    else:
+        batches = (torch.from_numpy(pre.load_batch(paths[i:i + batch_size])) for i in range(0, len(paths), batch_size))
     scorer.set_statistics_bank(*fit_statistics_bank(batches))
 
 
@@ -287,20 +296,31 @@ def build_scoring_graph(run_dir: str | os.PathLike, *, checkpoint: str = "best",
         raise ValueError(f"unknown test-time augmentation {tta!r}; expected one of {TTA_MODES}")
     model, ckpt, cfg = load_run(run_dir, checkpoint)
     settings = {**cfg.scoring, **(scoring or {})}
-    pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
+    pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels, tile_scale=cfg.tile_scale,
+                     tile_overlap=cfg.tile_overlap)
     split = json.loads((Path(run_dir) / "split.json").read_text())
     val_paths = split.get("val", [])
     conditional = _is_conditional(ckpt)
     latent_k = int(settings.get("latent_k", 5))
-    latent = _resolve_latent(latent or settings.get("latent", "auto"), ckpt["model_name"], model, split, conditional,
-                             latent_k, cfg.image_size)
+    latent = latent or settings.get("latent", "auto")
+    if pre.tiled and latent != "none":
+        if latent == "knn":
+            raise ValueError("latent 'knn' compares whole images' codes; a tiled run scores tiles: export with latent 'none'")
+        latent = "none"
+    latent = _resolve_latent(latent, ckpt["model_name"], model, split, conditional, latent_k, cfg.image_size)
     scorer = Scorer(residual=settings["residual"], smoothing_sigma=settings["smoothing_sigma"],
                     aggregate=settings["aggregate"], topk_fraction=settings.get("topk_fraction", 0.01),
                     image_size=(cfg.image_size, cfg.image_size), latent=latent,
                     latent_k=latent_k, colour=settings.get("colour", "rgb"), texture=settings.get("texture", "none"),
                     texture_weight=settings.get("texture_weight", 0.5))
-    val = pre.load_batch(val_paths) if val_paths else np.zeros((0, cfg.channels, cfg.image_size, cfg.image_size), np.float32)
     val_labels = np.asarray(split.get("val_categories", [0] * len(val_paths)), np.int64) if conditional else None
+    if pre.tiled:  # the statistics are the tiles' (what the graph sees): a bounded, evenly spaced subset
+        per_image = max(1, min(MAX_VAL_TILES_PER_IMAGE, MAX_VAL_TILES // max(1, len(val_paths))))
+        val, owner = pre.load_tiles(val_paths, max_tiles_per_image=per_image)
+        val_labels = val_labels[owner] if val_labels is not None else None
+        log.info("tiled run: statistics on %d tiles of %d validation images", len(val), len(val_paths))
+    else:
+        val = pre.load_batch(val_paths) if val_paths else np.zeros((0, cfg.channels, cfg.image_size, cfg.image_size), np.float32)
     if normalize is None:
         normalize = len(val) >= MIN_NORMALIZATION_IMAGES
         if not normalize:
@@ -382,6 +402,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
         "onnx": {"file": MODEL_FILE, "sha256": sha256_file(out / MODEL_FILE), "opset": opset},
         "versions": _versions(),
         "training_split": training_split_hashes(run_dir),
+        "recipe": cfg.recipe,
         "normal_stats": None,
         "calibration": None,
         "parity": None,
@@ -401,8 +422,14 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
             score_parts.append(res["score"].astype(np.float64))
             map_parts.append(res["anomaly_map"][:, 0])
         scores = np.concatenate(score_parts)
-        maps = np.concatenate(map_parts)  # (V, S, S) float32: what the pixel threshold is fitted on
+        maps: np.ndarray | list[np.ndarray] = np.concatenate(map_parts)  # (V, S, S) float32: what the pixel threshold is fitted on
         meta["parity"] = {"images": int(len(val)), "max_abs_diff_score": diff_score, "max_abs_diff_map": diff_map}
+        if pre.tiled:  # parity above is per tile; the statistics and thresholds are the stitched images'
+            meta["parity"]["unit"] = "tiles"
+            val_paths = json.loads((Path(run_dir) / "split.json").read_text()).get("val", [])
+            whole = [r for r in rt.score_paths(val_paths, batch_size=4) if r.error is None]
+            scores = np.asarray([r.score for r in whole], np.float64)
+            maps = [r.anomaly_map for r in whole]
         meta["normal_stats"] = _stats(scores, "validation split of the training folder (never trained on)")
         # Provisional thresholds until `anomaly calibrate`: 1 % of the validation images (0.1 % of
         # their pixels). Under 100 images 1 % cannot be resolved: the threshold is then their largest
@@ -414,11 +441,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
         meta["calibration"] = {
             "image": cal.to_dict(),
             "pixel": PixelThresholdCalibrator(method="fpr", target_fpr=0.001).fit(maps).to_dict(),
-            "source": {"kind": "validation", "images": int(len(val))},
+            "source": {"kind": "validation", "images": int(len(scores))},
             "reference_scores": reference_scores(scores),
         }
         write_sidecar(out, meta)
-        log.info("exported %s; parity on %d validation images: max |score diff| %.2e", out, len(val),
+        log.info("exported %s; parity on %d validation %s: max |score diff| %.2e", out, len(val),
+                 "tiles" if pre.tiled else "images",
                  meta["parity"]["max_abs_diff_score"])
         log.info("provisional image threshold %.4g at %.2g of the %d validation images; `anomaly calibrate` on "
                  "held-out normal images sets the real one", cal.threshold_, image_fpr, len(val))

@@ -118,14 +118,19 @@ def _unquantize_tail(model: Any, tail: set[str]) -> int:
 
 
 def _calibration_batches(pre: Preprocess, paths: Sequence[Path], batch_size: int) -> list[np.ndarray]:
-    """Preprocessed ``(n, C, S, S)`` batches of the readable calibration images."""
+    """Preprocessed ``(n, C, S, S)`` batches of the readable calibration images (for a tiled
+    bundle, up to 8 evenly spaced tiles of each: what the graph sees)."""
     from anomaly.data.io import ImageReadError
 
     xs: list[np.ndarray] = []
     skipped = 0
     for p in paths:
         try:
-            xs.append(pre.load(p))
+            if pre.tiled:
+                tiles, _ = pre.tiles(pre.load(p))
+                xs.extend(tiles[np.linspace(0, len(tiles) - 1, min(8, len(tiles))).round().astype(int)])
+            else:
+                xs.append(pre.load(p))
         except (ImageReadError, ValueError) as exc:
             skipped += 1
             log.warning("calibration image skipped: %s", exc)

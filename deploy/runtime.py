@@ -34,6 +34,13 @@ slices of 8 ran a batch of 16 at 1.26x the images/s at 128² and 1.20x at 256² 
 back-to-back pairs of 2-s windows, 2-core AMD EPYC VM, 2026-12-03), and the spinning session's
 rate sagged from window to window (278 -> 183 images/s at 128²) where the slices held steady.
 
+A *tiled* bundle (``preprocess.tile_scale`` in the sidecar; ``anomaly train --tile-scale``) keeps
+each image at its tiling scale, cuts it into the overlapping ``S x S`` grid of
+:mod:`anomaly.data.tiling`, runs the tiles through the graph in batches of ``batch_size`` (tiles
+of several images share a batch) and blends their maps into one map of the scaled image; the image
+score is the largest tile score. Chunks then hold one image each, so the memory in flight is a few
+images and one batch of tiles whatever the image size (see ``benchmarks/tiling_speed.py``).
+
 Example::
 
     rt = Runtime("bundle/")
@@ -63,6 +70,7 @@ import onnxruntime as ort
 from anomaly.decision import ImageDecision
 from anomaly.data.io import ImageReadError, read_image, shrink
 from anomaly.data.preprocess import Preprocess
+from anomaly.data.tiling import Stitcher, tile_grid
 from anomaly.deploy.bundle import MODEL_FILE, BundleError, check_model_inputs, load_sidecar
 from anomaly.deploy.regions import Region, find_regions
 
@@ -189,8 +197,10 @@ class ImageResult:
         label: 1 anomalous, 0 normal (``-1`` on error or when the bundle has no threshold).
         threshold: the image threshold applied.
         probability: probability of a defect when the bundle has a probability calibration.
-        anomaly_map: ``(S, S)`` float32 map at model resolution.
-        reconstruction: ``(C, S, S)`` the model's ``x_hat`` (only if requested).
+        anomaly_map: ``(S, S)`` float32 map at model resolution; for a tiled bundle ``(H', W')``,
+            the stitched map at the tiling scale (:meth:`Preprocess.input_size`).
+        reconstruction: ``(C, S, S)`` the model's ``x_hat`` (only if requested; ``(C, H', W')``
+            stitched for a tiled bundle).
         original_size: ``(H, W)`` of the input image.
         error: why this image could not be scored.
         image: the decoded original ``(H, W)`` or ``(H, W, C)`` RGB(A) in its own pixel type
@@ -234,7 +244,12 @@ class PipelineStats:
     bound: int = 0
 
 
-# One decoded item: (preprocessed (C, S, S), original (H, W), decoded image or None) or the error.
+#: tiles per graph run of :meth:`Runtime.score_image` on a tiled bundle (``score_paths`` and
+#: ``score_images`` use their ``batch_size``)
+TILE_BATCH = 16
+
+# One decoded item: (preprocessed (C, S, S) or (C, H', W') when tiled, original (H, W), decoded image
+# or None) or the error.
 _Decoded = tuple[np.ndarray, tuple[int, int], "np.ndarray | None"]
 
 
@@ -455,11 +470,45 @@ class Runtime:
             outs = (session or self.session).run(self.output_names, feeds)
         return {k: (v if v.dtype != np.float16 else v.astype(np.float32)) for k, v in zip(self.output_names, outs)}
 
-    def _results(self, batch: np.ndarray, paths: Sequence[str | None], sizes: Sequence[tuple[int, int]],
+    def _tiled(self, xs: Sequence[np.ndarray], keep_reconstruction: bool, tile_batch: int,
+               session: ort.InferenceSession | None = None) -> dict[str, Any]:
+        """Run preprocessed images ``[(C, H_i, W_i), ...]`` of a tiled bundle: each image's grid of
+        tiles through the graph, ``tile_batch`` tiles per run (tiles of consecutive images share
+        runs), the maps stitched. Returns ``score`` ``(N,)`` (each image's largest tile score),
+        ``anomaly_map`` ``[(H_i, W_i), ...]`` and, when asked, ``reconstruction`` ``[(C, H_i, W_i), ...]``."""
+        pre = self.preprocess
+        t, ov = pre.image_size, pre.overlap
+        for x in xs:
+            if x.ndim != 3 or x.shape[0] != pre.channels or min(x.shape[1:]) < t:
+                raise ValueError(f"expected a preprocessed image ({pre.channels}, H, W) with H, W >= {t}, got {x.shape}")
+        maps = [Stitcher(x.shape[1:], t, ov) for x in xs]
+        recons = [Stitcher(x.shape[1:], t, ov, channels=pre.channels) for x in xs] if keep_reconstruction else None
+        best = np.full(len(xs), -np.inf)
+        jobs = [(i, pos) for i, x in enumerate(xs) for pos in tile_grid(x.shape[1], x.shape[2], t, ov)]
+        for a in range(0, len(jobs), tile_batch):
+            part = jobs[a:a + tile_batch]
+            tiles = np.stack([xs[i][:, y:y + t, x:x + t] for i, (y, x) in part])
+            out = self.infer(tiles, session=session)
+            for k, (i, pos) in enumerate(part):
+                maps[i].add(out["anomaly_map"][k:k + 1], [pos])
+                if recons is not None:
+                    recons[i].add(out["reconstruction"][k:k + 1], [pos])
+                best[i] = np.maximum(best[i], out["score"][k])  # a NaN tile makes the image's score NaN
+        return {"score": best, "anomaly_map": [m.result() for m in maps],
+                "reconstruction": [r.result() for r in recons] if recons is not None else None}
+
+    def _results(self, batch: np.ndarray | Sequence[np.ndarray], paths: Sequence[str | None], sizes: Sequence[tuple[int, int]],
                  keep_reconstruction: bool, images: Sequence[np.ndarray | None] | None = None,
-                 session: ort.InferenceSession | None = None) -> list[ImageResult]:
-        out = self.infer(batch, session=session)
-        scores = out["score"].astype(np.float64)
+                 session: ort.InferenceSession | None = None, tile_batch: int = TILE_BATCH) -> list[ImageResult]:
+        if self.preprocess.tiled:
+            out = self._tiled(list(batch), keep_reconstruction, tile_batch, session)
+            amaps, recons = out["anomaly_map"], out["reconstruction"]
+        else:
+            if not isinstance(batch, np.ndarray):
+                batch = np.stack(list(batch))
+            out = self.infer(batch, session=session)
+            amaps, recons = out["anomaly_map"][:, 0], out["reconstruction"]
+        scores = np.asarray(out["score"]).astype(np.float64)
         labels = self.calibrator.predict(scores) if self.calibrator is not None else np.full(len(scores), -1)
         probs = None
         if self.calibrator is not None and self.calibrator.has_probability:
@@ -467,19 +516,19 @@ class Runtime:
         threshold = self.threshold
         results = []
         for i, (p, size) in enumerate(zip(paths, sizes)):
-            amap = out["anomaly_map"][i, 0]
+            amap = amaps[i]
             results.append(ImageResult(
                 path=p, score=float(scores[i]), label=int(labels[i]), threshold=threshold,
                 probability=None if probs is None else float(probs[i]),
                 anomaly_map=amap, regions=self.regions(amap, size),
-                reconstruction=out["reconstruction"][i] if keep_reconstruction else None,
+                reconstruction=recons[i] if keep_reconstruction else None,
                 original_size=size,
                 image=None if images is None else images[i],
             ))
         return results
 
     def regions(self, anomaly_map: np.ndarray, original_size: tuple[int, int]) -> list[Region] | None:
-        """Defect regions of a map ``(S, S)`` in an original of ``(H, W)`` pixels (see
+        """Defect regions of a map ``(S, S)`` (or a tiled bundle's ``(H', W')``) in an original of ``(H, W)`` pixels (see
         ``ImageResult.regions``). A map whose maximum stays below the pixel threshold has none,
         which costs one pass over the map: most images on a line."""
         t = self.pixel_threshold
@@ -498,20 +547,23 @@ class Runtime:
 
     def score_image(self, image: np.ndarray, keep_reconstruction: bool = False) -> ImageResult:
         """Score one decoded image ``(H, W)`` or ``(H, W, C)`` (uint8, uint16 or float in [0, 1])."""
-        x = self.preprocess(image)[None]
-        return self._results(x, [None], [tuple(image.shape[:2])], keep_reconstruction)[0]
+        x = self.preprocess(image)
+        return self._results([x] if self.preprocess.tiled else x[None], [None], [tuple(image.shape[:2])],
+                             keep_reconstruction)[0]
 
-    def score_batch(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]],
+    def score_batch(self, batch: np.ndarray | Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
                     keep_reconstruction: bool = False) -> list[ImageResult]:
         """Score a batch already made by :attr:`preprocess`: ``(N, C, S, S)`` float32, one input
-        per image, whose originals were ``sizes`` ``[(H, W), ...]`` (for the regions).
+        per image, whose originals were ``sizes`` ``[(H, W), ...]`` (for the regions); or a list of
+        the per-image arrays (a tiled bundle's are ``(C, H_i, W_i)``, each its own size).
 
         The service decodes and preprocesses each request in its own worker thread and runs the
         images that arrived together as one batch; this gives each the verdict
         :meth:`score_image` gives it alone (same graph, same calibration, same regions).
         """
-        if len(sizes) != batch.shape[0]:
-            raise ValueError(f"expected one original size per image: {batch.shape[0]} images, {len(sizes)} sizes")
+        n = batch.shape[0] if isinstance(batch, np.ndarray) else len(batch)
+        if len(sizes) != n:
+            raise ValueError(f"expected one original size per image: {n} images, {len(sizes)} sizes")
         return self._results(batch, [None] * len(sizes), [(int(h), int(w)) for h, w in sizes], keep_reconstruction)
 
     def score_images(self, images: Iterable[np.ndarray] | np.ndarray, batch_size: int = 16,
@@ -541,7 +593,8 @@ class Runtime:
                              "score one image with score_image()")
         source = iter(images)
         index = 0
-        while chunk := list(itertools.islice(source, batch_size)):
+        per_chunk = 1 if self.preprocess.tiled else batch_size  # a tiled image fills batches with its own tiles
+        while chunk := list(itertools.islice(source, per_chunk)):
             items: list[_Decoded | ImageResult] = []
             for image in chunk:
                 try:
@@ -550,7 +603,8 @@ class Runtime:
                 except (ValueError, TypeError, IndexError, cv2.error) as exc:
                     items.append(ImageResult(path=None, error=f"image {index}: {exc}"))
                 index += 1
-            yield from self._run_chunk([None] * len(chunk), items, keep_reconstruction)  # type: ignore[list-item]
+            yield from self._run_chunk([None] * len(chunk), items, keep_reconstruction,  # type: ignore[list-item]
+                                       tile_batch=batch_size)
 
     def _decode(self, path: str, keep_image: bool | int) -> _Decoded | ImageResult:
         """Read + preprocess one file (runs in a worker thread); errors become a result."""
@@ -567,15 +621,17 @@ class Runtime:
         return x, (int(img.shape[0]), int(img.shape[1])), kept
 
     def _run_chunk(self, paths: list[str], items: list[_Decoded | ImageResult],
-                   keep_reconstruction: bool, session: ort.InferenceSession | None = None) -> list[ImageResult]:
+                   keep_reconstruction: bool, session: ort.InferenceSession | None = None,
+                   tile_batch: int = TILE_BATCH) -> list[ImageResult]:
         """Infer the decoded items of one chunk and merge error rows back in input order."""
         ok = [i for i, it in enumerate(items) if not isinstance(it, ImageResult)]
         done: list[ImageResult] = []
         if ok:
             decoded = [items[i] for i in ok]
-            batch = np.stack([d[0] for d in decoded])  # type: ignore[index]
+            arrays = [d[0] for d in decoded]  # type: ignore[index]
+            batch = arrays if self.preprocess.tiled else np.stack(arrays)
             done = self._results(batch, [paths[i] for i in ok], [d[1] for d in decoded],  # type: ignore[index]
-                                 keep_reconstruction, [d[2] for d in decoded], session)  # type: ignore[index]
+                                 keep_reconstruction, [d[2] for d in decoded], session, tile_batch)  # type: ignore[index]
         it = iter(done)
         return [item if isinstance(item, ImageResult) else next(it) for item in items]
 
@@ -590,7 +646,8 @@ class Runtime:
 
         Args:
             paths: image files.
-            batch_size: images per graph run (a chunk with unreadable files runs smaller).
+            batch_size: images per graph run (a chunk with unreadable files runs smaller); for a
+                tiled bundle, tiles per graph run, and the chunks hold one image each.
             keep_reconstruction: fill ``ImageResult.reconstruction`` ``(C, S, S)``.
             keep_image: fill ``ImageResult.image`` with the decoded original ``(H, W[, C])``
                 (``True``), or with a copy shrunk to at most this many px on its longest side (a
@@ -604,6 +661,9 @@ class Runtime:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not isinstance(keep_image, bool) and not (isinstance(keep_image, (int, np.integer)) and keep_image > 0):
             raise ValueError(f"keep_image must be True, False or a size in px > 0, got {keep_image!r}")
+        tile_batch = batch_size
+        if self.preprocess.tiled:  # one image per chunk: its tiles fill the graph runs
+            batch_size = 1
         bound = (self.prefetch + 1) * batch_size
         self.stats = stats = PipelineStats(bound=bound)
         source = iter(str(p) for p in paths)
@@ -616,7 +676,8 @@ class Runtime:
             while chunk := next_chunk():
                 stats.images += len(chunk)
                 stats.peak_in_flight = max(stats.peak_in_flight, len(chunk))
-                results = self._run_chunk(chunk, [self._decode(p, keep_image) for p in chunk], keep_reconstruction)
+                results = self._run_chunk(chunk, [self._decode(p, keep_image) for p in chunk], keep_reconstruction,
+                                          tile_batch=tile_batch)
                 stats.batches += any(r.error is None for r in results)
                 yield from results
             return
@@ -625,7 +686,7 @@ class Runtime:
             session = self._single_thread_session()  # created here, not racing in the workers
 
             def submit(pool: ThreadPoolExecutor, chunk: list[str]) -> list[Future]:
-                return [pool.submit(self._decode_and_run, chunk, keep_reconstruction, keep_image, session)]
+                return [pool.submit(self._decode_and_run, chunk, keep_reconstruction, keep_image, session, tile_batch)]
 
             def finish(chunk: list[str], futures: list[Future]) -> list[ImageResult]:
                 return futures[0].result()
@@ -636,16 +697,16 @@ class Runtime:
                 return [pool.submit(self._decode, p, keep_image) for p in chunk]
 
             def finish(chunk: list[str], futures: list[Future]) -> list[ImageResult]:
-                return self._run_chunk(chunk, [f.result() for f in futures], keep_reconstruction)
+                return self._run_chunk(chunk, [f.result() for f in futures], keep_reconstruction, tile_batch=tile_batch)
 
             depth = self.prefetch + 1
         yield from self._pipelined(next_chunk, depth, submit, finish)
 
     def _decode_and_run(self, chunk: list[str], keep_reconstruction: bool, keep_image: bool | int,
-                        session: ort.InferenceSession) -> list[ImageResult]:
+                        session: ort.InferenceSession, tile_batch: int = TILE_BATCH) -> list[ImageResult]:
         """One chunk, start to end, in one worker thread."""
         items = [self._decode(p, keep_image) for p in chunk]
-        return self._run_chunk(chunk, items, keep_reconstruction, session)
+        return self._run_chunk(chunk, items, keep_reconstruction, session, tile_batch)
 
     def _pipelined(self, next_chunk: Callable[[], list[str]], depth: int,
                    submit: Callable[[ThreadPoolExecutor, list[str]], list[Future]],
@@ -679,7 +740,11 @@ class Runtime:
 
     def describe(self) -> dict[str, Any]:
         """Short description for CLIs: model, input, providers, threshold, precision, threads."""
-        return {"model": self.meta["model"]["name"], "input": f"{self.preprocess.channels}x{self.preprocess.image_size}x{self.preprocess.image_size}",
+        pre = self.preprocess
+        shape = f"{pre.channels}x{pre.image_size}x{pre.image_size}"
+        if pre.tiled:
+            shape += f" tiles at scale {pre.tile_scale:g}, overlap {pre.overlap} px"
+        return {"model": self.meta["model"]["name"], "input": shape,
                 "providers": self.session.get_providers(), "threshold": self.threshold, "precision": self.precision,
                 "threads": self.threads, "pipeline": self.pipeline if self.decode_workers else "sequential",
                 "split": self.split}

@@ -1,4 +1,5 @@
-"""What the console shows: TTY-aware progress, the training display, ``--version``, ``python -m anomaly``.
+"""What the console shows: TTY-aware progress (train, calibrate, evaluate, audit), the training display,
+``--version``, ``python -m anomaly``.
 
 Torch-free: runs in the venv without torch too.
 """
@@ -6,13 +7,15 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import anomaly
-from anomaly.data.progress import Progress, format_seconds, track
+from anomaly.data.progress import CountProgress, Progress, format_seconds, track
 from anomaly.training.cli import TrainProgress
 
 
@@ -105,3 +108,92 @@ def test_version_and_python_m_anomaly(capsys) -> None:
     assert proc.returncode == 0 and proc.stdout == f"anomaly {anomaly.__version__}\n"
     proc = subprocess.run([sys.executable, "-m", "anomaly", "train"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "usage: anomaly train" in proc.stderr  # the same command, its parser
+
+
+def test_count_progress_renders_done_of_total_callbacks_and_closes_at_the_total() -> None:
+    out = io.StringIO()
+    show = CountProgress(desc="evaluate", unit="img", stream=out, mode="lines", interval=3600)
+    show(0, 3)
+    show(2, 3, flagged=1)
+    assert out.getvalue() == ""  # within the interval: no line yet
+    show(3, 3, flagged=2)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate 3/3 img (100%)") and "flagged=2 done in" in lines[0]
+    show(3, 3)  # a report after the end, and the caller's close, add nothing
+    show.close()
+    assert out.getvalue().splitlines() == lines
+    unopened = io.StringIO()
+    CountProgress(desc="audit", stream=unopened, mode="lines").close()  # no work: nothing shown
+    silent = io.StringIO()
+    with CountProgress(desc="audit", stream=silent, mode="none") as quiet:
+        quiet(0, 2)
+        quiet(2, 2)
+    assert unopened.getvalue() == silent.getvalue() == ""
+    with pytest.raises(ValueError, match="progress mode must be one of auto, bar, lines, none, got 'fancy'"):
+        CountProgress(mode="fancy")
+    # a display opened at the first report, 2 s into the work: rate and ETA count from the work's start
+    clock = FakeClock()
+    late = Progress(total=10, desc="audit", unit="images", stream=io.StringIO(), mode="lines", elapsed=2.0, clock=clock)
+    late.update(1)
+    assert late.rate == pytest.approx(0.5) and late.eta == pytest.approx(18.0)
+
+
+def _progress_lines(text: str, desc: str) -> list[str]:
+    """The plain progress lines of ``desc`` (``calibrate 4/4 images (100%) ...``) in ``text``."""
+    return [line for line in text.splitlines() if line.startswith(f"{desc} ") and " images" in line]
+
+
+def test_calibrate_and_evaluate_show_progress_lines_up_to_the_total(trained_bundle: dict, tmp_path: Path,
+                                                                    capsys) -> None:
+    from anomaly.cli import main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_bundle["bundle"], bundle)  # calibrate rewrites the sidecar: not the shared bundle's
+    good = trained_bundle["data"] / "test" / "good"
+    blob = trained_bundle["data"] / "test" / "blob"
+    n = len(list(good.glob("*.png"))) + len(list(blob.glob("*.png")))
+    assert main(["calibrate", str(bundle), "--normal", str(good), "--defects", str(blob), "--progress", "lines"]) == 0
+    err = capsys.readouterr().err
+    lines = _progress_lines(err, "calibrate")
+    assert len(lines) == 1 and lines[0].startswith(f"calibrate {n}/{n} images (100%)") and " done in " in lines[0]
+    assert "\r" not in err
+    assert main(["calibrate", str(bundle), "--normal", str(good), "--progress", "none"]) == 0
+    assert _progress_lines(capsys.readouterr().err, "calibrate") == []
+
+    # evaluate on the shared bundle (calibrated on none of the test images), results outside it
+    args = ["evaluate", str(trained_bundle["bundle"]), "--data", str(trained_bundle["data"])]
+    assert main(args + ["--out", str(tmp_path / "ev.json"), "--progress", "lines"]) == 0
+    captured = capsys.readouterr()
+    lines = _progress_lines(captured.err, "evaluate")
+    assert len(lines) == 1 and lines[0].startswith(f"evaluate {n}/{n} images (100%)") and " done in " in lines[0]
+    assert "image  AUROC" in captured.out and not _progress_lines(captured.out, "evaluate")  # results stay on stdout
+    assert main(args + ["--out", str(tmp_path / "ev2.json"), "--progress", "none"]) == 0
+    assert _progress_lines(capsys.readouterr().err, "evaluate") == []
+
+
+def test_audit_shows_progress_lines_with_skipped_flagged_and_failed(trained_bundle: dict, tmp_path: Path,
+                                                                    capsys) -> None:
+    from anomaly.cli import main
+
+    good = trained_bundle["data"] / "test" / "good"
+    blob = trained_bundle["data"] / "test" / "blob"
+    n_good, n_blob = len(list(good.glob("*.png"))), len(list(blob.glob("*.png")))
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    base = ["audit", str(trained_bundle["bundle"]), "--out", str(tmp_path / "audit"), "--no-heatmaps",
+            "--thumbnail-size", "0"]
+    assert main(base[:2] + [str(good), str(bad)] + base[2:] + ["--progress", "lines"]) == 0
+    err = capsys.readouterr().err
+    lines = _progress_lines(err, "audit")
+    assert len(lines) == 1 and "\r" not in err
+    assert lines[0].startswith(f"audit {n_good + 1}/{n_good + 1} images (100%)") and " failed=1 done in " in lines[0]
+    assert "skipped=" not in lines[0] and " flagged=" in lines[0] and " images/s ETA " in lines[0]
+    # resumed with more inputs: the total is what is left to do; those done before are shown
+    assert main(base[:2] + [str(good), str(bad), str(blob)] + base[2:] + ["--progress", "lines"]) == 0
+    captured = capsys.readouterr()
+    lines = _progress_lines(captured.err, "audit")
+    assert len(lines) == 1 and lines[0].startswith(f"audit {n_blob}/{n_blob} images (100%)")
+    assert f" skipped={n_good + 1} " in lines[0] and " failed=0 done in " in lines[0]
+    assert f"{n_good + n_blob + 1} images ({n_good + 1} from an earlier run)" in captured.out
+    assert main(base[:2] + [str(good)] + base[2:] + ["--force", "--progress", "none"]) == 0
+    assert _progress_lines(capsys.readouterr().err, "audit") == []

@@ -25,6 +25,7 @@ RUNTIME_VENV = ROOT / ".venv-runtime"
 
 # The runtime's tests, run again without torch. Tests in them that need torch carry @pytest.mark.torch.
 TORCH_FREE_TESTS = ("test_audit.py", "test_audit_faults.py", "test_regions.py", "test_calibration.py", "test_review.py", "test_evaluate.py",
+                    "test_tiling.py",
                     "test_data.py", "test_metrics.py")
 
 

@@ -27,7 +27,13 @@ class TrainConfig:
         data: MVTec-style category folder, a folder of categories, or a plain folder of normals.
         out: run folder (checkpoints, config, loss log, split).
         model: registry name (``anomaly models`` lists them).
-        image_size: model input side S (power of two).
+        image_size: model input side S (power of two); the tile side when tiled.
+        tile_scale: ``None`` (default): every image is resized whole to ``S x S``. A number: native-
+            resolution tiling at that pixel scale (1 = native pixels, 0.5 = half): the model trains on
+            random ``S x S`` crops of the scaled images, and the bundle scores overlapping tiles
+            stitched into one map at that scale (:mod:`anomaly.data.tiling`). For thin or small
+            defects on images much larger than ``S``.
+        tile_overlap: fraction of a tile its neighbours share in the inference grid (0 to 0.75).
         channels: 1 or 3; ``None`` = detect from the first training image.
         epochs, max_minutes: the budget (whichever ends first).
         batch_size: optimisation batch size.
@@ -52,12 +58,17 @@ class TrainConfig:
             copies of the training image itself. Must not hold the defects you evaluate on.
         model_kwargs / objective_kwargs: passed to the model factory / the objective.
         scoring: residual and map settings used by export (see :mod:`anomaly.scoring`).
+        recipe: how the settings were chosen when ``anomaly train`` picked them itself (the preset's
+            name, the measured properties of the training images and the reason); ``None`` when the
+            user named the model and its settings. Copied into the bundle's sidecar by export.
     """
 
     data: str
     out: str = "runs/default"
     model: str = "aae"
     image_size: int = 64
+    tile_scale: float | None = None
+    tile_overlap: float = 0.25
     channels: int | None = None
     epochs: int = 100
     max_minutes: float | None = None
@@ -73,6 +84,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     objective_kwargs: dict[str, Any] = field(default_factory=dict)
     scoring: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCORING))
+    recipe: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTS:
@@ -89,6 +101,10 @@ class TrainConfig:
             raise ValueError(f"lr_decay_from must be in [0, 1), got {self.lr_decay_from}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.tile_scale is not None and not 0.0 < float(self.tile_scale) <= 4.0:
+            raise ValueError(f"tile_scale must be in (0, 4] (1 = native pixels), got {self.tile_scale}")
+        if not 0.0 <= float(self.tile_overlap) <= 0.75:
+            raise ValueError(f"tile_overlap must be in [0, 0.75], got {self.tile_overlap}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

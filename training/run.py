@@ -194,7 +194,8 @@ def train(config: TrainConfig, *, resume: bool = False,
     if config.scoring.get("texture", "none") == "stats" and config.image_size < TEXTURE_MIN_SIDE:
         raise ValueError(f"texture statistics need images of at least {TEXTURE_MIN_SIDE} px a side; "
                          f"--image-size is {config.image_size}")
-    pre = Preprocess(image_size=config.image_size, channels=config.channels)
+    pre = Preprocess(image_size=config.image_size, channels=config.channels, tile_scale=config.tile_scale,
+                     tile_overlap=config.tile_overlap)
     num_classes = len(layout.categories)
     model_kwargs = dict(config.model_kwargs)
     model = build_model(config.model, in_channels=config.channels, image_size=config.image_size,
@@ -222,7 +223,7 @@ def train(config: TrainConfig, *, resume: bool = False,
 
         synth = DefectSynthesizer(p_defect=config.synthetic_defects, texture_source=sources)
         train_ds = SyntheticDefectDataset(train_ds, synth, seed=config.seed)
-    val_ds = ImageDataset(val_s, pre, cache=True) if val_s else None
+    val_ds = ImageDataset(val_s, pre, cache=True, fixed_crops=True) if val_s else None
     g = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(train_ds, batch_size=min(config.batch_size, len(train_ds)), shuffle=True,
                               drop_last=len(train_ds) > config.batch_size, generator=g)
@@ -267,7 +268,9 @@ def save_samples(run_dir: str | Path, n: int = 64, checkpoint: str = "best") -> 
     model, ckpt, cfg = load_run(run_dir, checkpoint)
     split = json.loads((Path(run_dir) / "split.json").read_text())
     paths = (split.get("val") or split.get("train", []))[: max(1, n // 2)]
-    pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
-    images = torch.from_numpy(pre.load_batch(paths)) if paths else None
+    pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels, tile_scale=cfg.tile_scale,
+                     tile_overlap=cfg.tile_overlap)
+    batch = (pre.load_tiles(paths, max_tiles_per_image=1)[0] if pre.tiled else pre.load_batch(paths)) if paths else None
+    images = torch.from_numpy(batch) if batch is not None else None
     with torch.no_grad():
         return save_sample_grid(model, Path(run_dir) / "samples.png", n=n, images=images)
