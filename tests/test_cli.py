@@ -256,11 +256,22 @@ def test_train_defaults_have_one_definition() -> None:
     from anomaly.training.presets import Preset
     from anomaly.training.config import TrainConfig, train_defaults
 
+    from anomaly.training.cli import _config
+    from anomaly.training.presets import PRESET_FIELDS
+
     d = train_defaults()
     assert d == {k: v for k, v in TrainConfig(data="x").to_dict().items() if k != "data"}
     args = vars(build_parser().parse_args(["train", "--data", "x", "--out", "y"]))
     shared = [k for k in d if k in args and k != "out"]  # --out is required
-    assert len(shared) >= 16 and all(args[k] == d[k] for k in shared), {k: (args[k], d[k]) for k in shared}
+    # the options a recipe sets parse to None ("not given"), the rest to the defaults
+    chosen = [k for k in shared if k in PRESET_FIELDS]
+    assert all(args[k] is None for k in chosen), {k: args[k] for k in chosen}
+    fixed = [k for k in shared if k not in PRESET_FIELDS]
+    assert len(shared) >= 16 and all(args[k] == d[k] for k in fixed), {k: (args[k], d[k]) for k in fixed}
+    # with a model option (no recipe), every field not given is the default
+    cfg = _config(build_parser().parse_args(["train", "--data", "x", "--out", "y", "--model", d["model"]]), {}, None)
+    assert {k: v for k, v in cfg.to_dict().items() if k not in ("data", "out")} == \
+        {k: v for k, v in d.items() if k != "out"}
     params = inspect.signature(AnomalyDetector).parameters
     for k in ("model", "image_size", "channels", "epochs", "max_minutes", "batch_size", "lr", "val_fraction", "seed",
               "device", "augment"):

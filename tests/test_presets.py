@@ -1,4 +1,4 @@
-"""The benchmark's presets (``anomaly.training.presets``) must build what they name.
+"""The benchmark's and the product's presets (``anomaly.training.presets``) must build what they name.
 
 A preset is only trained inside ``benchmarks/quality.py``, tens of minutes into a run; a typo in a
 model keyword or a scoring that its model cannot produce would surface only there. These tests
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anomaly.training.presets import PRESETS, get_preset
+from anomaly.training.presets import PRESETS, PRODUCT_PRESETS, get_preset, get_product_preset
 from anomaly.scoring import ReconstructionScorer, Scorer
 from anomaly.training.run import build_model
 
@@ -49,3 +49,20 @@ def test_the_wide_segmenter_preset_doubles_only_the_segmenter() -> None:
 def test_unknown_preset_names_the_known_ones() -> None:
     with pytest.raises(KeyError, match="cyclegan_repair_segdiff_decay"):
         get_preset("cyclegan_repair_segdif")
+
+
+@pytest.mark.parametrize("name", sorted(PRODUCT_PRESETS))
+def test_every_product_preset_makes_a_valid_config_model_and_scorer(name: str) -> None:
+    """`anomaly train --preset NAME` (or the automatic choice) must train and export what it names."""
+    from anomaly.training.config import TrainConfig
+
+    preset = get_product_preset(name)
+    cfg = TrainConfig(data="unused", out="unused", **preset.settings())  # TrainConfig validates
+    assert cfg.model == preset.model and cfg.tile_scale == preset.tile_scale
+    model = build_model(cfg.model, in_channels=1, image_size=32, num_classes=1, **cfg.model_kwargs).eval()
+    scorer = Scorer(residual=cfg.scoring["residual"], smoothing_sigma=cfg.scoring["smoothing_sigma"],
+                    aggregate=cfg.scoring["aggregate"], topk_fraction=cfg.scoring["topk_fraction"], image_size=(32, 32))
+    with torch.no_grad():  # "learned" raises here unless the model has a segmenter
+        out = ReconstructionScorer(model, scorer)(torch.rand(2, 1, 32, 32), None)
+    assert out.anomaly_map.shape == (2, 1, 32, 32) and torch.isfinite(out.score).all()
+    assert preset.figures == "not measured" or preset.results

@@ -1,25 +1,33 @@
-"""Reconstructor presets: named, benchmarked training + scoring recipes.
+"""Presets: the benchmark's named trials, and the few product recipes ``anomaly train`` offers.
 
-A preset is a model from the zoo plus the objective/model keyword arguments, the synthetic-defect
-("repair") setting and one or more scorings to export with. ``benchmarks/quality.py`` trains and
-evaluates them; ``get_preset(name).train_config(data=..., out=...)`` returns the
-:class:`anomaly.training.config.TrainConfig` to pass to :func:`anomaly.training.run.train`.
+**Benchmark presets** (:data:`PRESETS`): a model from the zoo plus the objective/model keyword
+arguments, the synthetic-defect ("repair") setting and one or more scorings to export with.
+``benchmarks/quality.py`` trains and evaluates them; ``get_preset(name).train_config(data=..., out=...)``
+returns the :class:`anomaly.training.config.TrainConfig` to pass to :func:`anomaly.training.run.train`.
+
+**Product presets** (:data:`PRODUCT_PRESETS`): what ``anomaly train --preset NAME`` applies and what
+``anomaly train --data DIR`` chooses from when it is given no model options
+(:mod:`anomaly.training.recipe` measures the images and picks one). Each is one setting of every
+model field (model, input size, tiling, repair training, scoring, budget), tied to the benchmark
+preset whose figures it reproduces and to those figures; ``anomaly presets`` lists them.
 
 Example::
 
-    from anomaly.training.presets import get_preset
+    from anomaly.training.presets import get_preset, get_product_preset
     from anomaly.training.run import train
     cfg = get_preset("aae_repair").train_config(data="cache/elpv_mono", out="runs/mono", epochs=15)
     train(cfg)
+    settings = get_product_preset("texture_repair").settings()   # TrainConfig fields, by name
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from anomaly.training.config import TrainConfig, train_defaults
+from anomaly.training.config import DEFAULT_SCORING, TrainConfig, train_defaults
 
-__all__ = ["Preset", "PRESETS", "get_preset"]
+__all__ = ["Preset", "PRESETS", "get_preset", "ProductPreset", "PRODUCT_PRESETS", "get_product_preset",
+           "TEXTURE_TILE_SIZE", "PRESET_FIELDS"]
 
 Scoring = tuple[dict[str, Any], bool]  # (scoring overrides, per-pixel normalisation at export)
 
@@ -197,3 +205,115 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown reconstructor preset {name!r}; expected one of {sorted(PRESETS)}") from None
+
+
+# -- product presets ------------------------------------------------------------------------------
+
+#: Tile side (px, at native scale) of the ``texture_tiled`` recipe: the one place to change it.
+#: 64 or 128 is being benchmarked on 1024-px textures (``benchmarks/thin_defects.py``).
+TEXTURE_TILE_SIZE = 64
+
+#: the TrainConfig fields a product preset sets (every other field keeps its default or the user's option)
+PRESET_FIELDS = ("model", "image_size", "tile_scale", "epochs", "batch_size", "lr", "lr_decay_from", "augment",
+                 "synthetic_defects", "model_kwargs", "objective_kwargs", "scoring")
+
+
+@dataclass(frozen=True)
+class ProductPreset:
+    """A product recipe: one value for each of :data:`PRESET_FIELDS`, and what it was measured to do.
+
+    Attributes:
+        name: what ``--preset`` takes.
+        summary: what it is for, one line.
+        model ... objective_kwargs: the :class:`anomaly.training.config.TrainConfig` fields it sets
+            (defaults: the training defaults, :func:`anomaly.training.config.train_defaults`).
+        scoring: overrides of :data:`anomaly.training.config.DEFAULT_SCORING`, stored in the run for export.
+        export_args: the ``anomaly export`` options its figures were measured with, beyond the
+            run's own settings (export does not read them from the run: ``anomaly train`` prints
+            the export line to use).
+        benchmark: the benchmark preset (:data:`PRESETS`) whose runs gave the figures, or ``None``.
+        figures: the measured figures, one line, or ``"not measured"``.
+        results: the results files (``benchmarks/results/...``) that hold them.
+    """
+
+    name: str
+    summary: str
+    model: str = _D["model"]
+    image_size: int = _D["image_size"]
+    tile_scale: float | None = _D["tile_scale"]
+    epochs: int = _D["epochs"]
+    batch_size: int = _D["batch_size"]
+    lr: float | None = _D["lr"]
+    lr_decay_from: float | None = _D["lr_decay_from"]
+    augment: str = _D["augment"]
+    synthetic_defects: float = _D["synthetic_defects"]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    objective_kwargs: dict[str, Any] = field(default_factory=dict)
+    scoring: dict[str, Any] = field(default_factory=dict)
+    export_args: tuple[str, ...] = ()
+    benchmark: str | None = None
+    figures: str = "not measured"
+    results: tuple[str, ...] = ()
+
+    def settings(self) -> dict[str, Any]:
+        """The :data:`PRESET_FIELDS` values, by name (fresh copies of the dicts): what ``--preset``
+        puts into the :class:`anomaly.training.config.TrainConfig` before explicit options win."""
+        return {"model": self.model, "image_size": self.image_size, "tile_scale": self.tile_scale,
+                "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                "lr_decay_from": self.lr_decay_from, "augment": self.augment,
+                "synthetic_defects": self.synthetic_defects, "model_kwargs": dict(self.model_kwargs),
+                "objective_kwargs": dict(self.objective_kwargs), "scoring": {**DEFAULT_SCORING, **self.scoring}}
+
+    def describe(self) -> str:
+        """The settings in a few words, e.g. ``aae, 64 px tiles at native scale, 100 epochs``."""
+        seg = " + segmenter" if self.model_kwargs.get("segmenter") else ""
+        if self.tile_scale is None:
+            where = f"{self.image_size} px whole image"
+        else:
+            scale = "native scale" if self.tile_scale == 1 else f"scale {self.tile_scale:g}"
+            where = f"{self.image_size} px tiles at {scale}"
+        extra = [f"repair of synthetic defects p={self.synthetic_defects:g}"] if self.synthetic_defects else []
+        extra += [f"{k} {v}" for k, v in self.scoring.items()]
+        if self.export_args:
+            extra.append("export " + " ".join(self.export_args))
+        return ", ".join([f"{self.model}{seg}", where, f"{self.epochs} epochs", *extra])
+
+
+def _from_benchmark(benchmark: str, name: str, summary: str, **kw: Any) -> ProductPreset:
+    """A product preset with the model, repair and optimiser settings of the benchmark preset ``benchmark``."""
+    b = PRESETS[benchmark]
+    return ProductPreset(name, summary, model=b.model, batch_size=b.batch_size, lr=b.lr, lr_decay_from=b.lr_decay_from,
+                         augment=b.augment, synthetic_defects=b.synthetic_defects, model_kwargs=dict(b.model_kwargs),
+                         objective_kwargs=dict(b.objective_kwargs), benchmark=benchmark, **kw)
+
+
+PRODUCT_PRESETS: dict[str, ProductPreset] = {p.name: p for p in [
+    ProductPreset(
+        "aligned", "products at the same place in every image (cells, parts in a fixture): the default AAE on the "
+        "whole image", benchmark="aae",
+        figures="image AUROC ELPV mono 0.918 ± 0.006, poly 0.831 ± 0.000 (3 seeds, 64², 100 epochs; exported with "
+                "per-pixel normalisation and the latent knn term)",
+        results=("benchmarks/results/2026-11-22-quality-latent-knn.md",)),
+    ProductPreset(
+        "texture_tiled", "stationary textures on large images: the AAE on tiles at native scale, so thin and small "
+        "defects keep their pixels", image_size=TEXTURE_TILE_SIZE, tile_scale=1.0),
+    _from_benchmark(
+        "cyclegan_repair_segdiff_decay", "texture_repair", "stationary textures on small images: CycleGAN repair of "
+        "synthetic defects with a DRAEM-style segmenter, the texture statistics and flip TTA",
+        image_size=128, epochs=60, scoring={"residual": "learned", "texture": "stats"},
+        export_args=("--tta", "flips", "--no-normalize"),  # the benchmark's "learned+stats" scoring, with flips
+        figures="image AUROC / pixel AUROC / AUPRO, 3 seeds, 128-px native crops, 60 epochs: brick 0.914 / 0.996 / "
+                "0.983, grass 0.844 / 0.947 / 0.823, gravel 0.922 / 0.977 / 0.905; 1,158-1,170 CPU s of training "
+                "on brick's 200 crops",
+        results=("benchmarks/results/2026-12-04-quality-texture-stats.md",
+                 "benchmarks/results/2026-12-04-quality-texture-stats-tta-brick.md")),
+]}
+
+
+def get_product_preset(name: str) -> ProductPreset:
+    """The product preset called ``name``; a clear error lists the known ones (``anomaly presets``)."""
+    try:
+        return PRODUCT_PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; expected one of {', '.join(PRODUCT_PRESETS)} "
+                       "(anomaly presets lists them with their figures)") from None
