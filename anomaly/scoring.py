@@ -40,6 +40,16 @@ Texture statistics (``Scorer(texture=...)``, one more part of the map):
               CycleGAN repair's ``learned`` map's pixel AUROC and AUPRO
               (``benchmarks/results/2026-12-04-quality-texture-stats.md``)
 
+Line filters (``Scorer(line_length=L)``, one more part of the map):
+    ``0``     off (the default)
+    ``L > 0`` the residual's first part, per-pixel normalised, filtered by a bank of
+              :data:`LINE_ORIENTATIONS` straight 1 px lines of ``L`` px (each kernel of unit norm, so
+              white noise keeps its spread) and the largest response over orientations kept,
+              standardised on normal validation images and added to the map with ``line_weight``.
+              A scratch or crack a pixel or two wide at a contrast near the residual's noise sums
+              coherently along its length (about sqrt(L) times the noise's gain), where grain does
+              not; see ``benchmarks/results/2026-12-08-tiling-thin-defects.md``
+
 Latent scores (``Scorer(latent=...)``, image score only; the map is unchanged):
     ``none`` the image score is the map's aggregate
     ``knn``  the map's aggregate plus the mean Euclidean distance of the image's code
@@ -80,6 +90,8 @@ __all__ = [
     "TTA_MODES",
     "LATENT_SCORES",
     "TEXTURE_SCORES",
+    "LINE_ORIENTATIONS",
+    "line_kernels",
     "encode_decode",
     "FlipAveraged",
     "scoring_graph",
@@ -92,6 +104,29 @@ COLOUR_SPACES = ("rgb", "ycc")
 TTA_MODES = ("none", "flips")  # test-time augmentation of the exported graph (see FlipAveraged)
 LATENT_SCORES = ("none", "knn")  # image-score term from the encoder's code (see Scorer)
 TEXTURE_SCORES = ("none", "stats")  # map part from local texture statistics (see Scorer)
+LINE_ORIENTATIONS = 8  # straight-line filters of the ``line`` part, evenly spaced over 180 degrees
+
+
+def line_kernels(length: int, orientations: int = LINE_ORIENTATIONS, supersample: int = 8) -> torch.Tensor:
+    """``(orientations, 1, L', L')`` float32 kernels (``L'`` = ``length`` rounded up to odd): a 1 px
+    wide straight segment of ``length`` px through the centre at each angle, drawn anti-aliased by
+    supersampling, each scaled to unit L2 norm."""
+    if int(length) < 2:
+        raise ValueError(f"line length must be >= 2 px, got {length}")
+    size = int(length) | 1
+    c = (size - 1) / 2
+    sub = (torch.arange(size * supersample, dtype=torch.float64) + 0.5) / supersample - 0.5  # pixel coordinates
+    yy, xx = torch.meshgrid(sub, sub, indexing="ij")
+    out = []
+    for i in range(orientations):
+        a = torch.pi * i / orientations
+        dx, dy = torch.cos(torch.tensor(a, dtype=torch.float64)), torch.sin(torch.tensor(a, dtype=torch.float64))
+        along = (xx - c) * dx + (yy - c) * dy
+        across = -(xx - c) * dy + (yy - c) * dx
+        inside = ((across.abs() <= 0.5) & (along.abs() <= length / 2)).to(torch.float64)
+        k = inside.reshape(size, supersample, size, supersample).mean((1, 3))
+        out.append(k / k.square().sum().sqrt())
+    return torch.stack(out)[:, None].float()
 
 
 def encode_decode(model: nn.Module, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,8 +305,12 @@ class Scorer(nn.Module):
     def __init__(self, *, residual: str = "l1", smoothing_sigma: float = 4.0, aggregate: str = "max",
                  topk_fraction: float = 0.01, image_size: tuple[int, int] = (64, 64),
                  latent: str = "none", latent_k: int = 5, colour: str = "rgb", texture: str = "none",
-                 texture_weight: float = 0.5) -> None:
+                 texture_weight: float = 0.5, line_length: int = 0, line_weight: float = 1.0) -> None:
         super().__init__()
+        if int(line_length) < 0 or int(line_length) == 1:
+            raise ValueError(f"line_length must be 0 (off) or >= 2 px, got {line_length}")
+        if not float(line_weight) > 0:
+            raise ValueError(f"line_weight must be > 0, got {line_weight}")
         if texture not in TEXTURE_SCORES:
             raise ValueError(f"unknown texture score {texture!r}; expected one of {TEXTURE_SCORES}")
         if not float(texture_weight) > 0:
@@ -302,13 +341,20 @@ class Scorer(nn.Module):
         self.parts: tuple[str, ...] = (residual[: -len("_learned")], "learned") if residual.endswith("_learned") else (residual,)
         self.texture = texture
         self.texture_weight = float(texture_weight)
+        self.line_length = int(line_length)
+        self.line_weight = float(line_weight)
+        if self.line_length:
+            if self.line_length > min(self.image_size):
+                raise ValueError(f"line_length {self.line_length} is longer than the model input {self.image_size}")
+            self.parts = self.parts + ("line",)
+            self.register_buffer("line_bank", line_kernels(self.line_length))
         if texture == "stats":
             if min(self.image_size) < MIN_SIDE:
                 raise ValueError(f"texture statistics need images of at least {MIN_SIDE} px a side; "
                                  f"image size is {self.image_size}")
             self.parts = self.parts + ("stats",)
             self.statistics = StatisticsMap()
-        weights = [self.texture_weight if p == "stats" else 1.0 for p in self.parts]
+        weights = [self.texture_weight if p == "stats" else self.line_weight if p == "line" else 1.0 for p in self.parts]
         self.register_buffer("mix_weight", torch.tensor(weights))
         self.register_buffer("mix_mean", torch.zeros(len(self.parts)))
         self.register_buffer("mix_std", torch.ones(len(self.parts)))
@@ -412,8 +458,16 @@ class Scorer(nn.Module):
         r = self.raw_residual(x, x_hat, model)
         if self.normalized:
             r = (r - self.pixel_mean) / self.pixel_std
-        return [r] + [self.statistics(x) if kind == "stats" else residual_map(x, x_hat, kind, model)
+        return [r] + [self.statistics(x) if kind == "stats" else self.line_response(r) if kind == "line"
+                      else residual_map(x, x_hat, kind, model)
                       for kind in self.parts[1:] if texture or kind != "stats"]
+
+    def line_response(self, r: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, H, W)``: the largest response of ``r`` ``(N, 1, H, W)`` to the bank of straight
+        line filters (reflect padding), over the orientations."""
+        pad = self.line_bank.shape[-1] // 2
+        resp = F.conv2d(F.pad(r, (pad, pad, pad, pad), mode="reflect"), self.line_bank)
+        return resp.amax(1, keepdim=True)
 
     def unsmoothed_map(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """The map ``(N, 1, H, W)`` before smoothing from the first ``len(parts)`` parts of
@@ -459,6 +513,9 @@ class Scorer(nn.Module):
         if self.mixed:
             out["mix"] = {"parts": list(self.parts), "mean": self.mix_mean.tolist(), "std": self.mix_std.tolist(),
                           "weight": self.mix_weight.tolist()}
+        if self.line_length:
+            out["line_length"] = self.line_length
+            out["line_weight"] = self.line_weight
         out["texture"] = self.texture
         if self.texture != "none":
             out["texture_weight"] = self.texture_weight

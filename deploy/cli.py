@@ -31,6 +31,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="add to the map the distance of the input's local texture statistics to those of the normal "
                         "training images (finds patches of a foreign texture that the repair lets through; images of "
                         "at least 32 px; default: the run's setting, off)")
+    p.add_argument("--line-length", type=int, default=None, metavar="PX",
+                   help="add to the map the residual filtered by straight 1 px lines of this length (8 orientations, "
+                        "the largest response): thin scratches and cracks near the noise sum along their length "
+                        "(default: the run's setting, off; 0 turns it off)")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="per-pixel normalisation by validation residual statistics (default: on with >= 16 validation images)")
     p.add_argument("--tta", default="none", choices=("none", "flips"),
@@ -145,6 +149,8 @@ def _export(args: argparse.Namespace) -> int:
                                   "aggregate": args.aggregate, "colour": args.colour}.items() if v is not None}
     if args.texture_stats is not None:
         scoring["texture"] = "stats" if args.texture_stats else "none"
+    if args.line_length is not None:
+        scoring["line_length"] = args.line_length
     try:
         out = export_run(args.run, args.out, checkpoint=args.checkpoint, scoring=scoring, normalize=args.normalize,
                          tta=args.tta, latent=args.latent)

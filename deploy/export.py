@@ -312,7 +312,8 @@ def build_scoring_graph(run_dir: str | os.PathLike, *, checkpoint: str = "best",
                     aggregate=settings["aggregate"], topk_fraction=settings.get("topk_fraction", 0.01),
                     image_size=(cfg.image_size, cfg.image_size), latent=latent,
                     latent_k=latent_k, colour=settings.get("colour", "rgb"), texture=settings.get("texture", "none"),
-                    texture_weight=settings.get("texture_weight", 0.5))
+                    texture_weight=settings.get("texture_weight", 0.5), line_length=int(settings.get("line_length", 0)),
+                    line_weight=float(settings.get("line_weight", 1.0)))
     val_labels = np.asarray(split.get("val_categories", [0] * len(val_paths)), np.int64) if conditional else None
     if pre.tiled:  # the statistics are the tiles' (what the graph sees): a bounded, evenly spaced subset
         per_image = max(1, min(MAX_VAL_TILES_PER_IMAGE, MAX_VAL_TILES // max(1, len(val_paths))))
