@@ -24,8 +24,9 @@ Endpoints (health and metadata follow the Open Inference / KServe v2 protocol):
 Refusals: 404 unknown model; 413 body over ``max_bytes`` (from ``Content-Length`` before reading,
 or while reading) or image over ``max_pixels`` (from its header, before decoding); 415 a content
 type that is not an image or multipart; 422 an empty, undecodable or malformed body; 429 with
-``Retry-After`` when the model's queue is full (at once, before the body is read); 503 while
-draining. Every error body is ``{"detail": "<what was expected and what was found>"}``.
+``Retry-After`` when the model's queue is full (at once: from the path and headers, before
+routing and before the body is read); 503 while draining. Every error body is
+``{"detail": "<what was expected and what was found>"}``.
 
 Example::
 
@@ -42,9 +43,11 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import json
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -73,7 +76,7 @@ from anomaly.deploy.bundle import SCHEMA_VERSION, BundleError, load_sidecar, wri
 from anomaly.deploy.drift import DriftMonitor
 from anomaly.deploy.runtime import Runtime, physical_cores
 from anomaly.deploy.serve_batcher import MicroBatcher, QueueFull
-from anomaly.deploy.serve_limits import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, IMAGE_TYPES, InputError,
+from anomaly.deploy.serve_limits import (ACCEPTED_TYPES, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, IMAGE_TYPES, InputError,
                                          check_content_type, decode_checked)
 from anomaly.deploy.serve_metrics import UNKNOWN_MODEL, ScoreHistogram, ServiceMetrics, score_buckets
 
@@ -107,6 +110,9 @@ class ServeConfig:
             ``ready: false`` meanwhile, so a load balancer stops sending before the port closes.
         inference_nice: how much lower the inference threads' priority is than the event loop's
             (Linux nice; 0 leaves it), so the loop answers 429 at once when the cores are saturated.
+        lanes: threads per model taking and scoring batches: with 2, under load one full batch's
+            graph runs while the last one's results and regions are made
+            (:class:`~anomaly.deploy.serve_batcher.MicroBatcher`).
     """
 
     max_batch: int = 16
@@ -126,11 +132,12 @@ class ServeConfig:
     graceful_timeout: float = 30.0
     drain_delay: float = 0.0
     inference_nice: int = 5
+    lanes: int = 2
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_batch & (self.max_batch - 1):
             raise ValueError(f"max_batch must be a power of two (1, 2, 4, ...), got {self.max_batch}")
-        for name in ("queue_size", "max_bytes", "max_pixels", "max_images", "drift_window"):
+        for name in ("queue_size", "max_bytes", "max_pixels", "max_images", "drift_window", "lanes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "graceful_timeout", "drain_delay"):
@@ -160,7 +167,8 @@ class ServedModel:
         rt = self._load()
         self.batcher = MicroBatcher(name, max_batch=config.max_batch, max_wait=config.max_wait_ms / 1000.0,
                                     queue_size=config.queue_size, on_batch=self._on_batch,
-                                    on_idle_runtime=lambda r: r.close(), nice=config.inference_nice)
+                                    on_idle_runtime=lambda r: r.close(), nice=config.inference_nice,
+                                    lanes=config.lanes)
         self.batcher.set_runtime(rt)
         ref = rt.calibration.get("reference_scores")
         self.drift = self._monitor(ref)
@@ -663,24 +671,80 @@ class _Unauthorized(InputError):
         super().__init__(401, message)
 
 
-class _Timing:
-    """Pure ASGI middleware: every request's duration and status into the metrics, labelled by the
-    route's template and the model's name (only names the service serves)."""
+_INSPECT_PATH = re.compile(r"/v1/models/([^/]+)/inspect(/batch)?")
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def _retry_after(seconds: float) -> str:
+    """A ``Retry-After`` value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+class _Edge:
+    """Pure ASGI middleware, the first code of the app a request meets.
+
+    * Every request's duration and status go into the metrics, labelled by the route's name and
+      the model's (only names the service serves); a 429's time in the server also goes into
+      ``anomaly_refusal_seconds``.
+    * An inspection for a model whose queue is full is answered 429 here, from the path and the
+      headers alone: before FastAPI routes it, validates its query or reads a byte of its body.
+      Under overload that is most requests, and each costs the event loop a few Python steps
+      instead of the framework's whole path. Only a plain ``full`` is answered here: a request
+      the handler would refuse for another reason first (415 content type, 413 declared size,
+      503 stopping) goes on to the handler, which also re-checks the queue when it takes its place
+      (a place taken meanwhile still gets 429 there).
+    """
 
     def __init__(self, app: Any, service: Service) -> None:
         self.app = app
         self.service = service
+
+    def _full(self, scope: dict) -> tuple[ServedModel, str] | None:
+        """``(model, endpoint)`` when this request is an inspection its model has no place for."""
+        m = _INSPECT_PATH.fullmatch(scope.get("path", ""))
+        if m is None:
+            return None
+        model = self.service.models.get(m.group(1))
+        if model is None or model.batcher.stopping or model.batcher.has_room():
+            return None
+        batch = m.group(2) is not None
+        media = length = None
+        for key, value in scope.get("headers") or ():
+            if key == b"content-type":
+                media = value.split(b";", 1)[0].strip().lower().decode("latin-1")
+            elif key == b"content-length":
+                length = value
+        if media not in (("multipart/form-data",) if batch else ACCEPTED_TYPES):
+            return None  # 415 from the handler
+        if length is not None and (not length.isdigit() or int(length) > self.service.config.max_bytes):
+            return None  # 413 or 422 from the handler
+        return model, ("inspect_batch" if batch else "inspect")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = {"code": 500}
+        metrics = self.service.metrics
+        if scope["method"] == "POST" and (full := self._full(scope)) is not None:
+            model, endpoint = full
+            b = model.batcher
+            body = json.dumps({"detail": f"model {model.name!r} is busy: {b.admitted} of {b.queue_size} queue places "
+                                         "taken; retry after the Retry-After seconds"}).encode()
+            await send({"type": "http.response.start", "status": 429,
+                        "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()),
+                                    (b"retry-after", _retry_after(b.retry_after()).encode())]})
+            refused = time.perf_counter() - start
+            await send({"type": "http.response.body", "body": body})
+            metrics.refusal(model.name, refused)
+            metrics.request(model.name, endpoint, 429, time.perf_counter() - start)
+            return
+        status = {"code": 500, "at": 0.0}
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = int(message["status"])
+                status["at"] = time.perf_counter()
             await send(message)
 
         try:
@@ -690,7 +754,9 @@ class _Timing:
             endpoint = getattr(route, "name", None) or "unmatched"
             name = (scope.get("path_params") or {}).get("name")
             label = name if name in self.service.models else (UNKNOWN_MODEL if name is not None else "")
-            self.service.metrics.request(label, endpoint, status["code"], time.perf_counter() - start)
+            if status["code"] == 429:
+                metrics.refusal(label, status["at"] - start)
+            metrics.request(label, endpoint, status["code"], time.perf_counter() - start)
 
 
 def create_app(service: Service) -> FastAPI:
@@ -713,13 +779,13 @@ def create_app(service: Service) -> FastAPI:
 
     app = FastAPI(title="anomaly inspection service", version=anomaly.__version__, lifespan=lifespan,
                   description="Defect verdicts for one image at a time, micro-batched per model.")
-    app.add_middleware(_Timing, service=service)
+    app.add_middleware(_Edge, service=service)
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:
         headers = {}
         if isinstance(exc, _Busy):
-            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+            headers["Retry-After"] = _retry_after(exc.retry_after)
         if isinstance(exc, _Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)

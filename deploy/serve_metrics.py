@@ -4,10 +4,14 @@ Histograms (seconds unless named otherwise), each labelled by ``model``:
 
 * ``anomaly_request_duration_seconds`` (also ``endpoint``): arrival to response, per request;
 * ``anomaly_queue_duration_seconds``: queued to its batch starting, per image;
-* ``anomaly_inference_duration_seconds``: one batch through the graph, calibration and regions;
+* ``anomaly_inference_duration_seconds``: one batch through the graph, calibration and regions
+  (with both lanes busy, also its graph's wait for the other batch's);
 * ``anomaly_batch_size``: images per batch (buckets at the powers of two up to ``--max-batch``);
 * ``anomaly_score``: the image scores, in buckets of each model's own scale (the deciles of its
-  calibration scores and its threshold; a bucket set per series, which Prometheus allows).
+  calibration scores and its threshold; a bucket set per series, which Prometheus allows);
+* ``anomaly_refusal_seconds``: a 429's time in the server, from the request reaching the app (its
+  headers parsed) to the answer's start. Against the client's figure it tells whether an overload's
+  refusals wait in the server (its event loop) or before it (the socket, the client itself).
 
 Counters and gauges: ``anomaly_requests_total`` (``model``, ``endpoint``, ``code``),
 ``anomaly_queue_depth`` and ``anomaly_queue_admitted`` (queued; queued plus decoding),
@@ -34,6 +38,8 @@ __all__ = ["ServiceMetrics", "ScoreHistogram", "score_buckets", "UNKNOWN_MODEL"]
 
 #: the ``model`` label of requests for a name the service does not serve
 UNKNOWN_MODEL = "-"
+#: finer at the low end: a refusal should take well under a millisecond of the server's time
+_REFUSAL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -146,6 +152,9 @@ class ServiceMetrics:
         sizes = [float(1 << k) for k in range(max(0, int(max_batch).bit_length()))]
         self.batch_size = Histogram("anomaly_batch_size", "Images per batch", ["model"], buckets=sizes,
                                     registry=self.registry)
+        self.refusal_duration = Histogram("anomaly_refusal_seconds",
+                                          "429 answers: the request reaching the app to the answer's start",
+                                          ["model"], buckets=_REFUSAL_BUCKETS, registry=self.registry)
         self.requests = Counter("anomaly_requests", "Requests by model, endpoint and status code",
                                 ["model", "endpoint", "code"], registry=self.registry)
         self.registry.register(_ModelCollector(models, ready))
@@ -162,6 +171,10 @@ class ServiceMetrics:
         """Record one answered request."""
         self.requests.labels(model, endpoint, str(code)).inc()
         self.request_duration.labels(model, endpoint).observe(seconds)
+
+    def refusal(self, model: str, seconds: float) -> None:
+        """Record one 429's time in the server (see ``anomaly_refusal_seconds``)."""
+        self.refusal_duration.labels(model).observe(seconds)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of everything."""

@@ -13,11 +13,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import httpx
@@ -30,6 +32,7 @@ from anomaly.deploy.bundle import load_sidecar, reference_scores, write_sidecar
 from anomaly.deploy.runtime import Runtime
 from anomaly.deploy.serve import parse_bundles
 from anomaly.deploy.serve_app import ServeConfig, Service, run_in_thread
+from anomaly.deploy.serve_batcher import MicroBatcher
 from anomaly.deploy.serve_limits import image_dimensions
 
 TOKEN = "a-test-token-of-enough-length"
@@ -227,6 +230,158 @@ def test_overload_gets_429_at_once_and_admitted_requests_are_answered(bundles, c
         r = httpx.put(srv.url + "/v1/models/tiles/threshold", json={"threshold": 0.1},
                       headers={"Authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 403 and "ANOMALY_SERVE_TOKEN" in r.json()["detail"]
+
+
+def _raw_request(body_length: int) -> bytes:
+    return (f"POST /v1/models/tiles/inspect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {body_length}\r\n\r\n").encode()
+
+
+def _raw_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of one HTTP/1.1 response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection after {data!r}"
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(rest) < int(headers["content-length"]):
+        rest += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, rest
+
+
+def test_a_full_queue_answers_429_from_the_headers_before_routing_or_reading_the_body(bundles, cells):
+    config = ServeConfig(max_batch=1, max_wait_ms=0, queue_size=1, graceful_timeout=10)
+    service = Service({"tiles": bundles["tiles"]}, config).load()
+    body = cells["window"][0]
+    with run_in_thread(service) as srv:
+        port = srv.server.port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as holder, \
+                socket.create_connection(("127.0.0.1", port), timeout=10) as late:
+            holder.sendall(_raw_request(len(body)) + body[:100])  # admitted: it holds the one place while its body comes
+            deadline = time.monotonic() + 10
+            while service.models["tiles"].batcher.admitted < 1:
+                assert time.monotonic() < deadline, "the first request was never admitted"
+                time.sleep(0.01)
+            t = time.perf_counter()
+            late.sendall(_raw_request(len(body)))  # the headers only: its body never comes
+            status, headers, answer = _raw_response(late)
+            took = time.perf_counter() - t
+            assert status == 429 and int(headers["retry-after"]) >= 1, (status, headers)
+            assert "busy" in json.loads(answer)["detail"] and "1 of 1 queue places" in json.loads(answer)["detail"]
+            assert took < 2.0  # answered at once, not after a body timeout
+            # the edge answered it: FastAPI never routed it, and nothing asked for its body
+            asked: list[str] = []
+
+            async def receive() -> dict:
+                asked.append("receive")
+                return {"type": "http.disconnect"}
+
+            async def call() -> tuple[dict, list[dict]]:
+                sent: list[dict] = []
+
+                async def send(message: dict) -> None:
+                    sent.append(message)
+
+                scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                         "scheme": "http", "path": "/v1/models/tiles/inspect", "raw_path": b"/v1/models/tiles/inspect",
+                         "query_string": b"", "root_path": "", "server": ("127.0.0.1", port), "client": ("127.0.0.1", 1),
+                         "headers": [(b"content-type", b"image/png"), (b"content-length", b"100")]}
+                await srv.server.config.app(scope, receive, send)
+                return scope, sent
+
+            scope, sent = asyncio.run(call())
+            assert sent[0]["status"] == 429 and "route" not in scope and asked == []
+            # a request another check refuses first still gets its own status, full queue or not
+            r = httpx.post(srv.url + "/v1/models/tiles/inspect", content=body, headers={"Content-Type": "text/plain"})
+            assert r.status_code == 415
+            holder.sendall(body[100:])
+            status, _, answer = _raw_response(holder)
+            assert status == 200 and np.isfinite(json.loads(answer)["score"])
+        text = httpx.get(srv.url + "/metrics").text
+        assert _metric(text, "anomaly_requests_total", model="tiles", endpoint="inspect", code="429") == 2
+        assert _metric(text, "anomaly_refusal_seconds_count", model="tiles") == 2
+        assert _metric(text, "anomaly_refusal_seconds_bucket", model="tiles", le="10.0") == 2
+
+
+def test_the_batcher_hands_a_tiled_bundles_images_over_as_a_list():
+    seen: list = []
+
+    class FakeRuntime:
+        def __init__(self, tiled: bool | None) -> None:
+            if tiled is not None:
+                self.preprocess = SimpleNamespace(tiled=tiled)
+            else:  # a preprocessing from before tiling: no such attribute
+                self.preprocess = SimpleNamespace()
+
+        def score_batch(self, batch, sizes):
+            seen.append((batch, list(sizes)))
+            return [SimpleNamespace(score=float(i)) for i in range(len(sizes))]
+
+    for tiled in (True, False, None):
+        seen.clear()
+        rt = FakeRuntime(tiled)
+        b = MicroBatcher("t", max_batch=4, max_wait=0.2, queue_size=4)
+        b.set_runtime(rt)
+        try:
+            b.reserve(2)
+            shapes = [(1, 40, 60), (1, 40, 60)] if not tiled else [(1, 40, 60), (1, 64, 96)]
+            futures = [b.submit(rt, np.zeros(shape, np.float32), shape[1:]) for shape in shapes]
+            assert [f.result(10).result.score for f in futures] in ([0.0, 1.0], [0.0, 0.0])
+        finally:
+            b.stop(10)
+        assert sum(len(sizes) for _, sizes in seen) == 2
+        for batch, sizes in seen:
+            if tiled:
+                assert isinstance(batch, list) and [x.shape[1:] for x in batch] == sizes
+            else:
+                assert isinstance(batch, np.ndarray) and batch.shape == (len(sizes), 1, 40, 60)
+
+
+def test_a_second_lane_scores_only_a_full_batch_while_the_first_is_busy():
+    gate = threading.Event()
+    calls: list[int] = []
+
+    class HeldRuntime:  # the first batch holds its lane until the gate opens
+        preprocess = SimpleNamespace(tiled=False)
+
+        def score_batch(self, batch, sizes):
+            calls.append(len(sizes))
+            if len(calls) == 1:
+                gate.wait(10)
+            return [SimpleNamespace(score=float(x[0, 0, 0])) for x in batch]
+
+    def until(predicate) -> None:
+        deadline = time.monotonic() + 10
+        while not predicate():
+            assert time.monotonic() < deadline, calls
+            time.sleep(0.01)
+
+    b = MicroBatcher("t", max_batch=4, max_wait=0.0, queue_size=16)
+    rt = HeldRuntime()
+    b.set_runtime(rt)
+
+    def put(value: float):
+        b.reserve()
+        return b.submit(rt, np.full((1, 2, 2), value, np.float32), (2, 2))
+
+    try:
+        first = put(0)
+        until(lambda: calls == [1])
+        partial = [put(v) for v in (1, 2, 3)]
+        time.sleep(0.2)
+        assert calls == [1] and b.depth == 3  # less than a full batch waits for the busy lane
+        full = put(4)
+        until(lambda: calls == [1, 4])  # a full batch runs beside it
+        assert [f.result(10).result.score for f in (*partial, full)] == [1.0, 2.0, 3.0, 4.0]
+        assert not first.done()
+        gate.set()
+        assert first.result(10).result.score == 0.0
+    finally:
+        gate.set()
+        assert b.stop(10)
 
 
 def test_threshold_change_needs_the_token_and_is_written_to_the_sidecar(server, bundles):
