@@ -38,6 +38,11 @@ RESULT_FIELDS = ("path", "id", "score", "probability", "label", "threshold", "n_
                  "height", "thumbnail", "heatmap", "mask", "map", "reconstruction", "error")
 
 
+#: ``results.csv`` is UTF-8; a file name that is not (bytes the filesystem allows, which Python holds
+#: as surrogate escapes) is written back as its own bytes, so the row names the file as it is on disk
+#: (``results.jsonl`` escapes it as ``\udcXX``, JSON's way)
+CSV_ERRORS = "surrogateescape"
+
 def iter_journal(path: str | os.PathLike, bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """The records of ``results.jsonl``, in journal order, read line by line.
 
@@ -120,7 +125,7 @@ def csv_row(rec: dict[str, Any]) -> list[Any]:
 def write_csv(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
     """Write ``results.csv`` (header + one row per record) atomically and durably; ``records`` is
     consumed once, as it streams."""
-    with atomic_write(path, newline="", encoding="utf-8") as fh:
+    with atomic_write(path, newline="", encoding="utf-8", errors=CSV_ERRORS) as fh:
         writer = csv.writer(fh)
         writer.writerow(RESULT_FIELDS)
         writer.writerows(csv_row(rec) for rec in records)
@@ -159,7 +164,7 @@ class JournalWriter:
         self.pending = 0  #: records appended since the last commit
         self._new_file = not self.path.exists()
         self._journal = open(self.path, "a", encoding="utf-8")
-        self._csv_file = open(self.csv_path, "a", newline="", encoding="utf-8")
+        self._csv_file = open(self.csv_path, "a", newline="", encoding="utf-8", errors=CSV_ERRORS)
         self._csv = csv.writer(self._csv_file)
 
     def append(self, rec: dict[str, Any]) -> None:

@@ -52,12 +52,35 @@ class RayEngineError(ValueError):
 
 def _import_ray() -> Any:
     try:
+        import pyarrow  # noqa: F401  (the blocks of paths; Ray Data needs it too)
         import ray
         import ray.data  # noqa: F401  (Ray Data is the `ray[data]` extra)
     except ImportError as exc:
         raise RayEngineError("--engine ray needs Ray Data: pip install 'anomaly[ray]' "
                              f"(the ray[data] and pyarrow packages); {exc}") from None
     return ray
+
+
+def _path_blocks(ray: Any, paths: Sequence[str]) -> Any:
+    """A Ray dataset of ``paths`` in one ``path`` column of bytes (``os.fsencode``: a file name that is
+    not UTF-8 is a path too), its blocks put in the object store one at a time.
+
+    The blocks are laid out as ``ray.data.from_items`` lays them out (``read_op_min_num_blocks``, at
+    least two per cluster CPU, in order), but each is one Arrow array, put before the next is made:
+    ``from_items`` needs a dict per path and builds every block before putting any, which raised the
+    driver's peak RSS by 208 MiB in a million-path audit (this: by 26 MiB, most of it the blocks).
+    """
+    import pyarrow as pa
+
+    ctx = ray.data.DataContext.get_current()
+    nblocks = max(1, min(len(paths), max(ctx.read_op_min_num_blocks, 2 * int(ray.cluster_resources().get("CPU", 1)))))
+    size, extra = divmod(len(paths), nblocks)
+    refs, start = [], 0
+    for i in range(nblocks):
+        end = start + size + (i < extra)
+        refs.append(ray.put(pa.table({"path": pa.array([os.fsencode(p) for p in paths[start:end]], type=pa.binary())})))
+        start = end
+    return ray.data.from_arrow_refs(refs)
 
 
 class _Scorer:
@@ -85,7 +108,7 @@ class _Scorer:
         from anomaly.deploy.render import error_record, finish_record
 
         records = []
-        paths = [str(p) for p in batch["path"]]
+        paths = [os.fsdecode(p) for p in batch["path"]]  # bytes: see _path_blocks
         for r in self.rt.score_paths(paths, batch_size=self.batch_size, keep_reconstruction=self.keep_reconstruction,
                                      keep_image=self.keep_image):
             if r.error is not None:
@@ -143,8 +166,7 @@ def score_with_ray(bundle: str | os.PathLike, paths: Sequence[str], options: dic
             kwargs["threads"] = max(1, int(cpus_per_actor))
         if not paths:
             return
-        ds = ray.data.from_items([{"path": p} for p in paths])
-        scored = ds.map_batches(
+        scored = _path_blocks(ray, paths).map_batches(
             _Scorer, batch_size=batch_size, concurrency=actors, num_cpus=cpus_per_actor,
             fn_constructor_kwargs={"bundle": str(bundle), "runtime_kwargs": kwargs, "options": options,
                                    "keep_image": keep_image, "keep_reconstruction": keep_reconstruction,

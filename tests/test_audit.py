@@ -412,3 +412,25 @@ def test_thread_options_reach_the_runtime_and_bad_counts_exit_2(trained_bundle: 
     for flag, value in (("--decode-workers", "-1"), ("--threads", "0"), ("--workers", "0")):
         assert _audit(trained_bundle["bundle"], images, "--out", str(tmp_path / "c"), flag, value) == 2
         assert "must be >=" in capsys.readouterr().err
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_and_named_as_on_disk(trained_bundle: dict, tmp_path: Path) -> None:
+    """Linux allows any bytes in a name; results.csv keeps them, results.jsonl escapes them, and
+    the audit neither crashes nor loses the row."""
+    import os
+
+    from anomaly.deploy.audit import run_audit
+
+    src = tmp_path / "in"
+    src.mkdir()
+    good = next((trained_bundle["data"] / "test" / "good").iterdir())
+    shutil.copy(good, src / "plain.png")
+    odd = os.fsencode(src) + b"/caf\xe9.png"  # Latin-1 e-acute: not UTF-8
+    shutil.copy(good, odd)
+    out = tmp_path / "audit"
+    run_audit(trained_bundle["bundle"], [src], out, heatmaps="none")
+    rows = load_journal(out / "results.jsonl")
+    assert len(rows) == 2 and all(r.get("error") is None for r in rows)
+    assert os.fsdecode(odd) in {r["path"] for r in rows}
+    raw = (out / "results.csv").read_bytes()
+    assert b"caf\xe9.png" in raw and raw.count(b"\n") == 3  # header + 2 rows

@@ -96,6 +96,20 @@ def test_ray_rows_equal_the_single_process_audit(local_ray, trained_bundle: dict
         assert len(list(csv.DictReader(fh))) == len(b)
 
 
+def test_paths_reach_the_actors_in_order_whatever_their_encoding(local_ray) -> None:
+    """The driver hands Ray blocks of bytes (os.fsencode), laid out as ``from_items`` would lay them out;
+    the rows of real audits through these blocks are the test above."""
+    from anomaly.deploy.ray_engine import _path_blocks
+
+    odd = os.fsdecode(b"/line/caf\xe9.png")  # a Latin-1 file name: not UTF-8, a surrogate escape in Python
+    paths = [f"/line/{i:04d}.png" for i in range(450)] + [odd]
+    ds = _path_blocks(local_ray, paths)
+    assert ds.num_blocks() == 200  # read_op_min_num_blocks (more than 2 per CPU here)
+    blocks = local_ray.get(ds.to_arrow_refs())
+    assert [os.fsdecode(b) for t in blocks for b in t.column("path").to_pylist()] == paths
+    assert _path_blocks(local_ray, paths[:3]).num_blocks() == 3  # never an empty block
+
+
 def test_manifests_with_a_path_column(trained_bundle: dict, inputs: Path, tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
