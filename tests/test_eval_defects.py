@@ -213,3 +213,161 @@ def test_groups_split_by_kind_width_and_cnr():
     assert groups[("cnr", "<1")]["pixel_recall"] == 0.5
     assert groups[("width x cnr", ">3 px, CNR <1")]["n"] == 1 and groups[("kind x cnr", "haze, CNR 1-2")]["n"] == 1
     assert [g for (by, g) in groups if by == "width"] == ["1", "3", ">3"]  # in the bins' order
+
+
+# ------------------------------------------------------------------------------ high-resolution sets
+
+from highres_data import (_rebuild, cell_panel, column_bands, make_highres_dataset, panel_grid,  # noqa: E402
+                          texture_mosaic)
+from thin_defects import (COMPARE_GROUPINGS, PRESETS, compare_markdown, compare_rows, defect_values,  # noqa: E402
+                          mean_report, parse_configs)
+
+
+def test_mosaic_is_native_scale_from_its_band_and_new_every_time():
+    source = np.random.default_rng(0).integers(0, 256, (200, 300), dtype=np.uint8)  # every pixel its own value
+    train_cols, test_cols = column_bands(300, 0.6)
+    assert train_cols == (0, 180) and test_cols == (180, 300)
+    rng = np.random.default_rng(1)
+    a, cells = texture_mosaic(source, 256, 48, test_cols, rng)
+    b, _ = texture_mosaic(source, 256, 48, test_cols, rng)
+    assert a.shape == (256, 256) and a.dtype == np.uint8
+    assert not np.array_equal(a, b), "each normal image is different"
+    # native scale: the mosaic is exactly its cells' source pixels, copied (flipped at most), never resized
+    np.testing.assert_array_equal(_rebuild(source, 256, cells), a)
+    for rec in cells:
+        y0, x0, y1, x1 = rec["box"]
+        assert (y1 - y0, x1 - x0) == (48, 48)
+        assert test_cols[0] <= x0 and x1 <= test_cols[1], "a test cell outside the test band"
+    covered = {(y, x) for rec in cells for y, x in [rec["at"]]}
+    assert min(y for y, _ in covered) <= 0 and max(y for y, _ in covered) + 48 >= 256  # the grid covers the image
+    seen = cv2.resize(a, (64, 64), interpolation=cv2.INTER_AREA)  # a whole-image model would see this
+    assert seen.std() < a.std(), "sanity: shrinking averages the native grain away"
+    with pytest.raises(ValueError, match="does not fit"):
+        texture_mosaic(source, 256, 150, test_cols, rng)  # the test band is 120 px wide
+
+
+def test_panels_use_distinct_cells_of_their_pool():
+    pool = [np.full((30, 40), i, np.uint8) for i in range(12)]
+    panel, idx = cell_panel(pool, 3, np.random.default_rng(0))
+    assert panel.shape == (90, 120) and len(set(idx)) == 9
+    for r in range(3):
+        for c in range(3):
+            assert (panel[30 * r:30 * (r + 1), 40 * c:40 * (c + 1)] == idx[3 * r + c]).all()
+    assert panel_grid(1024) == 3 and panel_grid(2048) == 6 and panel_grid(200) == 1
+    with pytest.raises(ValueError, match="distinct cells"):
+        cell_panel(pool[:8], 3, np.random.default_rng(0))
+
+
+def test_highres_texture_set_keeps_train_and_test_apart(tmp_path: Path):
+    root = make_highres_dataset(tmp_path / "brick_hr", "brick_hr", size=160, n_train=2, n_test_good=2,
+                                n_per_kind=1, seed=0, cell=64)
+    m = json.loads((root / "manifest.json").read_text())
+    assert m["train_columns"] == [0, 307] and m["test_columns"] == [307, 512]
+    from anomaly.data.textures import load_texture
+
+    source = load_texture("brick")
+    for rel, rec in m["crops"].items():
+        img = cv2.imread(str(root / rel), cv2.IMREAD_GRAYSCALE)
+        assert img.shape == (160, 160), rel
+        if "/good/" in rel:
+            lo, hi = m["train_columns"] if rel.startswith("train/") else m["test_columns"]
+            assert all(lo <= c["box"][1] and c["box"][3] <= hi for c in rec["cells"]), rel
+            np.testing.assert_array_equal(_rebuild(source, 160, rec["cells"]), img)  # the file is native pixels
+        else:  # one defect on a normal test image, with what it is
+            assert rec["source"].startswith("test/good/") and rec["kind"] in FAINT_EVAL_KINDS and rec["cnr"] > 0
+            assert (cv2.imread(str(root / "ground_truth" / rec["kind"] / Path(rel).name.replace(".png", "_mask.png")), 0) > 0).any()
+    assert sorted(p.parent.name for p in (root / "test").glob("*/*.png")).count("good") == 2
+    assert make_highres_dataset(tmp_path / "brick_hr", "brick_hr", size=160, n_train=2, n_test_good=2,
+                                n_per_kind=1, seed=0, cell=64) == root  # reused, not rebuilt
+    with pytest.raises(ValueError, match="unknown high-resolution"):
+        make_highres_dataset(tmp_path / "x", "brick", size=160)
+
+
+# ------------------------------------------------------------------------------ configurations, comparison
+
+def test_configs_presets_custom_and_refusals():
+    assert parse_configs(None) == {"aae": ["--model", "aae"]}  # the single run this benchmark always made
+    c = parse_configs("whole,tiled", ["t05=--model aae --image-size 64 --tile-scale 0.5"])
+    assert list(c) == ["whole", "tiled", "t05"] and c["tiled"] == list(PRESETS["tiled"])
+    assert c["t05"][-2:] == ["--tile-scale", "0.5"]
+    for names, custom, match in (("wide", [], "unknown configuration"), ("whole,whole", [], "twice"),
+                                 (None, ["x=--out /tmp/y"], "set by the benchmark"), (None, ["=--model aae"], "NAME=OPTIONS")):
+        with pytest.raises(ValueError, match=match):
+            parse_configs(names, custom)
+
+
+def _report(hit_scale: float, hit_share: float = 1.0) -> dict:
+    """A report on 3 defects whose map is ``hit_scale`` on the first ``hit_share`` of a 24-px mask (0 elsewhere)."""
+    mask = np.zeros((16, 16), bool)
+    mask[4:6, 2:14] = True
+    hit = np.zeros((16, 16), np.float32)
+    hit[4:6, 2:2 + int(round(12 * hit_share))] = hit_scale
+    defects = [_defect(mask, hit, 1.0 * hit_scale, "thin_scratch", 1, 5.0), _defect(mask, hit, 0.2, "haze", 40.0, 0.5),
+               _defect(mask, np.zeros((16, 16), np.float32), 0.0, "thin_crack", 2, 1.5)]
+    return binned_metrics(np.array([0.1, 0.2, 0.3]), np.zeros((3, 16, 16)), defects)
+
+
+def test_values_instead_of_maps_give_the_same_report():
+    mask = np.zeros((16, 16), bool)
+    mask[4:6, 2:14] = True
+    amap = np.random.default_rng(0).uniform(0, 1, (16, 16)).astype(np.float32)
+    normal = np.random.default_rng(1).uniform(0, 1, (3, 16, 16))
+    a = binned_metrics(np.array([0.1, 0.2, 0.3]), normal, [_defect(mask, amap, 0.5)])
+    d = _defect(mask, amap, 0.5)
+    b = binned_metrics(np.array([0.1, 0.2, 0.3]), normal, [{k: v for k, v in d.items() if k not in ("map", "mask")}
+                                                           | {"values": defect_values(amap, mask)}])
+    assert a == b
+    with pytest.raises(ValueError, match="differ"):
+        defect_values(amap[:8], mask)
+
+
+def test_side_by_side_table_has_every_group_and_config_and_names_the_winner():
+    reports = {"whole": _report(0.0), "tiled": _report(5.0), "tiled128": _report(2.0, hit_share=0.5)}
+    rows = compare_rows(reports)
+    groups = [g for g in reports["whole"]["groups"] if g["by"] in COMPARE_GROUPINGS]
+    assert [(r["by"], r["group"]) for r in rows] == [(g["by"], g["group"]) for g in groups]
+    assert {r["by"] for r in rows} == set(COMPARE_GROUPINGS) and ("kind x width", "thin_scratch, 1 px") in \
+        {(r["by"], r["group"]) for r in rows}
+    for r in rows:
+        assert set(r["image_auroc"]) == set(r["pixel_recall"]) == set(reports)
+    top = {r["group"]: r for r in rows if r["by"] == "kind"}
+    assert top["thin_scratch"]["pixel_recall"] == {"whole": 0.0, "tiled": 1.0, "tiled128": 0.5}
+    assert top["thin_scratch"]["best_recall"] == "tiled +0.500"
+    assert top["thin_scratch"]["best_auroc"] == "tie"  # tiled and tiled128 both rank it above every normal image
+    assert top["thin_crack"]["best_recall"] == "tie"  # nobody finds it
+    assert next(r for r in rows if r["by"] == "all")["best_recall"] == "tiled +0.333"  # 2/3 against 1/3 of the pixels
+    text = compare_markdown(reports, "brick_hr: side by side")
+    table = [ln for ln in text.splitlines() if ln.startswith("|")]
+    assert len(table) == 2 + len(rows)
+    assert {ln.count("|") for ln in table} == {2 + 2 * len(reports) + 2 + 1}  # group, n, 2 per config, 2 winners
+    assert "| width 1 px |" in text and "| CNR <1 |" in text
+    # over seeds: the mean of identical reports is the report, with the images counted twice
+    mean = mean_report([reports["tiled"], reports["tiled"]])
+    assert [g["pixel_recall"] for g in mean["groups"]] == [g["pixel_recall"] for g in reports["tiled"]["groups"]]
+    assert mean["groups"][0]["n"] == 2 * reports["tiled"]["groups"][0]["n"]
+
+
+def test_map_max_diagnostic_ranks_by_the_maps_largest_value():
+    from thin_defects import map_max_aurocs, map_max_markdown
+
+    defects = [{"kind": "haze", "map_max": 5.0}, {"kind": "dust", "map_max": 0.0}]
+    got = map_max_aurocs(np.array([1.0, 2.0]), defects)
+    assert got == {"all": 0.5, "dust": 0.0, "haze": 1.0}
+    text = map_max_markdown([{"config": "whole", "map_max_auroc": got}, {"config": "tiled", "map_max_auroc": got}])
+    assert "| haze | 1.000 | 1.000 |" in text and map_max_markdown([{"config": "x"}]) == ""
+
+
+def test_summary_of_result_rows_per_seed_and_over_seeds():
+    from thin_defects import summarize
+
+    reports = {"whole": _report(0.0), "tiled": _report(5.0)}
+    rows = [{"dataset": "brick_hr", "seed": seed, "config": c, "report": rep, "train_options": ["--model", "aae"],
+             "commands": ["anomaly train ..."], "epochs_done": 3, "steps_done": 9, "stopped_by": "time",
+             "train_cpu_s": 1.0, "train_wall_s": 2.0, "export_wall_s": 1.0, "map_shape": [64, 64],
+             "scoring_ms_per_image": 1.0} for seed in (0, 1) for c, rep in reports.items()]
+    text = summarize(rows)
+    titles = [ln for ln in text.splitlines() if ln.startswith("### ")]
+    assert titles == ["### brick_hr, seed 0: side by side", "### brick_hr, seed 1: side by side",
+                      "### brick_hr: side by side, mean of seeds 0,1"]
+    assert text.count("| whole | `--model aae` | 3, 9 (time) |") == 2  # the cost table of each seed
+    assert summarize(rows[:1]) == ""  # one configuration: nothing to put side by side
