@@ -31,6 +31,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="add to the map the distance of the input's local texture statistics to those of the normal "
                         "training images (finds patches of a foreign texture that the repair lets through; images of "
                         "at least 32 px; default: the run's setting, off)")
+    p.add_argument("--progress", default="auto", choices=MODES,
+                   help="auto: a live bar on a terminal, a line every 30 s and at the end otherwise (default)")
     p.add_argument("--line-length", type=int, default=None, metavar="PX",
                    help="add to the map the residual filtered by straight 1 px lines of this length (8 orientations, "
                         "the largest response): thin scratches and cracks near the noise sum along their length "
@@ -152,8 +154,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.line_length is not None:
         scoring["line_length"] = args.line_length
     try:
-        out = export_run(args.run, args.out, checkpoint=args.checkpoint, scoring=scoring, normalize=args.normalize,
-                         tta=args.tta, latent=args.latent)
+        with CountProgress(desc="export", unit="inputs", mode=args.progress) as show:
+            out = export_run(args.run, args.out, checkpoint=args.checkpoint, scoring=scoring, normalize=args.normalize,
+                             tta=args.tta, latent=args.latent, progress=show)
     except ValueError as exc:  # scoring settings the run cannot take (residual, colour, latent, ...)
         print(f"anomaly export: error: {exc}", file=sys.stderr)
         return 2

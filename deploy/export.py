@@ -32,7 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -346,7 +346,8 @@ def build_scoring_graph(run_dir: str | os.PathLike, *, checkpoint: str = "best",
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint: str = "best",
                scoring: dict[str, Any] | None = None, normalize: bool | None = None, opset: int = OPSET,
-               tta: str = "none", latent: str | None = None) -> Path:
+               tta: str = "none", latent: str | None = None,
+               progress: Callable[[int, int], None] | None = None) -> Path:
     """Export ``run_dir`` to the bundle folder ``out_dir`` (created; existing files replaced).
 
     Args:
@@ -369,6 +370,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
             :data:`LATENT_AUTO_MAX_SIZE` pixels a side, ``none`` otherwise.
             ``knn`` encodes the run's training images into the graph and standardises the distance
             and the map's aggregate on the validation images.
+        progress: called as ``progress(done, total)`` while the exported graph is checked against
+            torch and scored on the validation inputs (images, or a tiled run's tiles and then its
+            images); a command shows it, library code does not print.
 
     Returns:
         the bundle folder.
@@ -414,6 +418,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
         rt = Runtime(out, device="cpu", category=0 if conditional else None)  # labels are passed per image below
         score_parts, map_parts = [], []
         diff_score = diff_map = 0.0
+        val_paths = json.loads((Path(run_dir) / "split.json").read_text()).get("val", []) if pre.tiled else []
+        total, done = len(val) + len(val_paths), 0
+        if progress is not None:
+            progress(0, total)
         for x, cond in _batches(val, val_labels):
             res = rt.infer(x.numpy(), None if cond is None else cond.numpy())
             with torch.no_grad():
@@ -422,13 +430,21 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
             diff_map = max(diff_map, float(np.abs(ref.anomaly_map.numpy() - res["anomaly_map"]).max()))
             score_parts.append(res["score"].astype(np.float64))
             map_parts.append(res["anomaly_map"][:, 0])
+            done += len(x)
+            if progress is not None:
+                progress(done, total)
         scores = np.concatenate(score_parts)
         maps: np.ndarray | list[np.ndarray] = np.concatenate(map_parts)  # (V, S, S) float32: what the pixel threshold is fitted on
         meta["parity"] = {"images": int(len(val)), "max_abs_diff_score": diff_score, "max_abs_diff_map": diff_map}
         if pre.tiled:  # parity above is per tile; the statistics and thresholds are the stitched images'
             meta["parity"]["unit"] = "tiles"
-            val_paths = json.loads((Path(run_dir) / "split.json").read_text()).get("val", [])
-            whole = [r for r in rt.score_paths(val_paths, batch_size=4) if r.error is None]
+            whole = []
+            for r in rt.score_paths(val_paths, batch_size=4):
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+                if r.error is None:
+                    whole.append(r)
             scores = np.asarray([r.score for r in whole], np.float64)
             maps = [r.anomaly_map for r in whole]
         meta["normal_stats"] = _stats(scores, "validation split of the training folder (never trained on)")

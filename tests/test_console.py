@@ -197,3 +197,20 @@ def test_audit_shows_progress_lines_with_skipped_flagged_and_failed(trained_bund
     assert f"{n_good + n_blob + 1} images ({n_good + 1} from an earlier run)" in captured.out
     assert main(base[:2] + [str(good)] + base[2:] + ["--force", "--progress", "none"]) == 0
     assert _progress_lines(capsys.readouterr().err, "audit") == []
+
+
+def test_export_shows_progress_lines_over_the_validation_inputs(trained_bundle: dict, tmp_path: Path,
+                                                                capsys) -> None:
+    import json
+
+    from anomaly.cli import main
+
+    n = len(json.loads((trained_bundle["run"] / "split.json").read_text())["val"])
+    assert main(["export", str(trained_bundle["run"]), "--out", str(tmp_path / "b"), "--latent", "none",
+                 "--progress", "lines"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("export ") and " inputs" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"export {n}/{n} inputs (100%)") and "\r" not in err
+    assert main(["export", str(trained_bundle["run"]), "--out", str(tmp_path / "c"), "--latent", "none",
+                 "--progress", "none"]) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if " inputs" in line]
