@@ -260,6 +260,7 @@ def make_highres_dataset(root: str | os.PathLike, name: str, size: int = 1024, n
     """
     from anomaly.data.io import atomic_write, write_image
     from eval_defects import FAINT_EVAL_KINDS, EvalDefectGenerator, measured_cnr
+    from texture_data import recorded_params
 
     if name not in HIGHRES:
         raise ValueError(f"unknown high-resolution data set {name!r}; expected one of {HIGHRES}")
@@ -275,13 +276,10 @@ def make_highres_dataset(root: str | os.PathLike, name: str, size: int = 1024, n
     if name in HR_TEXTURES:
         params |= {"cell": int(cell), "train_fraction": float(train_fraction)}
     manifest_path = root / "manifest.json"
-    ours = manifest_path.is_file()
+    recorded = recorded_params(manifest_path)
+    ours = recorded is not None
     if ours:
-        try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            old = {}
-        if old.get("params") == params:
+        if recorded == params:
             return root
     elif root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root}: exists and is not empty, nor a data set written by make_highres_dataset")

@@ -46,7 +46,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -107,6 +107,17 @@ def _to_chw_float(image: np.ndarray) -> np.ndarray:
 def _to_uint8_image(image: np.ndarray) -> np.ndarray:
     img = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
     return img[0] if img.shape[0] == 1 else np.ascontiguousarray(img.transpose(1, 2, 0))
+
+
+def recorded_params(manifest_path: Path) -> dict[str, Any] | None:
+    """The ``params`` a data set's manifest records, ``{}`` for an unreadable manifest, ``None`` when
+    there is none: a cached data set is reused only when they equal the requested ones."""
+    if not manifest_path.is_file():
+        return None
+    try:
+        return json.loads(manifest_path.read_text()).get("params", {})
+    except (OSError, ValueError):
+        return {}
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -179,13 +190,10 @@ def make_texture_dataset(root: str | os.PathLike, texture: str, image_size: int 
     if faint:  # only then: the data sets written before the faint kinds keep their parameters (and caches)
         params["cnr_range"] = [float(cnr_range[0]), float(cnr_range[1])]
     manifest_path = root / _MANIFEST
-    ours = manifest_path.is_file()
+    recorded = recorded_params(manifest_path)
+    ours = recorded is not None
     if ours:
-        try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            old = {}
-        if old.get("params") == params:
+        if recorded == params:
             log.info("%s: texture data set already present with these parameters", root)
             return root
         if not overwrite:
